@@ -1,0 +1,8 @@
+"""stand: lossless model-free speculative decoding for test-time scaling."""
+
+from .errors import StandError
+from .models import Target, load_model
+from .params import SamplingParams, SpecConfig
+
+__all__ = ["StandError", "Target", "load_model", "SamplingParams", "SpecConfig"]
+__version__ = "0.1.0"

@@ -1,0 +1,24 @@
+"""One drafter per file behind one interface (base.Drafter); DRAFTERS maps --method to a class."""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import Drafter
+
+# method name -> "module:Class", imported on first use
+DRAFTERS: dict[str, str] = {
+    "none": "none:NoDrafter",
+    "pld": "pld:PromptLookup",
+    "stand": "stand:StandDrafter",
+    "stand-heuristic": "stand:HeuristicStandDrafter",
+    "recycle": "recycle:TokenRecycling",
+    "consensus": "consensus:ConsensusDrafter",
+    "ngrammys": "ngrammys:NGrammys",
+    "stand+consensus": "combined:StandConsensus",
+}
+
+
+def make_drafter(config, vocab_size: int) -> Drafter:
+    module, cls = DRAFTERS[config.method].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)(config, vocab_size)

@@ -1,0 +1,44 @@
+"""The drafter interface: token ids in, a DraftTree out; told afterwards what the target computed.
+
+A drafter never touches the model. Rows of one `group` (the N samples of a question) may share
+whatever a drafter learns.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..params import SpecConfig
+from ..tree import DraftTree
+from ..verify import Verdict
+
+if TYPE_CHECKING:
+    from ..engine import Row
+
+
+class Drafter:
+    name = "base"
+    wants_probs = False  # observe() receives the target's sampler distributions
+    wants_prompt_probs = False  # start() receives the distributions over the prompt
+
+    def __init__(self, config: SpecConfig, vocab_size: int):
+        self.config = config
+        self.vocab_size = vocab_size
+
+    def start(self, row: "Row", prompt_probs: torch.Tensor | None) -> None:
+        """A row enters. prompt_probs: [P-1, V], the distribution after each prompt token but the last."""
+
+    def propose(self, row: "Row") -> DraftTree:
+        """The draft for the next step; the root is row.tokens[-1]."""
+        return DraftTree()
+
+    def observe(self, row: "Row", tree: DraftTree, probs: torch.Tensor | None, verdict: Verdict) -> None:
+        """After verification. row.tokens does not hold the new tokens yet; probs: [len(tree)+1, V]."""
+
+    def finish(self, row: "Row") -> None:
+        """A row left the batch."""
+
+    def memory_bytes(self) -> int:
+        return 0

@@ -1,0 +1,186 @@
+"""The decoding loop: prefill, then per step draft, verify, commit, observe.
+
+Rows (different prompts, or the N samples of one prompt) advance together with ragged lengths;
+a row that finishes leaves the batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .drafters.base import Drafter
+from .kv import prefill_batch, tree_batch
+from .models import Target
+from .params import SamplingParams
+from .tree import DraftTree
+from .verify import Verdict, sampler_probs, verify
+
+_uids = itertools.count()
+
+
+@dataclass
+class RowStats:
+    new_tokens: int = 0
+    steps: int = 0  # verification passes
+    seconds: float = 0.0  # from the run's start to this row's end
+    draft_seconds: float = 0.0  # in the drafter: propose + observe
+    accept_lengths: list[int] = field(default_factory=list)  # tokens committed per step
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens per verification pass (1.0 for plain decoding)."""
+        return self.new_tokens / max(self.steps, 1)
+
+    def as_dict(self) -> dict:
+        return {"new_tokens": self.new_tokens, "forward_passes": self.steps + 1, "steps": self.steps,
+                "mean_accepted": self.mean_accepted, "seconds": self.seconds, "draft_seconds": self.draft_seconds}
+
+
+@dataclass
+class Row:
+    prompt: list[int]
+    params: SamplingParams
+    group: int = 0  # rows of a group share drafter tables
+    index: int = 0  # sample index within the group
+    uid: int = field(default_factory=lambda: next(_uids))
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    cancelled: bool = False
+    text: str = ""
+    stats: RowStats = field(default_factory=RowStats)
+
+    def __post_init__(self):
+        self.tokens = list(self.prompt)
+        seed = self.params.seed
+        self.rng = np.random.default_rng(None if seed is None else [seed, self.group, self.index])
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[len(self.prompt):]
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+OnCommit = Callable[[Row, list[int]], None]
+
+
+class Engine:
+    def __init__(self, target: Target, drafter: Drafter):
+        self.target, self.drafter = target, drafter
+
+    @torch.inference_mode()
+    def run(self, rows: list[Row], on_commit: OnCommit | None = None) -> list[Row]:
+        """Decode every row to its end; returns the rows (their tokens, text and stats filled in)."""
+        t0 = time.perf_counter()
+        cache, lengths = self._prefill(rows)
+        live = list(rows)
+        while live:
+            lengths = self._step(live, cache, lengths, on_commit)
+            keep = [i for i, r in enumerate(live) if not r.done]
+            for r in live:
+                if r.done:
+                    r.stats.seconds = time.perf_counter() - t0
+                    r.text = self._text(r)
+                    self.drafter.finish(r)
+            if len(keep) < len(live):
+                live, lengths = [live[i] for i in keep], [lengths[i] for i in keep]
+                if live:
+                    cache.keep_rows(keep, max(lengths))
+        return rows
+
+    def _prefill(self, rows: list[Row]):
+        """Caches every prompt but its last token (the first step's root); equal prompts run once."""
+        uniq: dict[tuple, int] = {}
+        which = [uniq.setdefault(tuple(r.prompt[:-1]), len(uniq)) for r in rows]
+        prefixes = [list(p) for p in uniq]
+        cache = self.target.new_cache()
+        lengths = [len(r.prompt) - 1 for r in rows]
+        want = self.drafter.wants_prompt_probs
+        if max(lengths) > 0:
+            logits = self.target.forward(cache, prefill_batch(prefixes), all_logits=want)  # [U, P, V]
+            cache.keep_rows(which, max(lengths))
+        for r, u, L in zip(rows, which, lengths):
+            probs = None
+            if want and L > 0:
+                probs = sampler_probs(logits[u, : len(prefixes[u])], r.params)
+            t = time.perf_counter()
+            self.drafter.start(r, probs)
+            r.stats.draft_seconds += time.perf_counter() - t
+            self._check_room(r)
+        return cache, lengths
+
+    def _step(self, live: list[Row], cache, lengths: list[int], on_commit: OnCommit | None) -> list[int]:
+        S = max(lengths)
+        trees = [self._draft(r) for r in live]
+        logits = self.target.forward(cache, tree_batch(trees, [r.tokens[-1] for r in live], lengths, S))  # [B, T, V]
+        verdicts, probs = [], []
+        for b, (r, tree) in enumerate(zip(live, trees)):
+            lg = logits[b, : len(tree) + 1]  # [M+1, V]
+            p = sampler_probs(lg, r.params) if (not r.params.greedy or self.drafter.wants_probs) else None
+            verdicts.append(verify(tree, lg, r.params, r.rng, probs=p))
+            probs.append(p)
+        lengths = cache.commit([[0] + v.accepted for v in verdicts], lengths, S)
+        for r, tree, p, v in zip(live, trees, probs, verdicts):
+            t = time.perf_counter()
+            self.drafter.observe(r, tree, p, v)
+            r.stats.draft_seconds += time.perf_counter() - t
+            new = self._commit(r, v.tokens(tree))
+            if on_commit and new:
+                on_commit(r, new)
+        return lengths
+
+    def _draft(self, r: Row) -> DraftTree:
+        t = time.perf_counter()
+        tree = self.drafter.propose(r)
+        r.stats.draft_seconds += time.perf_counter() - t
+        room = min(r.params.max_new_tokens - r.stats.new_tokens, self.target.max_len - len(r.tokens)) - 1
+        return tree.clip(max(room, 0))
+
+    def _commit(self, r: Row, new: list[int]) -> list[int]:
+        """Appends the step's tokens up to the first stop condition; returns those kept."""
+        kept = []
+        for tok in new:
+            r.tokens.append(tok)
+            kept.append(tok)
+            if tok in self.target.eos_ids and not r.params.ignore_eos:
+                r.finish_reason = "stop"
+                break
+            if len(r.tokens) - r.prompt_len >= r.params.max_new_tokens:
+                r.finish_reason = "length"
+                break
+        if r.params.stop and not r.done and self._stop_at(r) is not None:
+            r.finish_reason = "stop"
+        r.stats.steps += 1
+        r.stats.new_tokens = len(r.tokens) - r.prompt_len
+        r.stats.accept_lengths.append(len(kept))
+        self._check_room(r)
+        if r.cancelled and not r.done:
+            r.finish_reason = "cancelled"
+        return kept
+
+    def _check_room(self, r: Row) -> None:
+        if not r.done and len(r.tokens) >= self.target.max_len:
+            r.finish_reason = "length"
+
+    def _stop_at(self, r: Row) -> int | None:
+        """Character index of the first stop string in the generated text, or None."""
+        text = self.target.decode(r.generated)
+        hits = [i for i in (text.find(s) for s in r.params.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _text(self, r: Row) -> str:
+        text = self.target.decode(r.generated)
+        cut = self._stop_at(r) if r.params.stop else None
+        return text if cut is None else text[:cut]

@@ -1,0 +1,112 @@
+"""Draft trees: what a drafter proposes and the verifier walks.
+
+Node indices used by the engine and the verifier count the root as 0: the root is the last
+committed token (its KV is not cached yet), draft node i of a DraftTree is node i + 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SparseDist:
+    """A draft distribution q over a few tokens: ids [K], probs [K] summing to 1."""
+
+    ids: np.ndarray  # [K] int64
+    probs: np.ndarray  # [K] float64
+
+    def __post_init__(self):
+        object.__setattr__(self, "ids", np.asarray(self.ids, dtype=np.int64))
+        object.__setattr__(self, "probs", np.asarray(self.probs, dtype=np.float64))
+
+
+@dataclass
+class DraftTree:
+    """Draft tokens in topological order (a parent before its children).
+
+    Siblings appear in the order they were drawn. `qs[i]` is the distribution node i was drawn
+    from (the same object for siblings drawn together without replacement), or None for a
+    deterministic draft (one-hot q). `tags[i]` is free for the drafter (e.g. a template node id).
+    """
+
+    tokens: list[int] = field(default_factory=list)  # [M]
+    parents: list[int] = field(default_factory=list)  # [M], -1 = root
+    qs: list[SparseDist | None] = field(default_factory=list)  # [M]
+    tags: list[int] = field(default_factory=list)  # [M]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, token: int, parent: int = -1, q: SparseDist | None = None, tag: int = -1) -> int:
+        """Append a node; returns its index in this tree (not counting the root)."""
+        assert parent < len(self.tokens), "parents must come before children"
+        self.tokens.append(int(token))
+        self.parents.append(int(parent))
+        self.qs.append(q)
+        self.tags.append(int(tag))
+        return len(self.tokens) - 1
+
+    @classmethod
+    def chain(cls, tokens) -> "DraftTree":
+        """A deterministic chain, as prompt lookup drafts it."""
+        tree = cls()
+        for i, t in enumerate(tokens):
+            tree.add(t, i - 1)
+        return tree
+
+    def depths(self) -> np.ndarray:
+        """[M] depth of each node; children of the root have depth 1."""
+        d = np.zeros(len(self.tokens), dtype=np.int64)
+        for i, p in enumerate(self.parents):
+            d[i] = 1 if p < 0 else d[p] + 1
+        return d
+
+    def clip(self, max_depth: int) -> "DraftTree":
+        """The subtree of nodes at depth <= max_depth (0 leaves only the root)."""
+        if len(self) == 0 or max_depth >= int(self.depths().max()):
+            return self
+        keep = self.depths() <= max_depth
+        remap = np.cumsum(keep) - 1
+        out = DraftTree()
+        for i in np.flatnonzero(keep):
+            p = self.parents[i]
+            out.add(self.tokens[i], -1 if p < 0 else int(remap[p]), self.qs[i], self.tags[i])
+        return out
+
+    def children(self) -> list[list[int]]:
+        """Children of every node in root-0 indexing: children()[0] are the root's."""
+        kids: list[list[int]] = [[] for _ in range(len(self.tokens) + 1)]
+        for i, p in enumerate(self.parents):
+            kids[p + 1].append(i + 1)
+        return kids
+
+    def ancestor_matrix(self) -> np.ndarray:
+        """[M+1, M+1] bool, root included: a[i, j] is True if j is i or an ancestor of i."""
+        n = len(self.tokens) + 1
+        a = np.zeros((n, n), dtype=bool)
+        a[0, 0] = True
+        for i, p in enumerate(self.parents):
+            a[i + 1] = a[p + 1]
+            a[i + 1, i + 1] = True
+        return a
+
+
+def dedupe_children(tree: DraftTree) -> DraftTree:
+    """Merge deterministic siblings with equal tokens (their subtrees join under the first)."""
+    out = DraftTree()
+    index: dict[tuple[int, int], int] = {}
+    remap: list[int] = []
+    for i, (tok, par) in enumerate(zip(tree.tokens, tree.parents)):
+        new_par = -1 if par < 0 else remap[par]
+        key = (new_par, tok)
+        if tree.qs[i] is None and key in index:
+            remap.append(index[key])
+            continue
+        j = out.add(tok, new_par, tree.qs[i], tree.tags[i])
+        if tree.qs[i] is None:
+            index[key] = j
+        remap.append(j)
+    return out
