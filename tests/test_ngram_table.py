@@ -1,0 +1,139 @@
+import numpy as np
+import pytest
+
+from stand.errors import StandError
+from stand.ngram_table import NGramTable, merge_topk, tails_of
+
+BOB, MARY, TOM, SUE = 11, 12, 13, 14
+
+
+def test_merge_worked_example():
+    t = NGramTable(max_n=1, topk=4, capacity=64)
+    t.insert([[7]], [[BOB, MARY, TOM]], [[0.7, 0.2, 0.05]])
+    t.insert([[7]], [[BOB, MARY, SUE]], [[0.3, 0.6, 0.05]])
+    ids, probs, count = t.get([7])
+    got = dict(zip(ids.tolist(), probs.tolist()))
+    assert count == 2
+    assert got == pytest.approx({BOB: 0.5, MARY: 0.4, TOM: 0.025, SUE: 0.025})
+    assert ids.tolist()[:2] == [BOB, MARY]
+
+
+def test_merge_cuts_to_topk():
+    ids, p = merge_topk(np.array([[1, 2, -1]]), np.array([[0.6, 0.3, 0.0]]), np.array([1]),
+                        np.array([[3, 4, 1]]), np.array([[0.5, 0.4, 0.1]]), 3)
+    assert ids.tolist() == [[1, 3, 4]]
+    assert p[0] == pytest.approx([0.35, 0.25, 0.2])
+
+
+def test_orders_and_longest_match():
+    t = NGramTable(max_n=3, topk=2, capacity=64)
+    t.insert(tails_of(np.array([5, 6, 7]), 3)[-1:], [[1, 2]], [[0.9, 0.1]])  # keys (7), (6 7), (5 6 7)
+    assert t.get([7]) is not None and t.get([6, 7]) is not None and t.get([5, 6, 7]) is not None
+    t.insert([[-1, 9, 7]], [[3, 4]], [[0.8, 0.2]])  # keys (7), (9 7)
+    look = t.lookup(np.array([[5, 6, 7], [8, 9, 7], [0, 0, 7], [0, 0, 1]]))
+    assert look.order.tolist() == [3, 2, 1, 0]
+    assert look.slot[3] == -1
+    assert t.dist(look.slot[0])[0].tolist() == [1, 2]
+    assert t.dist(look.slot[1])[0].tolist() == [3, 4]
+    assert t.get([7])[2] == 2
+
+
+def test_duplicates_in_one_batch_merge_sequentially():
+    a = NGramTable(max_n=2, topk=3, capacity=64)
+    b = NGramTable(max_n=2, topk=3, capacity=64)
+    tails = np.array([[1, 2], [3, 2], [1, 2]])
+    ids = np.array([[5, 6, 7], [6, 8, 9], [9, 5, 1]])
+    probs = np.array([[0.5, 0.3, 0.1], [0.6, 0.2, 0.1], [0.4, 0.4, 0.1]])
+    a.insert(tails, ids, probs)
+    for i in range(3):
+        b.insert(tails[i:i + 1], ids[i:i + 1], probs[i:i + 1])
+    for key in ([2], [1, 2], [3, 2]):
+        ga, gb = a.get(key), b.get(key)
+        assert ga[0].tolist() == gb[0].tolist() and ga[2] == gb[2]
+        assert ga[1] == pytest.approx(gb[1])
+    assert a.get([2])[2] == 3
+
+
+def test_eviction_bounded_and_never_stale():
+    cap = 64
+    t = NGramTable(max_n=1, topk=2, capacity=cap)
+    rng = np.random.default_rng(0)
+    truth = {}
+    for step in range(40):
+        keys = rng.choice(10_000, size=10, replace=False)
+        nxt = rng.integers(0, 50_000, size=10)
+        t.insert(keys[:, None], np.stack([nxt, nxt + 1], 1), np.full((10, 2), 0.5))
+        for k, n in zip(keys.tolist(), nxt.tolist()):
+            truth.setdefault(k, []).append(n)
+        assert len(t) <= cap and int((t.counts > 0).sum()) == len(t) <= cap
+    assert t.evictions > 0
+    misses = 0
+    for k, firsts in truth.items():
+        got = t.get([k])
+        if got is None:
+            misses += 1
+            continue
+        assert set(got[0].tolist()) <= set(firsts) | {f + 1 for f in firsts}  # only this key's own data
+    assert misses >= len(truth) - cap
+    look = t.lookup(np.array(list(truth))[:, None])
+    assert ((look.slot >= 0).sum()) == len(truth) - misses
+
+
+def test_recent_keys_survive_eviction():
+    t = NGramTable(max_n=1, topk=1, capacity=16)
+    for k in range(100):
+        t.insert([[k]], [[k + 1]], [[1.0]])
+    assert t.get([99]) is not None and t.get([98]) is not None
+    assert t.get([0]) is None
+
+
+def test_memory_is_fixed_and_reported():
+    t = NGramTable(max_n=4, topk=10, capacity=1024)
+    m0 = t.memory_bytes()
+    assert m0 > 1024 * (4 * 4 + 10 * 8)
+    t.insert(tails_of(np.arange(200), 4), np.tile(np.arange(10), (200, 1)), np.full((200, 10), 0.1))
+    assert t.memory_bytes() < 2 * m0
+
+
+def _filled(n=300, max_n=3):
+    t = NGramTable(max_n=max_n, topk=4, capacity=4096)
+    rng = np.random.default_rng(1)
+    toks = rng.integers(0, 20, size=n)
+    p = rng.dirichlet(np.ones(4), size=n)
+    t.insert(tails_of(toks, max_n), rng.integers(0, 100, size=(n, 4)), p)
+    return t
+
+
+def test_save_load_roundtrip(tmp_path):
+    t = _filled()
+    path = str(tmp_path / "t.ngt")
+    t.save(path, meta={"model": "x"})
+    u, meta = NGramTable.load(path)
+    assert meta == {"model": "x"} and len(u) == len(t)
+    probe = np.random.default_rng(2).integers(-1, 20, size=(200, 3))
+    probe[:, -1] = np.abs(probe[:, -1])
+    la, lb = t.lookup(probe), u.lookup(probe)
+    assert (la.order == lb.order).all()
+    for sa, sb in zip(la.slot, lb.slot):
+        if sa >= 0:
+            assert t.dist(sa)[0].tolist() == u.dist(sb)[0].tolist()
+            assert t.dist(sa)[1].tolist() == u.dist(sb)[1].tolist()
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".ngt-")]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign", "empty"])
+def test_load_refuses_damaged_files(tmp_path, damage):
+    path = tmp_path / "t.ngt"
+    _filled().save(str(path))
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x40
+    elif damage == "truncate":
+        raw = raw[: len(raw) - 100]
+    elif damage == "foreign":
+        raw = bytearray(b'{"format": "something else"}')
+    else:
+        raw = bytearray()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StandError):
+        NGramTable.load(str(path))
