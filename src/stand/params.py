@@ -61,6 +61,8 @@ class SpecConfig:
     consensus_k: int = 3
     consensus_len: int = 10
     consensus_alpha: float = 0.5
+    consensus_tree: int = 0  # 0: draft the best chain; > 0: a tree of this many nodes (best branches)
+    consensus_fuzzy: int = 0  # > 0: when no exact k-gram match, accept token edit distance <= this
     # N-Grammys
     ngrammys_slots: int = 8
     ngrammys_len: int = 6

@@ -1,0 +1,298 @@
+"""Consensus drafting: the N samples of one question draft for each other (DESIGN.md section 2).
+
+Every row of a group keeps its tokens and, for each generated token, the probability the target's
+sampler gave it. A hash of k-grams to (row, position) covers all rows of the group and grows as
+tokens are accepted. To draft for row i, its last k tokens are looked up in every row (its own
+earlier text included); the continuations (up to L tokens) are merged into a DAG where an equal
+token at an equal depth is one node, and each edge gets
+
+    w = alpha * mean_prob + (1 - alpha) * frequency
+
+(mean_prob: mean target probability of the edge's token over the continuations that cross the
+edge; frequency: those continuations over all continuations). Reading w as the chance the edge's
+token is accepted, the chain draft is the path that maximises the expected accepted length
+sum_d prod_{j<=d} w_j; the tree draft (consensus_tree > 0 nodes) keeps the nodes with the largest
+products prod_{j<=d} w_j, best first. Drafts are deterministic (one-hot q).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..tree import DraftTree
+from .base import Drafter
+
+MAX_MATCHES = 64  # most recent continuations merged per draft: bounds the cost as N grows
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row token tracks and the group's k-gram index
+
+
+@dataclass
+class Track:
+    """One row's tokens (prompt + generated) and the target's probability of each generated token."""
+
+    prompt_len: int
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(64, dtype=np.int64))  # [cap]
+    probs: np.ndarray = field(default_factory=lambda: np.ones(64, dtype=np.float64))  # [cap], 1 for the prompt
+    n: int = 0
+    done: bool = False
+
+    def extend(self, tokens: list[int], probs: list[float] | None = None) -> None:
+        m = self.n + len(tokens)
+        if m > len(self.tokens):
+            cap = max(2 * len(self.tokens), m)
+            self.tokens = np.resize(self.tokens, cap)
+            self.probs = np.resize(self.probs, cap)
+        self.tokens[self.n:m] = tokens
+        self.probs[self.n:m] = 1.0 if probs is None else probs
+        self.n = m
+
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + self.probs.nbytes
+
+
+class GroupIndex:
+    """k-grams of every row of one group -> [(row uid, position of the token after the k-gram)]."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.tracks: dict[int, Track] = {}
+        self.index: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        self.entries = 0
+
+    def add_row(self, uid: int, tokens: list[int]) -> Track:
+        track = Track(prompt_len=len(tokens))
+        self.tracks[uid] = track
+        self.append(uid, tokens)
+        return track
+
+    def append(self, uid: int, tokens: list[int], probs: list[float] | None = None) -> None:
+        """Adds tokens to a row and indexes every k-gram whose next token is generated (or next)."""
+        track = self.tracks[uid]
+        old = track.n
+        track.extend(tokens, probs)
+        first_end = max(old, track.prompt_len - 1, self.k - 1)  # k-gram [e-k+1, e], continuation at e+1
+        toks = track.tokens
+        for e in range(first_end, track.n):
+            key = tuple(toks[e - self.k + 1:e + 1].tolist())
+            self.index.setdefault(key, []).append((uid, e + 1))
+            self.entries += 1
+
+    def matches(self, uid: int, limit: int) -> list[tuple[int, int]]:
+        """The most recent (row, start) whose k-gram equals row uid's last k tokens and that continue."""
+        track = self.tracks[uid]
+        if track.n < self.k:
+            return []
+        key = tuple(track.tokens[track.n - self.k:track.n].tolist())
+        hits = self.index.get(key, [])
+        out = []
+        for src, start in reversed(hits):
+            if start < self.tracks[src].n:
+                out.append((src, start))
+                if len(out) == limit:
+                    break
+        return out
+
+    def fuzzy_matches(self, uid: int, max_dist: int, limit: int) -> list[tuple[int, int]]:
+        """(row, start) after windows within token edit distance max_dist of row uid's last k tokens."""
+        track = self.tracks[uid]
+        if track.n < self.k:
+            return []
+        query = track.tokens[track.n - self.k:track.n]
+        out = []
+        for src, other in self.tracks.items():
+            lo = max(other.prompt_len, 1)  # continuation starts: generated tokens only
+            hi = other.n - 1  # at least one token to continue (excludes row uid's own suffix)
+            for m in range(max(self.k - max_dist, 1), self.k + max_dist + 1):
+                starts = np.arange(max(lo, m), hi + 1)  # continuation start s, window [s-m, s)
+                if len(starts) == 0:
+                    continue
+                windows = other.tokens[starts[:, None] - m + np.arange(m)]  # [W, m]
+                close = starts[edit_distance_many(query, windows) <= max_dist]
+                out += [(src, int(s)) for s in close]
+        out = sorted(set(out), key=lambda x: -x[1])
+        return out[:limit]
+
+    def continuation(self, src: int, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        t = self.tracks[src]
+        end = min(start + length, t.n)
+        return t.tokens[start:end], t.probs[start:end]
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes() for t in self.tracks.values()) + 96 * self.entries + 120 * len(self.index)
+
+
+def edit_distance_many(query: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """Levenshtein distance (token insert/delete/substitute) of query [k] to every window [W, m] -> [W]."""
+    W, m = windows.shape
+    prev = np.broadcast_to(np.arange(m + 1), (W, m + 1)).copy()  # distances from the empty query prefix
+    for i, q in enumerate(query.tolist(), start=1):
+        cur = np.empty_like(prev)
+        cur[:, 0] = i
+        sub = prev[:, :-1] + (windows != q)  # [W, m]
+        dele = prev[:, 1:] + 1
+        best = np.minimum(sub, dele)
+        for j in range(1, m + 1):  # insertion chains along the row
+            cur[:, j] = np.minimum(best[:, j - 1], cur[:, j - 1] + 1)
+        prev = cur
+    return prev[:, m]
+
+
+# ---------------------------------------------------------------------------------------------
+# The consensus DAG
+
+
+@dataclass
+class ConsensusDAG:
+    """Continuations merged by (depth, token). Node 0 is the root (depth 0)."""
+
+    tokens: list[int] = field(default_factory=lambda: [-1])  # [nodes]
+    depths: list[int] = field(default_factory=lambda: [0])  # [nodes]
+    ids: dict[tuple[int, int], int] = field(default_factory=dict)  # (depth, token) -> node
+    counts: dict[tuple[int, int], int] = field(default_factory=dict)  # edge (u, v) -> continuations across it
+    prob_sums: dict[tuple[int, int], float] = field(default_factory=dict)  # edge -> sum of target probs of v
+    paths: int = 0
+
+    def node(self, depth: int, token: int) -> int:
+        key = (depth, token)
+        if key not in self.ids:
+            self.ids[key] = len(self.tokens)
+            self.tokens.append(token)
+            self.depths.append(depth)
+        return self.ids[key]
+
+    def add_path(self, tokens, probs) -> None:
+        self.paths += 1
+        u = 0
+        for d, (t, p) in enumerate(zip(tokens, probs), start=1):
+            v = self.node(d, int(t))
+            self.counts[(u, v)] = self.counts.get((u, v), 0) + 1
+            self.prob_sums[(u, v)] = self.prob_sums.get((u, v), 0.0) + float(p)
+            u = v
+
+    def weights(self, alpha: float) -> dict[tuple[int, int], float]:
+        """Edge -> alpha * mean_prob + (1 - alpha) * frequency."""
+        return {e: alpha * self.prob_sums[e] / c + (1 - alpha) * c / self.paths for e, c in self.counts.items()}
+
+    def out_edges(self, weights: dict[tuple[int, int], float]) -> list[list[tuple[float, int]]]:
+        """Per node, its (weight, child) edges, best first (ties: the child created first)."""
+        out: list[list[tuple[float, int]]] = [[] for _ in self.tokens]
+        for (u, v), w in weights.items():
+            out[u].append((w, v))
+        for edges in out:
+            edges.sort(key=lambda x: (-x[0], x[1]))
+        return out
+
+
+def build_dag(continuations) -> ConsensusDAG:
+    """continuations: iterable of (tokens, probs) pairs, each starting right after the root."""
+    dag = ConsensusDAG()
+    for tokens, probs in continuations:
+        if len(tokens):
+            dag.add_path(tokens, probs)
+    return dag
+
+
+def best_path(dag: ConsensusDAG, alpha: float) -> list[int]:
+    """Tokens of the path maximising sum_d prod_{j<=d} w_j (expected accepted length)."""
+    out = dag.out_edges(dag.weights(alpha))
+    value = [0.0] * len(dag.tokens)
+    choice = [-1] * len(dag.tokens)
+    for v in sorted(range(len(dag.tokens)), key=lambda n: -dag.depths[n]):  # children before parents
+        for w, c in out[v]:
+            if w * (1 + value[c]) > value[v]:
+                value[v], choice[v] = w * (1 + value[c]), c
+    path, v = [], choice[0]
+    while v >= 0:
+        path.append(dag.tokens[v])
+        v = choice[v]
+    return path
+
+
+def best_tree(dag: ConsensusDAG, alpha: float, budget: int) -> DraftTree:
+    """The `budget` paths-prefixes with the largest prod w (a connected tree: products only shrink)."""
+    out = dag.out_edges(dag.weights(alpha))
+    tree = DraftTree()
+    heap = [(-w, c, -1) for w, c in out[0]]  # (-score, dag node, parent in tree)
+    heapq.heapify(heap)
+    while heap and len(tree) < budget:
+        neg, v, parent = heapq.heappop(heap)
+        i = tree.add(dag.tokens[v], parent)
+        for w, c in out[v]:
+            heapq.heappush(heap, (neg * w, c, i))
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# The drafter
+
+
+def group_key(row) -> tuple[int, int]:
+    """Rows of one group that share a prompt are the N samples of one question."""
+    return row.group, hash(tuple(row.prompt))
+
+
+def committed_probs(tree: DraftTree, probs, verdict) -> list[float]:
+    """The sampler's probability of each committed token (accepted path, then the bonus)."""
+    path = [0] + verdict.accepted
+    toks = verdict.tokens(tree)
+    return probs[path, toks].double().tolist()
+
+
+class ConsensusDrafter(Drafter):
+    name = "consensus"
+    wants_probs = True
+
+    def __init__(self, config, vocab_size: int):
+        super().__init__(config, vocab_size)
+        self.k = max(1, int(config.consensus_k))
+        self.groups: dict[tuple[int, int], GroupIndex] = {}
+
+    def start(self, row, prompt_probs=None) -> None:
+        group = self.groups.setdefault(group_key(row), GroupIndex(self.k))
+        group.add_row(row.uid, list(row.tokens))
+
+    def _group(self, row) -> GroupIndex:
+        if row.uid not in self.groups.get(group_key(row), GroupIndex(self.k)).tracks:
+            self.start(row)  # a row the engine did not start: index it now
+        return self.groups[group_key(row)]
+
+    def continuations(self, row) -> list[tuple[np.ndarray, np.ndarray]]:
+        group = self._group(row)
+        hits = group.matches(row.uid, MAX_MATCHES)
+        fuzzy = int(self.config.consensus_fuzzy)
+        if not hits and fuzzy > 0:
+            hits = group.fuzzy_matches(row.uid, fuzzy, MAX_MATCHES)
+        return [group.continuation(src, start, self.config.consensus_len) for src, start in hits]
+
+    def propose(self, row) -> DraftTree:
+        dag = build_dag(self.continuations(row))
+        if dag.paths == 0:
+            return DraftTree()
+        budget = int(self.config.consensus_tree)
+        if budget > 0:
+            return best_tree(dag, self.config.consensus_alpha, budget)
+        return DraftTree.chain(best_path(dag, self.config.consensus_alpha))
+
+    def observe(self, row, tree, probs, verdict) -> None:
+        group = self._group(row)
+        toks = verdict.tokens(tree)
+        p = committed_probs(tree, probs, verdict) if probs is not None else None
+        group.append(row.uid, toks, p)
+
+    def finish(self, row) -> None:
+        key = group_key(row)
+        group = self.groups.get(key)
+        if group is None or row.uid not in group.tracks:
+            return
+        group.tracks[row.uid].done = True  # its text still drafts for the rows left
+        if all(t.done for t in group.tracks.values()):
+            del self.groups[key]
+
+    def memory_bytes(self) -> int:
+        return sum(g.nbytes() for g in self.groups.values())
