@@ -19,6 +19,10 @@ DRAFTERS: dict[str, str] = {
 }
 
 
-def make_drafter(config, vocab_size: int) -> Drafter:
+def make_drafter(config, vocab_size: int, target=None) -> Drafter:
+    """target (optional): drafters that define prepare(target) build model-derived tables from it."""
     module, cls = DRAFTERS[config.method].split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)(config, vocab_size)
+    drafter = getattr(importlib.import_module(f"{__name__}.{module}"), cls)(config, vocab_size)
+    if target is not None and hasattr(drafter, "prepare"):
+        drafter.prepare(target)
+    return drafter
