@@ -1,0 +1,94 @@
+"""The Python API: stand.generate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .drafters import make_drafter
+from .drafters.base import Drafter
+from .engine import Engine, OnCommit, Row
+from .errors import StandError
+from .models import Target, load_model
+from .params import SamplingParams, SpecConfig
+
+SCHEDULES = ("batched", "sequential")
+
+
+@dataclass
+class Sample:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: dict = field(default_factory=dict)
+    prompt_index: int = 0
+    index: int = 0
+
+
+def resolve_target(model: Target | str | None, dtype: str = "auto") -> Target:
+    return model if isinstance(model, Target) else load_model(model, dtype)
+
+
+def encode_prompts(target: Target, prompts: list[str] | list[list[int]], chat: bool = True) -> list[list[int]]:
+    """Token ids per prompt; each checked against the model's context."""
+    out = []
+    for i, p in enumerate(prompts):
+        ids = target.encode(p, chat=chat) if isinstance(p, str) else [int(t) for t in p]
+        if len(ids) >= target.max_len:
+            raise StandError(f"prompt {i} is {len(ids)} tokens, longer than the model's context of {target.max_len}")
+        out.append(ids)
+    return out
+
+
+def check_prompts(prompts: list, n: int) -> None:
+    """What can be checked before a model is loaded."""
+    if not isinstance(n, int) or n < 1:
+        raise StandError(f"n must be an integer >= 1, got {n}")
+    for i, p in enumerate(prompts):
+        if (isinstance(p, str) and not p.strip()) or len(p) == 0:
+            raise StandError(f"prompt {i} is empty")
+
+
+def build_rows(prompt_ids: list[list[int]], n: int, params: SamplingParams) -> list[list[Row]]:
+    """rows[i][j]: sample j of prompt i; the samples of a prompt form one drafter group."""
+    return [[Row(ids, params, group=i, index=j) for j in range(n)] for i, ids in enumerate(prompt_ids)]
+
+
+def run_group(engine: Engine, rows: list[Row], schedule: str, on_commit: OnCommit | None = None) -> None:
+    """The N samples of one prompt: together as one batch, or one after another (later ones draft from earlier)."""
+    if schedule not in SCHEDULES:
+        raise StandError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if schedule == "batched":
+        engine.run(rows, on_commit)
+    else:
+        for r in rows:
+            engine.run([r], on_commit)
+
+
+def to_sample(row: Row) -> Sample:
+    return Sample(row.text, row.generated, row.finish_reason or "", row.stats.as_dict(), row.group, row.index)
+
+
+def generate(prompts: str | list[str], model: Target | str | None = None, n: int = 1, method: str = "none",
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
+             seed: int | None = None, stop: list[str] | None = None, dtype: str = "auto", chat: bool = True,
+             schedule: str = "batched", spec: SpecConfig | None = None, drafter: Drafter | None = None,
+             on_commit: OnCommit | None = None) -> list[list[Sample]]:
+    """Generate n samples per prompt; returns result[prompt][sample] with text, token ids and stats.
+
+    The output is what plain decoding of `model` would give (token for token at temperature 0, the
+    same distribution when sampling); `method` only changes how fast it comes.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise StandError("no prompts given")
+    check_prompts(prompts, n)
+    params = SamplingParams(temperature, top_p, top_k, max_new_tokens, seed, list(stop or [])).validate()
+    spec = (spec or SpecConfig(method=method)).validate()
+    target = resolve_target(model, dtype)
+    groups = build_rows(encode_prompts(target, prompts, chat), n, params)
+    drafter = drafter or make_drafter(spec, target.vocab_size)
+    engine = Engine(target, drafter)
+    for rows in groups:
+        run_group(engine, rows, schedule, on_commit)
+    return [[to_sample(r) for r in rows] for rows in groups]

@@ -1,0 +1,116 @@
+"""The `stand` command (typer). User mistakes print one line and exit 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from .errors import StandError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Lossless model-free speculative decoding for test-time scaling.")
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Hugging Face model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32 (auto: bfloat16 where the CPU has native bf16)")
+
+
+def user_errors(fn):
+    """A StandError becomes `error: ...` on stderr and exit code 2, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StandError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+@app.command("generate")
+@user_errors
+def generate_cmd(
+    prompt: str = typer.Argument(..., help="The prompt (wrapped in the model's chat template)"),
+    model: Optional[str] = ModelOpt,
+    method: str = typer.Option("none", "--method", help="none | pld | stand | recycle | consensus | ngrammys | ..."),
+    n: int = typer.Option(1, "--n", help="Samples per prompt"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k", help="0 = off"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    dtype: str = DtypeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text"),
+):
+    """Generate text and print one line of stats."""
+    from .api import generate
+    from .params import SamplingParams
+
+    SamplingParams(temperature, top_p, top_k, max_new_tokens, seed).validate()  # fail before loading the model
+    samples = generate(prompt, model=model, n=n, method=method, temperature=temperature, top_p=top_p, top_k=top_k,
+                       max_new_tokens=max_new_tokens, seed=seed, dtype=dtype)[0]
+    if as_json:
+        typer.echo(json.dumps([s.__dict__ for s in samples], indent=2))
+        return
+    for s in samples:
+        if n > 1:
+            typer.echo(f"--- sample {s.index}")
+        typer.echo(s.text)
+        st = s.stats
+        typer.echo(f"[{method}] {st['new_tokens']} tokens in {st['seconds']:.2f}s "
+                   f"({st['new_tokens'] / max(st['seconds'], 1e-9):.1f} tok/s), {st['forward_passes']} forward passes, "
+                   f"{st['mean_accepted']:.2f} tokens/step, drafting {st['draft_seconds']:.3f}s", err=True)
+
+
+@app.command("bench")
+@user_errors
+def bench_cmd(
+    methods: str = typer.Option("none,pld", "--methods", help="Comma-separated methods (plus hf, hf-pld, hf-batched)"),
+    dataset: str = typer.Option("champ", "--dataset"),
+    problems: int = typer.Option(4, "--problems"),
+    n: int = typer.Option(1, "--n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    seed: int = typer.Option(0, "--seed"),
+    model: Optional[str] = ModelOpt,
+    dtype: str = DtypeOpt,
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the rows as JSON"),
+):
+    """Run methods one after another on the same problems and print a table."""
+    from rich.console import Console
+    from rich.table import Table
+    from tqdm import tqdm
+
+    from .bench import BenchConfig, bench, check_methods, write_json
+    from .models import load_model
+    from .params import SamplingParams
+
+    cfg = BenchConfig([m.strip() for m in methods.split(",") if m.strip()], dataset, problems, n, temperature,
+                      max_new_tokens, seed)
+    check_methods(cfg.methods)
+    SamplingParams(temperature, max_new_tokens=max_new_tokens).validate()
+    target = load_model(model, dtype)
+    with tqdm(total=problems * len(cfg.methods), desc="bench", unit="run", file=sys.stderr) as bar:
+        rows = bench(target, cfg, progress=bar.update)
+    table = Table(title=f"{dataset}, {problems} problems, n={n}, T={temperature}, {max_new_tokens} new tokens, {rows[0]['dtype']}")
+    cols = ["method", "new_tokens", "seconds", "tok_per_s", "speedup_vs_none", "mean_accepted", "draft_seconds"]
+    for c in cols:
+        table.add_column(c, justify="left" if c == "method" else "right")
+    for r in rows:
+        table.add_row(*[str(r[c]) for c in cols])
+    Console().print(table)
+    if json_path:
+        write_json(rows, json_path)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""STAND: stochastic tree drafts from a logit n-gram table filled with the target's own distributions.
+
+Drafting fills a tree template level by level: every frontier node looks up the longest suffix
+of its context (the row's tokens plus the path to it) in the table, and draws its children from
+the stored top-k, renormalised (q), without replacement by Gumbel-Top-K on fresh noise. Siblings
+share one SparseDist q, in draw order, which is what the recursive rejection verifier needs.
+Deterministic mode (stochastic=False, and greedy rows) takes the top-ranked tokens with q=None.
+
+One table per row group (the N samples of a question), or one for the whole run with
+`share_across_prompts`, or a persistent one with `table_path` (loaded at the first row, saved when
+the last live row finishes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import StandError
+from ..ngram_table import NGramTable, tails_of
+from ..templates import TreeTemplate, check_vocab, heuristic, shipped_tree_path
+from ..tree import DraftTree, SparseDist
+from .base import Drafter
+
+log = logging.getLogger(__name__)
+NOISE_BLOCK = 1 << 14
+SHARED = "shared"
+
+
+class GumbelNoise:
+    """A precomputed block of Gumbel(0, 1) noise, refreshed when used up; every draw takes fresh values."""
+
+    def __init__(self, rng: np.random.Generator, block: int = NOISE_BLOCK):
+        self.rng, self.block = rng, block
+        self._refill()
+
+    def _refill(self) -> None:
+        self.buf = -np.log(-np.log(self.rng.random(self.block).clip(1e-300, None)))  # [block]
+        self.pos = 0
+
+    def take(self, n: int) -> np.ndarray:
+        if n > self.block:
+            return -np.log(-np.log(self.rng.random(n).clip(1e-300, None)))
+        if self.pos + n > self.block:
+            self._refill()
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+
+@dataclass
+class RowState:
+    table_key: object
+    noise: GumbelNoise
+
+
+def top_dist(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """[N, V] probabilities -> top-k ids [N, k] int64 and probs [N, k] float64."""
+    vals, ids = torch.topk(probs.float(), min(k, probs.shape[-1]), dim=-1)
+    return ids.numpy().astype(np.int64), vals.double().numpy()
+
+
+def node_tails(root_tail: np.ndarray, tree: DraftTree) -> np.ndarray:
+    """[max_n] tail of the root's context -> [M+1, max_n] context tail of every node (root-0 indexing)."""
+    tails = np.empty((len(tree) + 1, len(root_tail)), dtype=np.int64)
+    tails[0] = root_tail
+    for i, (tok, p) in enumerate(zip(tree.tokens, tree.parents)):
+        tails[i + 1, :-1] = tails[p + 1, 1:]
+        tails[i + 1, -1] = tok
+    return tails
+
+
+class StandDrafter(Drafter):
+    name = "stand"
+    wants_probs = True
+    wants_prompt_probs = True
+
+    def __init__(self, config, vocab_size: int):
+        super().__init__(config, vocab_size)
+        self.template = self._load_template()
+        self.kids = self.template.children()
+        self.tables: dict[object, NGramTable] = {}
+        self.members: dict[object, set[int]] = {}
+        self.rows: dict[int, RowState] = {}
+        self.peak_bytes = 0
+        self.table_error: str | None = None
+        self.hits = np.zeros(len(self.template), dtype=np.int64)  # accepted-path count per template node
+
+    # ---- configuration --------------------------------------------------------------------------
+
+    def _load_template(self) -> TreeTemplate:
+        path = self.config.tree or shipped_tree_path()
+        if path is None:
+            return heuristic()
+        template = TreeTemplate.load(path)
+        check_vocab(template, self.vocab_size, path)
+        return template
+
+    def _new_table(self) -> NGramTable:
+        c = self.config
+        return NGramTable(c.max_n, c.table_topk, c.table_capacity)
+
+    def _open_persistent(self) -> NGramTable:
+        """The table at config.table_path; an empty one (and a logged error) if it cannot be used."""
+        path = self.config.table_path
+        if not os.path.exists(path):
+            return self._new_table()
+        try:
+            table, meta = NGramTable.load(path, self.config.table_capacity)
+            if meta.get("vocab_size") not in (None, self.vocab_size):
+                raise StandError(f"n-gram table {path} was built for a vocabulary of {meta['vocab_size']} "
+                                 f"tokens, this model has {self.vocab_size}")
+            if table.max_n != self.config.max_n or table.topk != self.config.table_topk:
+                raise StandError(f"n-gram table {path} has max_n={table.max_n}, topk={table.topk}; this run "
+                                 f"uses max_n={self.config.max_n}, topk={self.config.table_topk}")
+            return table
+        except StandError as e:
+            self.table_error = str(e)
+            log.error("%s; continuing with an empty table", e)
+            return self._new_table()
+
+    def save_table(self, path: str | None = None) -> None:
+        """Saves the shared table (to config.table_path by default)."""
+        path = path or self.config.table_path
+        table = self.tables.get(SHARED)
+        if path and table is not None:
+            table.save(path, meta={"vocab_size": self.vocab_size, "method": self.name})
+
+    def _key(self, row) -> object:
+        return SHARED if (self.config.share_across_prompts or self.config.table_path) else ("group", row.group)
+
+    def table_for(self, row) -> NGramTable:
+        return self.tables[self.rows[row.uid].table_key]
+
+    # ---- the drafter interface ------------------------------------------------------------------
+
+    def start(self, row, prompt_probs: torch.Tensor | None) -> None:
+        key = self._key(row)
+        if key not in self.tables:
+            self.tables[key] = self._open_persistent() if self.config.table_path else self._new_table()
+        self.members.setdefault(key, set()).add(row.uid)
+        seed = int(row.rng.integers(2**63))
+        self.rows[row.uid] = RowState(key, GumbelNoise(np.random.default_rng(seed)))
+        if prompt_probs is not None and len(prompt_probs):
+            ids, probs = top_dist(prompt_probs, self.config.table_topk)
+            tails = tails_of(np.asarray(row.prompt[: len(prompt_probs)]), self.config.max_n)  # [P-1, max_n]
+            self.tables[key].insert(tails, ids, probs)
+        self._track_memory()
+
+    def propose(self, row) -> DraftTree:
+        deterministic = (not self.config.stochastic) or row.params.greedy
+        return self.draft(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise, deterministic)
+
+    def observe(self, row, tree: DraftTree, probs: torch.Tensor | None, verdict) -> None:
+        if probs is None:
+            return
+        ids, p = top_dist(probs[: len(tree) + 1], self.config.table_topk)  # [M+1, k]
+        self.table_for(row).insert(node_tails(self._root_tail(row), tree), ids, p)
+        for node in verdict.accepted:
+            tag = tree.tags[node - 1]
+            if 0 <= tag < len(self.hits):
+                self.hits[tag] += 1
+
+    def finish(self, row) -> None:
+        state = self.rows.pop(row.uid, None)
+        if state is None:
+            return
+        members = self.members.get(state.table_key, set())
+        members.discard(row.uid)
+        if members:
+            return
+        self._track_memory()
+        if state.table_key == SHARED:
+            if self.config.table_path:
+                self.save_table()
+            return
+        del self.tables[state.table_key], self.members[state.table_key]
+
+    def memory_bytes(self) -> int:
+        """The most table memory this drafter held at once (tables are fixed-size arrays)."""
+        self._track_memory()
+        return self.peak_bytes
+
+    def _track_memory(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, sum(t.memory_bytes() for t in self.tables.values()))
+
+    # ---- drafting -------------------------------------------------------------------------------
+
+    def _root_tail(self, row) -> np.ndarray:
+        n = self.config.max_n
+        tail = np.asarray(row.tokens[-n:], dtype=np.int64)
+        return np.concatenate([np.full(n - len(tail), -1, dtype=np.int64), tail])
+
+    def draft(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool) -> DraftTree:
+        """Fills the template level by level; a frontier node without a table match loses its subtree."""
+        tree = DraftTree()
+        frontier = [(-1, -1, root_tail)]  # (template node, tree node, context tail)
+        while frontier:
+            look = table.lookup(np.stack([t for _, _, t in frontier]))
+            nxt = []
+            for (tnode, node, tail), slot in zip(frontier, look.slot.tolist()):
+                kids = self.kids[tnode + 1]
+                if slot < 0 or not kids:
+                    continue
+                for child, idx in self._children(table, slot, kids, noise, deterministic, tree, node):
+                    nxt.append((child, idx, np.concatenate([tail[1:], [tree.tokens[idx]]])))
+            frontier = nxt
+        return tree
+
+    @staticmethod
+    def _children(table, slot, kids, noise, deterministic, tree, parent) -> list[tuple[int, int]]:
+        """Draws up to len(kids) children of tree node `parent` from the slot's top-k, in draw order.
+
+        Returns (template node, tree index) of each; the r-th drawn token goes to the rank-r template child.
+        """
+        ids, p = table.dist(slot)
+        if len(ids) == 0:
+            return []
+        q = p / p.sum()  # [K'] the distribution sampled from, recorded exactly
+        if deterministic:
+            order, dist = np.argsort(-q, kind="stable")[: len(kids)], None
+        else:
+            order = np.argsort(-(np.log(q) + noise.take(len(q))), kind="stable")[: len(kids)]
+            dist = SparseDist(ids, q)
+        return [(tag, tree.add(int(ids[o]), parent, dist, tag)) for o, tag in zip(order, kids)]
+
+
+class HeuristicStandDrafter(StandDrafter):
+    """STAND with the heuristic default tree instead of the calibrated one (an ablation)."""
+
+    name = "stand-heuristic"
+
+    def _load_template(self) -> TreeTemplate:
+        return heuristic()
