@@ -1,0 +1,221 @@
+"""The N-Grammys: learning-free drafts from the model's weights and from the context (DESIGN.md section 2).
+
+Model tables (built once per model, cached on disk): the bigram table holds, for every token v, the
+top-k next tokens of the model given v alone; the unigram is the model's mean next-token
+distribution over all v. Context n-grams: every earlier occurrence of the last n tokens (n = max_n
+down to 1), most recent first. The k draft slots are filled by mixing strategies (context matches,
+then the bigram successors of the last token, then unigram tokens), each draft extended to its
+length by the bigram chain; the slots are verified together as one tree with shared prefixes.
+Drafts are deterministic (one-hot q).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..errors import StandError
+from ..tree import DraftTree
+from .base import Drafter
+
+BIGRAM_K = 16  # successors kept per token
+CHUNK = 512  # tokens per forward pass when building the table
+
+
+@dataclass
+class ModelTables:
+    bigram: np.ndarray  # [V, K] int64: top-K next tokens given each token alone, best first
+    bigram_probs: np.ndarray  # [V, K] float32
+    unigram: np.ndarray  # [K] int64: top-K tokens of the mean next-token distribution
+
+    @property
+    def vocab_size(self) -> int:
+        return self.bigram.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and caching the model tables
+
+
+def cache_dir() -> str:
+    return os.environ.get("STAND_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "stand")
+
+
+def model_fingerprint(target) -> str:
+    """A short hash of the model's name, vocabulary size, dtype and some of its weights."""
+    h = hashlib.sha256(f"{target.name}|{target.vocab_size}|{target.dtype}".encode())
+    for w in (target.model.get_input_embeddings().weight, target.model.get_output_embeddings().weight):
+        h.update(w.detach()[:: max(1, w.shape[0] // 64)].float().contiguous().numpy().tobytes())  # 64 rows spread out
+    layers = [p for n, p in target.model.named_parameters() if p.ndim == 2][:4]
+    for p in layers:
+        h.update(p.detach()[:8].float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def table_path(target, k: int) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", target.name)[:60]
+    return os.path.join(cache_dir(), f"bigram-{name}-v{target.vocab_size}-k{k}-{model_fingerprint(target)}.npz")
+
+
+@torch.inference_mode()
+def build_tables(target, k: int = BIGRAM_K, chunk: int = CHUNK, progress: bool = True) -> ModelTables:
+    """One batched pass over the vocabulary: each token alone, as a sequence of length one."""
+    from tqdm.auto import tqdm
+
+    V = target.vocab_size
+    ids = np.zeros((V, k), dtype=np.int64)
+    probs = np.zeros((V, k), dtype=np.float32)
+    mean = torch.zeros(V, dtype=torch.float64)
+    for lo in tqdm(range(0, V, chunk), desc="N-Grammys bigram table", unit="chunk", disable=not progress):
+        hi = min(lo + chunk, V)
+        x = torch.arange(lo, hi).unsqueeze(1)  # [C, 1]
+        logits = target.model(input_ids=x, use_cache=False).logits[:, -1].float()  # [C, V]
+        p = torch.softmax(logits, dim=-1)
+        top = torch.topk(p, k, dim=-1)
+        ids[lo:hi], probs[lo:hi] = top.indices.numpy(), top.values.numpy()
+        mean += p.sum(0).double()
+    unigram = torch.topk(mean, k).indices.numpy().astype(np.int64)
+    return ModelTables(ids, probs, unigram)
+
+
+def save_tables(tables: ModelTables, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, bigram=tables.bigram, bigram_probs=tables.bigram_probs, unigram=tables.unigram)
+    os.replace(tmp, path)  # atomic: concurrent builders never see half a file
+
+
+def load_tables(path: str) -> ModelTables:
+    try:
+        with np.load(path) as z:
+            return ModelTables(z["bigram"], z["bigram_probs"], z["unigram"])
+    except (OSError, KeyError, ValueError) as e:
+        raise StandError(f"could not read the N-Grammys table cache {path}: {e} (delete it to rebuild)") from e
+
+
+def model_tables(target, k: int = BIGRAM_K, progress: bool = True) -> ModelTables:
+    """The model's tables from the disk cache, built (and cached) on first use."""
+    path = table_path(target, k)
+    if os.path.exists(path):
+        return load_tables(path)
+    tables = build_tables(target, k, progress=progress)
+    try:
+        save_tables(tables, path)
+    except OSError:
+        pass  # a read-only cache only costs a rebuild next time
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------
+# Draft strategies: each returns token lists, best first
+
+
+def context_drafts(tokens: np.ndarray, max_n: int, length: int, limit: int) -> list[list[int]]:
+    """Continuations after earlier occurrences of the last n tokens (longest n first, then most recent)."""
+    L = len(tokens)
+    out: list[list[int]] = []
+    seen: set[tuple[int, ...]] = set()
+    for n in range(min(max_n, L - 1), 0, -1):
+        windows = sliding_window_view(tokens[: L - 1], n)  # [L-n, n]: n-grams with a successor
+        hits = np.flatnonzero((windows == tokens[L - n:]).all(axis=1))
+        for h in hits[::-1]:
+            cont = tuple(tokens[h + n: h + n + length].tolist())
+            if cont not in seen:
+                seen.add(cont)
+                out.append(list(cont))
+                if len(out) == limit:
+                    return out
+    return out
+
+
+def bigram_chain(tables: ModelTables, first: int, length: int) -> list[int]:
+    """first, then the bigram argmax of each token, up to length tokens."""
+    chain = [int(first)]
+    while len(chain) < length:
+        chain.append(int(tables.bigram[chain[-1], 0]))
+    return chain
+
+
+def extend(tables: ModelTables | None, draft: list[int], length: int) -> list[int]:
+    """Completes a short draft by the bigram chain of its last token."""
+    if tables is None or not draft or len(draft) >= length:
+        return draft
+    return draft + bigram_chain(tables, draft[-1], length - len(draft) + 1)[1:]
+
+
+def context_unigram(tokens: np.ndarray, k: int) -> list[int]:
+    """Without model tables: the row's most frequent tokens."""
+    ids, counts = np.unique(tokens, return_counts=True)
+    return ids[np.argsort(-counts, kind="stable")[:k]].tolist()
+
+
+def mix_drafts(tokens: np.ndarray, tables: ModelTables | None, slots: int, length: int, max_n: int) -> list[list[int]]:
+    """Fills the slots: context matches (up to half), bigram successors of the last token, then unigrams."""
+    drafts = [extend(tables, d, length) for d in context_drafts(tokens, max_n, length, max(1, slots // 2))]
+    firsts = {d[0] for d in drafts}
+    if tables is not None:
+        successors = tables.bigram[int(tokens[-1])].tolist()
+        unigram = tables.unigram.tolist()
+    else:
+        successors, unigram = [], context_unigram(tokens, slots)
+    for t in successors + unigram:
+        if len(drafts) >= slots:
+            break
+        if t not in firsts:
+            firsts.add(t)
+            drafts.append(bigram_chain(tables, t, length) if tables is not None else [t])
+    return drafts
+
+
+def trie(drafts: list[list[int]]) -> DraftTree:
+    """One tree with shared prefixes; siblings keep the order of the drafts that introduced them."""
+    tree = DraftTree()
+    nodes: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+    for d in drafts:
+        parent = -1
+        for t in d:
+            key = (parent, int(t))
+            if key not in nodes:
+                nodes[key] = tree.add(t, parent)
+            parent = nodes[key]
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# The drafter
+
+
+class NGrammys(Drafter):
+    name = "ngrammys"
+
+    def __init__(self, config, vocab_size: int, tables: ModelTables | None = None):
+        super().__init__(config, vocab_size)
+        self.tables = None
+        if tables is not None:
+            self.set_tables(tables)
+
+    def prepare(self, target) -> None:
+        """Called by make_drafter with the target: builds or loads the model tables."""
+        self.set_tables(model_tables(target))
+
+    def set_tables(self, tables: ModelTables) -> None:
+        if tables.vocab_size != self.vocab_size:
+            raise StandError(f"N-Grammys tables cover {tables.vocab_size} tokens, the model has {self.vocab_size}")
+        self.tables = tables
+
+    def propose(self, row) -> DraftTree:
+        tokens = np.asarray(row.tokens, dtype=np.int64)
+        if len(tokens) == 0:
+            return DraftTree()
+        c = self.config
+        return trie(mix_drafts(tokens, self.tables, c.ngrammys_slots, c.ngrammys_len, c.max_n))
+
+    def memory_bytes(self) -> int:
+        t = self.tables
+        return 0 if t is None else t.bigram.nbytes + t.bigram_probs.nbytes + t.unigram.nbytes
