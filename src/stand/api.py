@@ -61,7 +61,9 @@ def run_group(engine: Engine, rows: list[Row], schedule: str, on_commit: OnCommi
         engine.run(rows, on_commit)
     else:
         for r in rows:
-            engine.run([r], on_commit)
+            engine.run([r], on_commit, finish=False)  # the group's drafter tables live on for the next sample
+        for r in rows:
+            engine.drafter.finish(r)
 
 
 def to_sample(row: Row) -> Sample:

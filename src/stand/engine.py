@@ -54,6 +54,7 @@ class Row:
     cancelled: bool = False
     text: str = ""
     stats: RowStats = field(default_factory=RowStats)
+    logprobs: list[float] | None = None  # set to [] to record each generated token's log-prob under the model (T=1)
 
     def __post_init__(self):
         self.tokens = list(self.prompt)
@@ -76,13 +77,23 @@ class Row:
 OnCommit = Callable[[Row, list[int]], None]
 
 
+def token_logprobs(logits: torch.Tensor, nodes: list[int], tokens: list[int]) -> list[float]:
+    """logits [T, V] of one row; log-probability at T=1 of tokens[i] after node nodes[i]."""
+    lp = torch.log_softmax(logits[nodes[: len(tokens)]].float(), dim=-1)  # [K, V]
+    return lp.gather(-1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
+
+
 class Engine:
     def __init__(self, target: Target, drafter: Drafter):
         self.target, self.drafter = target, drafter
 
     @torch.inference_mode()
-    def run(self, rows: list[Row], on_commit: OnCommit | None = None) -> list[Row]:
-        """Decode every row to its end; returns the rows (their tokens, text and stats filled in)."""
+    def run(self, rows: list[Row], on_commit: OnCommit | None = None, finish: bool = True) -> list[Row]:
+        """Decode every row to its end; returns the rows (their tokens, text and stats filled in).
+
+        finish=False: the drafter is not told that the rows ended (the caller calls drafter.finish later),
+        so a group's tables outlive the run (sequential samples of one question drafting from earlier ones).
+        """
         t0 = time.perf_counter()
         cache, lengths = self._prefill(rows)
         live = list(rows)
@@ -93,7 +104,8 @@ class Engine:
                 if r.done:
                     r.stats.seconds = time.perf_counter() - t0
                     r.text = self._text(r)
-                    self.drafter.finish(r)
+                    if finish:
+                        self.drafter.finish(r)
             if len(keep) < len(live):
                 live, lengths = [live[i] for i in keep], [lengths[i] for i in keep]
                 if live:
@@ -132,11 +144,13 @@ class Engine:
             verdicts.append(verify(tree, lg, r.params, r.rng, probs=p))
             probs.append(p)
         lengths = cache.commit([[0] + v.accepted for v in verdicts], lengths, S)
-        for r, tree, p, v in zip(live, trees, probs, verdicts):
+        for b, (r, tree, p, v) in enumerate(zip(live, trees, probs, verdicts)):
             t = time.perf_counter()
             self.drafter.observe(r, tree, p, v)
             r.stats.draft_seconds += time.perf_counter() - t
             new = self._commit(r, v.tokens(tree))
+            if r.logprobs is not None:
+                r.logprobs += token_logprobs(logits[b], [0] + v.accepted, new)
             if on_commit and new:
                 on_commit(r, new)
         return lengths
