@@ -108,6 +108,29 @@ def bench_cmd(
         write_json(rows, json_path)
 
 
+@app.command("serve")
+@user_errors
+def serve_cmd(
+    model: Optional[str] = ModelOpt,
+    method: str = typer.Option("stand", "--method", help="Drafter: none | pld | stand | recycle | consensus | ..."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="STAND_API_KEY", help="Every request must send Authorization: Bearer KEY (/health excepted)"),
+    table: Optional[str] = typer.Option(None, "--table", help="n-gram table file shared by all requests: loaded at start, saved on shutdown"),
+    share_table: bool = typer.Option(False, "--share-table", help="One drafter table for every request (a warm server drafts better)"),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting beyond this get 429"),
+    batch_window_ms: float = typer.Option(10.0, "--batch-window-ms", help="Wait this long for requests to batch together"),
+    max_n: int = typer.Option(16, "--max-n", help="Largest n a request may ask for"),
+    dtype: str = DtypeOpt,
+):
+    """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
+    from .server import ServerConfig, serve
+
+    serve(ServerConfig(model=model, method=method, dtype=dtype, host=host, port=port, api_key=api_key, table=table,
+                       share_table=share_table, max_queue=max_queue, batch_window_ms=batch_window_ms,
+                       max_n=max_n).validate())
+
+
 def main() -> None:
     app()
 
