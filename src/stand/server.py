@@ -721,26 +721,46 @@ def create_app(config: ServerConfig, loader: Callable[[], Target] | None = None)
 
     app = FastAPI(title="stand", lifespan=lifespan)
     app.state.stand = state
-    install_middleware(app, state)
+    app.add_middleware(Gate, state=state)
     install_error_handlers(app)
     install_routes(app, state)
     return app
 
 
-def install_middleware(app: FastAPI, state: State) -> None:
+class Gate:
+    """Pure ASGI middleware (streams pass straight through): the API key check, and requests counted by status."""
+
     open_paths = {"/health"}
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        key = state.config.api_key
-        if key and path not in open_paths and not _key_ok(request.headers.get("authorization", ""), key):
-            response = ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
-                                param=None, code="invalid_api_key").response()
-        else:
-            response = await call_next(request)
-        state.metrics.request(path if path in KNOWN_PATHS else "other", response.status_code)
-        return response
+    def __init__(self, app, state: State):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, status = scope["path"], [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self._allowed(scope, path):
+                await self.app(scope, receive, send_and_note)
+            else:
+                error = ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                                 code="invalid_api_key")
+                await error.response()(scope, receive, send_and_note)
+        finally:
+            self.state.metrics.request(path if path in KNOWN_PATHS else "other", status[0])
+
+    def _allowed(self, scope, path: str) -> bool:
+        key = self.state.config.api_key
+        if not key or path in self.open_paths:
+            return True
+        headers = dict(scope.get("headers") or [])
+        return _key_ok(headers.get(b"authorization", b"").decode("latin-1"), key)
 
 
 def _key_ok(header: str, key: str) -> bool:
