@@ -131,6 +131,72 @@ def serve_cmd(
                        max_n=max_n).validate())
 
 
+@app.command("solve")
+@user_errors
+def solve_cmd(
+    question: Optional[str] = typer.Argument(None, help="One question (else --dataset or --jsonl)"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="champ | humaneval"),
+    jsonl: Optional[str] = typer.Option(None, "--jsonl", help='A file of {"prompt": ..., "answer": ...} lines'),
+    problems: Optional[int] = typer.Option(None, "--problems", help="How many problems (default: all)"),
+    answer: Optional[str] = typer.Option(None, "--answer", help="Reference answer of the single question"),
+    instruction: Optional[str] = typer.Option(None, "--instruction", help="Put before each prompt (default per dataset)"),
+    n: int = typer.Option(8, "--n", help="Samples per question"),
+    strategy: str = typer.Option("self-consistency", "--strategy", help="self-consistency | best-of-n"),
+    method: str = typer.Option("none", "--method"),
+    schedule: str = typer.Option("auto", "--schedule", help="batched | sequential | auto (measured once, cached)"),
+    temperature: float = typer.Option(0.6, "--temperature", "-t"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    seed: int = typer.Option(0, "--seed"),
+    model: Optional[str] = ModelOpt,
+    dtype: str = DtypeOpt,
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write every sample as JSON"),
+):
+    """N samples per question; the voted (or best-scored) answer, checked against the reference."""
+    from tqdm import tqdm
+
+    from . import tts
+    from .params import SamplingParams
+
+    items = _solve_problems(question, dataset, jsonl, problems, answer, instruction)
+    tts.SolveConfig(n, strategy, schedule).validate()
+    SamplingParams(temperature, top_p, 0, max_new_tokens, seed).validate()
+    bar, done = None, []
+
+    def progress(i: int, k: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=n * max_new_tokens, desc=f"{i + 1}/{len(items)}", unit="tok", file=sys.stderr, leave=False)
+        bar.update(k)
+
+    for i, sol in enumerate(tts.iter_solve(items, model, n, strategy, method, None, None, schedule, temperature,
+                                           top_p, 0, max_new_tokens, seed, dtype, progress=progress)):
+        if bar is not None:
+            bar.close()
+            bar = None
+        done.append(sol)
+        typer.echo(tts.solution_line(i, len(items), sol))
+    for line in tts.summary_lines(done, method):
+        typer.echo(line)
+    if json_path:
+        tts.write_json(done, json_path, {"method": method, "n": n, "strategy": strategy, "temperature": temperature,
+                                         "max_new_tokens": max_new_tokens, "seed": seed})
+
+
+def _solve_problems(question, dataset, jsonl, problems, answer, instruction) -> list:
+    from .datasets import MATH_INSTRUCTION, jsonl as jsonl_problems, load_dataset
+    from .datasets import question as one_question
+
+    if sum(x is not None for x in (question, dataset, jsonl)) != 1:
+        raise StandError("give exactly one of: a QUESTION, --dataset NAME, --jsonl FILE")
+    kw = {} if instruction is None else {"instruction": instruction}
+    if question is not None:
+        return [one_question(question, kw.get("instruction", MATH_INSTRUCTION), answer)]
+    if jsonl is not None:
+        return jsonl_problems(jsonl, problems, **kw)  # prompts as written unless --instruction
+    return load_dataset(dataset, problems, **kw)
+
+
 def main() -> None:
     app()
 
