@@ -118,9 +118,25 @@ def _quiet_transformers():
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+BACKENDS = ("auto", "lean", "hf")
+
+
 @functools.lru_cache(maxsize=4)
-def load_model(path: str | None = None, dtype: str = "auto") -> Target:
-    """A Target from a Hugging Face model directory, a .gguf file, or (None) the embedded default."""
+def load_model(path: str | None = None, dtype: str = "auto", backend: str = "auto") -> Target:
+    """A Target from a Hugging Face model directory, a .gguf file, or (None) the embedded default.
+
+    backend: "lean" runs our own forward (llama/qwen2, lean.py), "hf" the Hugging Face forward,
+    "auto" lean where the architecture is supported and Hugging Face otherwise.
+    """
+    if backend not in BACKENDS:
+        raise StandError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    from .lean import with_backend
+
+    return with_backend(_load_hf(path, dtype), backend)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_hf(path: str | None, dtype: str) -> Target:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()

@@ -1,0 +1,316 @@
+"""A lean forward pass for the llama / qwen2 family, built from a loaded Hugging Face model's weights.
+
+What it saves over the Hugging Face forward, per step:
+- fused projections: one matrix product for Q, K and V, one for gate and up (3 + 2 -> 2 per layer);
+- float32 weights prepacked for oneDNN (the blocked layout its kernels want, done once at build);
+- a preallocated KV cache, one tensor for all layers, written in place; compaction after a step is
+  one gather/scatter for all layers instead of two per layer;
+- a precomputed rotary table, Q and K rotated together, grouped-query attention inside
+  `scaled_dot_product_attention` (no repeated K/V), and no mask machinery: the tree mask is used
+  as a boolean mask directly, and dropped when every query sees every key (one row, no tree).
+
+Logits equal the Hugging Face model's: the same operations in the same dtypes (float32 within
+1e-4; bfloat16 within bfloat16 rounding). tests/test_lean.py checks it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import StandError
+from .kv import TreeBatch, path_moves
+from .models import Target
+
+LEAN_ARCHS = {"llama", "qwen2"}
+STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # rope types whose table does not depend on the length
+CACHE_CHUNK = 256  # cache capacity grows in steps of this many slots
+
+
+@dataclass(frozen=True)
+class LeanConfig:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+    eps: float
+    max_len: int
+
+
+# ---- building ------------------------------------------------------------------------------------
+
+def unsupported_reason(model) -> str | None:
+    """Why the lean forward cannot run this model (None: it can)."""
+    cfg = model.config
+    arch = getattr(cfg, "model_type", "?")
+    if arch not in LEAN_ARCHS:
+        return f"architecture {arch!r} (lean supports {', '.join(sorted(LEAN_ARCHS))})"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r}"
+    if getattr(cfg, "mlp_bias", False):
+        return "MLP biases"
+    if arch == "llama" and getattr(cfg, "attention_bias", False):
+        return "attention biases on the output projection"
+    if arch == "qwen2" and getattr(cfg, "use_sliding_window", False):
+        return "sliding-window attention"
+    rope = getattr(model.model.rotary_emb, "rope_type", "default")
+    if rope not in STATIC_ROPE:
+        return f"rope type {rope!r}"
+    return None
+
+
+def lean_config(model) -> LeanConfig:
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    return LeanConfig(layers=cfg.num_hidden_layers, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", heads),
+                      head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, hidden=cfg.hidden_size,
+                      intermediate=cfg.intermediate_size, eps=float(cfg.rms_norm_eps),
+                      max_len=int(getattr(cfg, "max_position_embeddings", 2048)))
+
+
+def can_prepack(dtype: torch.dtype) -> bool:
+    """oneDNN prepacking: float32 where oneDNN is built in (bfloat16 matrix products stay with torch)."""
+    return dtype == torch.float32 and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                                      "_linear_pointwise")
+
+
+class Linear:
+    """y = x W^T + b with the weight optionally prepacked for oneDNN. x [..., K] -> [..., N]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool):
+        self.weight, self.bias, self.out_features = weight, bias, weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if prepack else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+@dataclass
+class LeanLayer:
+    ln1: torch.Tensor  # [hidden]
+    qkv: Linear  # hidden -> (heads + 2 kv_heads) * head_dim
+    o: Linear  # heads * head_dim -> hidden
+    ln2: torch.Tensor  # [hidden]
+    gate_up: Linear  # hidden -> 2 intermediate
+    down: Linear  # intermediate -> hidden
+
+
+def _fuse(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stacked weights [sum N, K] (and biases) of several nn.Linear with the same input."""
+    weight = torch.cat([m.weight.detach() for m in linears], dim=0).contiguous()
+    biases = [m.bias for m in linears]
+    if all(b is None for b in biases):
+        return weight, None
+    bias = torch.cat([(b.detach() if b is not None else torch.zeros(m.weight.shape[0], dtype=weight.dtype))
+                      for m, b in zip(linears, biases)])
+    return weight, bias
+
+
+def _share(linears, weight: torch.Tensor) -> None:
+    """Points the Hugging Face modules' weights at rows of the fused weight, so memory is not doubled."""
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(weight[start:start + n], requires_grad=False)
+        start += n
+
+
+def build_layer(hf_layer, prepack: bool) -> LeanLayer:
+    attn, mlp = hf_layer.self_attn, hf_layer.mlp
+    qkv_mods, gu_mods = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+    wqkv, bqkv = _fuse(qkv_mods)
+    wgu, _ = _fuse(gu_mods)
+    _share(qkv_mods, wqkv)
+    _share(gu_mods, wgu)
+    return LeanLayer(ln1=hf_layer.input_layernorm.weight.detach(), qkv=Linear(wqkv, bqkv, prepack),
+                     o=Linear(attn.o_proj.weight.detach(), None, prepack),
+                     ln2=hf_layer.post_attention_layernorm.weight.detach(),
+                     gate_up=Linear(wgu, None, prepack), down=Linear(mlp.down_proj.weight.detach(), None, prepack))
+
+
+def rope_table(model, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_len, head_dim] computed as the Hugging Face rotary module computes them."""
+    rot = model.model.rotary_emb
+    pos = torch.arange(max_len, dtype=torch.float32)
+    freqs = pos[:, None] * rot.inv_freq.float()[None, :]  # [P, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+    scale = float(getattr(rot, "attention_scaling", 1.0))
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+# ---- the forward ---------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As Hugging Face: normalise in float32, cast back, then scale."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding. x [B, T, n, D]; cos, sin [B, T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class LeanModel:
+    """The decoder as plain tensor code over weights taken from a Hugging Face llama/qwen2 model."""
+
+    def __init__(self, model, prepack: bool | None = None):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise StandError(f"the lean forward does not support this model: {reason}")
+        self.cfg = lean_config(model)
+        self.dtype = model.get_input_embeddings().weight.dtype
+        prepack = can_prepack(self.dtype) if prepack is None else prepack
+        self.embed = model.get_input_embeddings().weight.detach()  # [V, hidden]
+        self.layers = [build_layer(layer, prepack) for layer in model.model.layers]
+        self.norm = model.model.norm.weight.detach()
+        head = model.get_output_embeddings()
+        self.lm_head = Linear(head.weight.detach(), None, prepack)
+        self.cos, self.sin = rope_table(model, self.cfg.max_len, self.dtype)
+        self.scale = 1.0 / math.sqrt(self.cfg.head_dim)
+
+    def new_cache(self) -> "LeanCache":
+        c = self.cfg
+        return LeanCache(c.layers, c.kv_heads, c.head_dim, self.dtype)
+
+    def forward(self, cache: "LeanCache", ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
+                keep_last: int = 0) -> torch.Tensor:
+        """ids, pos [B, T]; mask [B, 1, T, S + T] bool or None (all allowed) -> logits [B, T or keep_last, V]."""
+        B, T = ids.shape
+        S = cache.reserve(B, T)
+        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B, T, 1, D]
+        x = F.embedding(ids, self.embed)  # [B, T, hidden]
+        for i, layer in enumerate(self.layers):
+            x = self._layer(layer, x, cos, sin, cache.layer(i), S, mask)
+        cache.length = S + T
+        if keep_last:
+            x = x[:, -keep_last:]
+        return self.lm_head(rms_norm(x, self.norm, self.cfg.eps))
+
+    def _layer(self, layer: LeanLayer, x, cos, sin, kv, S: int, mask):
+        x = x + self._attention(layer, rms_norm(x, layer.ln1, self.cfg.eps), cos, sin, kv, S, mask)
+        h = layer.gate_up(rms_norm(x, layer.ln2, self.cfg.eps))  # [B, T, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        return x + layer.down(F.silu(gate) * up)
+
+    def _attention(self, layer: LeanLayer, x, cos, sin, kv, S: int, mask):
+        c = self.cfg
+        B, T, _ = x.shape
+        qkv = layer.qkv(x).view(B, T, c.heads + 2 * c.kv_heads, c.head_dim)
+        qk = rotate(qkv[:, :, : c.heads + c.kv_heads], cos, sin)  # [B, T, H + Hkv, D]
+        keys, values = kv  # [B, Hkv, capacity, D]
+        keys[:, :, S:S + T] = qk[:, :, c.heads:].transpose(1, 2)
+        values[:, :, S:S + T] = qkv[:, :, c.heads + c.kv_heads:].transpose(1, 2)
+        q = qk[:, :, : c.heads].transpose(1, 2)  # [B, H, T, D]
+        out = F.scaled_dot_product_attention(q, keys[:, :, : S + T], values[:, :, : S + T], attn_mask=mask,
+                                             scale=self.scale, enable_gqa=c.heads != c.kv_heads)  # [B, H, T, D]
+        return layer.o(out.transpose(1, 2).reshape(B, T, c.heads * c.head_dim))
+
+
+# ---- the cache -----------------------------------------------------------------------------------
+
+class LeanCache:
+    """KV of every layer in one preallocated tensor [layers, 2, B, H_kv, capacity, D].
+
+    Slots [0, length) are in use (row b's committed KV in [0, L_b), a masked gap after it, as in
+    kv.py); capacity grows in chunks of CACHE_CHUNK slots, copying once per chunk.
+    """
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
+        self.shape = (layers, 2, kv_heads, head_dim)
+        self.dtype = dtype
+        self.kv: torch.Tensor | None = None
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.kv is None else self.kv.shape[4]
+
+    def _alloc(self, rows: int, capacity: int) -> torch.Tensor:
+        layers, two, heads, dim = self.shape
+        return torch.empty(layers, two, rows, heads, capacity, dim, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def reserve(self, rows: int, new: int) -> int:
+        """Room for `new` more slots in every one of `rows` rows; returns the first free slot."""
+        if self.kv is not None and self.kv.shape[2] != rows:
+            raise StandError(f"the cache holds {self.kv.shape[2]} rows, the batch has {rows}")
+        need = self.length + new
+        if need > self.capacity:
+            grown = self._alloc(rows, CACHE_CHUNK * math.ceil(need / CACHE_CHUNK))
+            if self.kv is not None and self.length:
+                grown[..., : self.length, :] = self.kv[..., : self.length, :]
+            self.kv = grown
+        return self.length
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of layer i, [B, H_kv, capacity, D] each (views)."""
+        return self.kv[i, 0], self.kv[i, 1]
+
+    @torch.inference_mode()
+    def commit(self, paths: list[list[int]], lengths: list[int], cache_len: int) -> list[int]:
+        """After a tree step written at slots [cache_len, cache_len + T): keep the accepted paths."""
+        rows, src, dst, new_lengths = path_moves(paths, lengths, cache_len)
+        self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]  # every layer at once; src >= dst
+        self.length = max(new_lengths)
+        return new_lengths
+
+    @torch.inference_mode()
+    def keep_rows(self, keep: list[int], new_len: int) -> None:
+        """Rows `keep` (repeats allowed) of the first new_len slots; the rest is dropped."""
+        if self.kv is None:
+            self.length = new_len
+            return
+        fresh = self._alloc(len(keep), max(self.capacity, new_len))
+        fresh[..., :new_len, :] = self.kv[:, :, torch.tensor(keep, dtype=torch.long), :, :new_len]
+        self.kv, self.length = fresh, new_len
+
+
+# ---- the target ----------------------------------------------------------------------------------
+
+@dataclass
+class LeanTarget(Target):
+    """A Target whose forward runs the lean model; `model` stays the Hugging Face model (same weights)."""
+
+    lean: LeanModel | None = None
+
+    @classmethod
+    def from_target(cls, target: Target, prepack: bool | None = None) -> "LeanTarget":
+        lean = LeanModel(target.model, prepack=prepack)
+        return cls(target.model, target.tokenizer, target.name, target.dtype, lean=lean)
+
+    def new_cache(self) -> LeanCache:
+        return self.lean.new_cache()
+
+    @torch.inference_mode()
+    def forward(self, cache: LeanCache, batch: TreeBatch, all_logits: bool = True) -> torch.Tensor:
+        """Writes the batch's KV after the cache's slots; returns logits [B, T, V] (or [B, 1, V])."""
+        allowed = batch.allowed  # [B, T, S + T]
+        mask = None if bool(allowed.all()) else allowed[:, None]
+        return self.lean.forward(cache, batch.input_ids, batch.position_ids, mask, keep_last=0 if all_logits else 1)
+
+
+def with_backend(target: Target, backend: str = "auto") -> Target:
+    """The target behind the chosen forward: lean, Hugging Face, or (auto) lean where supported."""
+    if backend == "hf" or isinstance(target, LeanTarget):
+        return target
+    reason = unsupported_reason(target.model)
+    if reason is None:
+        return LeanTarget.from_target(target)
+    if backend == "lean":
+        raise StandError(f"backend 'lean' does not support this model: {reason}; use backend 'hf'")
+    return target
