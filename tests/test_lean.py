@@ -212,3 +212,34 @@ def test_load_model_backends(tmp_path):
     assert not isinstance(load_model(path, "float32", backend="hf"), LeanTarget)
     with pytest.raises(StandError, match="backend"):
         load_model(path, "float32", backend="fast")
+
+
+def test_profile_curves_and_json(tmp_path):
+    from stand.profile import ProfileConfig, as_json, cost_curves, profile_targets, table_lines
+
+    hf = tiny_target(seed=7)
+    curves = cost_curves(profile_targets(hf), ProfileConfig(tokens=(1, 4), batches=(2,), cache_len=20, reps=2))
+    data = as_json(curves)
+    assert set(data) == {"ours", "hf", "batch_ours", "batch_hf"}
+    assert set(data["ours"]) == {"1", "4"} and set(data["batch_hf"]) == {"2"}
+    assert all(v > 0 for d in data.values() for v in d.values())
+    assert len(table_lines(curves)) == 4
+
+
+def test_profile_cli_writes_json(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from stand.cli import app
+    from stand.testing import save_tiny
+
+    path = save_tiny(str(tmp_path / "tiny"))
+    out = tmp_path / "curve.json"
+    res = CliRunner().invoke(app, ["profile", "--model", path, "--dtype", "float32", "--cache-len", "16",
+                                   "--reps", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert set(data["ours"]) == {"1", "2", "4", "8", "16", "32", "64"}
+    assert set(data["batch_ours"]) == {"4", "8", "16"}
+    assert "64 tokens" in res.output

@@ -1,0 +1,132 @@
+"""The cost curve: milliseconds per forward by number of new tokens and by batch size, ours beside Hugging Face.
+
+One row over a cache of `cache_len` tokens, a tree of T new tokens (a binary tree: every node sees
+only its ancestors, as in verification); and B rows of one new token each. The two backends run
+interleaved (one forward of each, in turn) so that load on a shared machine hits both alike; the
+figure is the median over `reps` forwards. The drafters and the tree calibration read this curve.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .kv import prefill_batch, tree_batch
+from .models import Target
+from .tree import DraftTree
+
+TOKENS = (1, 2, 4, 8, 16, 32, 64)
+BATCHES = (4, 8, 16)
+
+
+@dataclass
+class ProfileConfig:
+    tokens: tuple[int, ...] = TOKENS
+    batches: tuple[int, ...] = BATCHES
+    cache_len: int = 500
+    reps: int = 10
+    warmup: int = 2
+
+
+@dataclass
+class Curve:
+    """ms per forward: by new tokens (one row) and by batch size (one token per row)."""
+
+    tokens: dict[str, float] = field(default_factory=dict)
+    batch: dict[str, float] = field(default_factory=dict)
+
+
+def binary_tree(nodes: int) -> DraftTree:
+    """A tree of `nodes` nodes counting the root: draft node i hangs under node (i - 1) // 2."""
+    tree = DraftTree()
+    for i in range(nodes - 1):
+        tree.add(100 + i, (i - 1) // 2 if i else -1)
+    return tree
+
+
+class Probe:
+    """A cache of cache_len tokens in `rows` rows, and one timed forward of a tree per row on top of it."""
+
+    def __init__(self, target: Target, rows: int, cache_len: int):
+        self.target = target
+        self.cache = target.new_cache()
+        prompt = [(7 * i + 3) % max(target.vocab_size - 1, 2) for i in range(cache_len)]
+        target.forward(self.cache, prefill_batch([prompt]), all_logits=False)
+        self.cache.keep_rows([0] * rows, cache_len)
+        self.lengths = [cache_len] * rows
+
+    def time_ms(self, nodes: int) -> float:
+        """One forward of `nodes` new tokens per row; the cache keeps the root only, so it grows by one."""
+        S = len(self.cache)
+        batch = tree_batch([binary_tree(nodes)] * len(self.lengths), [11] * len(self.lengths), self.lengths, S)
+        t = time.perf_counter()
+        self.target.forward(self.cache, batch)
+        ms = 1000 * (time.perf_counter() - t)
+        self.lengths = self.cache.commit([[0]] * len(self.lengths), self.lengths, S)
+        return ms
+
+
+def _interleaved(probes: dict[str, Probe], nodes: int, cfg: ProfileConfig) -> dict[str, float]:
+    """Median ms per backend, one forward of each backend in turn."""
+    times: dict[str, list[float]] = {name: [] for name in probes}
+    for i in range(cfg.warmup + cfg.reps):
+        for name, probe in probes.items():
+            ms = probe.time_ms(nodes)
+            if i >= cfg.warmup:
+                times[name].append(ms)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+@torch.inference_mode()
+def cost_curves(targets: dict[str, Target], cfg: ProfileConfig = ProfileConfig(), progress=None) -> dict[str, Curve]:
+    """Curves of every target (e.g. {"ours": lean, "hf": hf}), measured side by side."""
+    curves = {name: Curve() for name in targets}
+    single = {name: Probe(t, 1, cfg.cache_len) for name, t in targets.items()}
+    for n in cfg.tokens:
+        for name, ms in _interleaved(single, n, cfg).items():
+            curves[name].tokens[str(n)] = ms
+        if progress:
+            progress(f"{n} tokens")
+    for rows in cfg.batches:
+        probes = {name: Probe(t, rows, cfg.cache_len) for name, t in targets.items()}
+        for name, ms in _interleaved(probes, 1, cfg).items():
+            curves[name].batch[str(rows)] = ms
+        if progress:
+            progress(f"{rows} rows")
+    return curves
+
+
+def as_json(curves: dict[str, Curve]) -> dict:
+    """{"ours": {"1": ms, ...}, "hf": {...}, "batch_ours": {...}, "batch_hf": {...}}."""
+    out = {}
+    for name, c in curves.items():
+        out[name] = c.tokens
+        out[f"batch_{name}"] = c.batch
+    return out
+
+
+def table_lines(curves: dict[str, Curve]) -> list[str]:
+    """A plain-text table: one line per size, a column per backend, and ours / hf."""
+    names = list(curves)
+    head = f"{'forward':>14} " + " ".join(f"{n:>9}" for n in names)
+    ratio = len(names) == 2
+    lines = [head + ("   ratio" if ratio else "")]
+    first = curves[names[0]]
+    for label, key, kind in [(f"{k} tokens", k, "tokens") for k in first.tokens] + \
+                            [(f"{k} rows x 1", k, "batch") for k in first.batch]:
+        vals = [getattr(curves[n], kind)[key] for n in names]
+        line = f"{label:>14} " + " ".join(f"{v:9.1f}" for v in vals)
+        lines.append(line + (f"  {vals[0] / vals[1]:6.2f}" if ratio else ""))
+    return lines
+
+
+def profile_targets(target: Target) -> dict[str, Target]:
+    """Ours (the lean forward where the model supports it) and the Hugging Face forward of the same weights."""
+    from .lean import with_backend
+
+    ours = with_backend(target, "auto")
+    hf = Target(target.model, target.tokenizer, target.name, target.dtype)  # the plain Hugging Face forward
+    return {"ours": ours, "hf": hf}
