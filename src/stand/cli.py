@@ -108,6 +108,32 @@ def bench_cmd(
         write_json(rows, json_path)
 
 
+@app.command("profile")
+@user_errors
+def profile_cmd(
+    model: Optional[str] = ModelOpt,
+    dtype: str = DtypeOpt,
+    cache_len: int = typer.Option(500, "--cache-len", help="Tokens already in the cache"),
+    reps: int = typer.Option(10, "--reps", help="Timed forwards per size (median reported)"),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the curves as JSON"),
+):
+    """Milliseconds per forward by new tokens (1..64) and by batch (4, 8, 16 rows), ours beside Hugging Face."""
+    from .profile import ProfileConfig, as_json, cost_curves, profile_targets, table_lines
+    from .models import load_model
+
+    if cache_len < 1 or reps < 1:
+        raise StandError("--cache-len and --reps must be at least 1")
+    target = load_model(model, dtype, backend="hf")
+    curves = cost_curves(profile_targets(target), ProfileConfig(cache_len=cache_len, reps=reps),
+                         progress=lambda msg: typer.echo(f"  {msg}", err=True))
+    typer.echo(f"ms per forward, {target.name}, {target.dtype}, cache {cache_len}, median of {reps}")
+    for line in table_lines(curves):
+        typer.echo(line)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(as_json(curves), f, indent=2)
+
+
 @app.command("serve")
 @user_errors
 def serve_cmd(
