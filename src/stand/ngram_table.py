@@ -4,10 +4,10 @@ A value is top-k token ids with probabilities and a count c. Inserting distribut
 key seen c times gives `(c*old + d)/(c+1)` over the union of tokens (a missing token counts 0),
 cut back to the top k (DESIGN.md section 2).
 
-Memory is bounded: fixed-size arrays of `capacity` slots, a dict from a 64-bit key hash to its
-slot, and least-recently-used eviction in batches of capacity/8 when the table is full. Every slot
-also stores its key tokens, so a hash collision or an evicted key never returns stale data.
-Hashing, key checks and the merge are vectorised over all keys of a batch.
+Memory is bounded: fixed-size arrays of `capacity` slots, a dict from the key (a tuple of max_n
+ids, left-padded with -1) to its slot, and least-recently-used eviction in batches of capacity/8
+when the table is full; an evicted key leaves the dict, so it can never return stale data. Key
+building and the merge are vectorised over all keys of a batch; the dict does the matching.
 
 Files (`save`/`load`): magic, format version, a JSON header, the used slots' arrays (raw
 little-endian, no pickle) and a SHA-256 of everything before it; written to a temporary file and
@@ -29,28 +29,8 @@ import numpy as np
 
 from .errors import StandError
 
-_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_PRIME = np.uint64(0x100000001B3)
 MAGIC = b"STANDNGT"
 FORMAT_VERSION = 1
-
-
-def _mix(h: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on uint64 [N]."""
-    h = h ^ (h >> np.uint64(30))
-    h = h * _MIX1
-    h = h ^ (h >> np.uint64(27))
-    h = h * _MIX2
-    return h ^ (h >> np.uint64(31))
-
-
-def key_hashes(keys: np.ndarray) -> np.ndarray:
-    """[N, max_n] int keys, left-padded with -1 -> [N] uint64 hashes (the order is part of the key)."""
-    h = np.full(len(keys), 0xCBF29CE484222325, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(keys.shape[1]):
-            h = h * _PRIME + (keys[:, j] + 2).astype(np.uint64)
-        return _mix(h)
 
 
 def suffix_keys(tails: np.ndarray, max_n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,12 +92,11 @@ class NGramTable:
                              f"(got {max_n}, {topk}, {capacity})")
         self.max_n, self.topk, self.capacity = max_n, topk, capacity
         self.keys = np.full((capacity, max_n), -1, dtype=np.int32)  # [C, max_n] left-padded key tokens
-        self.hashes = np.zeros(capacity, dtype=np.uint64)  # [C]
         self.ids = np.full((capacity, topk), -1, dtype=np.int32)  # [C, K]
         self.probs = np.zeros((capacity, topk), dtype=np.float32)  # [C, K]
         self.counts = np.zeros(capacity, dtype=np.int32)  # [C], 0 = free slot
         self.stamps = np.zeros(capacity, dtype=np.int64)  # [C] last touch, for LRU eviction
-        self.index: dict[int, int] = {}  # key hash -> slot
+        self.index: dict[tuple, int] = {}  # key tokens (left-padded with -1) -> slot
         self.free = list(range(capacity - 1, -1, -1))  # a stack of free slots
         self.tick = 0
         self.evictions = 0
@@ -126,8 +105,8 @@ class NGramTable:
         return len(self.index)
 
     def memory_bytes(self) -> int:
-        arrays = sum(a.nbytes for a in (self.keys, self.hashes, self.ids, self.probs, self.counts, self.stamps))
-        return arrays + sys.getsizeof(self.index) + 8 * self.capacity + 64 * len(self.index)
+        arrays = sum(a.nbytes for a in (self.keys, self.ids, self.probs, self.counts, self.stamps))
+        return arrays + sys.getsizeof(self.index) + 8 * self.capacity + (56 + 8 * self.max_n) * len(self.index)
 
     # ---- insert ---------------------------------------------------------------------------------
 
@@ -144,16 +123,16 @@ class NGramTable:
         self.tick += 1
         ids = np.asarray(top_ids, dtype=np.int64)[rows]
         probs = np.asarray(top_probs, dtype=np.float64)[rows]
-        h = key_hashes(keys)
-        for sel in _rounds(h):
-            self._insert_distinct(keys[sel], h[sel], ids[sel], probs[sel])
+        tuples = list(map(tuple, keys.tolist()))
+        for sel in _rounds(tuples):
+            self._insert_distinct(keys[sel], [tuples[i] for i in sel], ids[sel], probs[sel])
 
-    def _insert_distinct(self, keys, h, ids, probs) -> None:
-        """One merge for keys with distinct hashes: [R, max_n], [R], [R, k'], [R, k']."""
-        slots = self._find(keys, h)
+    def _insert_distinct(self, keys, tuples, ids, probs) -> None:
+        """One merge for distinct keys: [R, max_n] (and as tuples), [R, k'], [R, k']."""
+        slots = self._find(tuples)
         missing = np.flatnonzero(slots < 0)
         if len(missing):
-            slots[missing] = self._allocate(keys[missing], h[missing])
+            slots[missing] = self._allocate(keys[missing], [tuples[i] for i in missing])
         self.stamps[slots] = self.tick
         new_ids, new_p = merge_topk(self.ids[slots].astype(np.int64), self.probs[slots].astype(np.float64),
                                     self.counts[slots], ids, probs, self.topk)
@@ -161,28 +140,18 @@ class NGramTable:
         self.probs[slots] = new_p
         self.counts[slots] += 1
 
-    def _find(self, keys: np.ndarray, h: np.ndarray) -> np.ndarray:
-        """[R] slot of each key, -1 if absent (a hash hit whose stored key differs is absent)."""
+    def _find(self, tuples: list[tuple]) -> np.ndarray:
+        """[R] slot of each key, -1 if absent."""
         get = self.index.get
-        slots = np.fromiter((get(x, -1) for x in h.tolist()), dtype=np.int64, count=len(h))
-        hit = slots >= 0
-        if hit.any():
-            same = (self.keys[slots[hit]] == keys[hit]).all(1)
-            slots[np.flatnonzero(hit)[~same]] = -1
-        return slots
+        return np.fromiter((get(x, -1) for x in tuples), dtype=np.int64, count=len(tuples))
 
-    def _allocate(self, keys: np.ndarray, h: np.ndarray) -> np.ndarray:
+    def _allocate(self, keys: np.ndarray, tuples: list[tuple]) -> np.ndarray:
         """Fresh empty slots for new keys (evicting if needed); registers them in the index."""
         if len(self.free) < len(keys):
             self._evict(max(len(keys) - len(self.free), self.capacity // 8))
         slots = np.array([self.free.pop() for _ in range(len(keys))], dtype=np.int64)
-        for x in h.tolist():  # a colliding older key loses its index entry
-            old = self.index.get(x)
-            if old is not None:
-                self._clear(np.array([old]))
         self.keys[slots] = keys
-        self.hashes[slots] = h
-        self.index.update(zip(h.tolist(), slots.tolist()))
+        self.index.update(zip(tuples, slots.tolist()))
         return slots
 
     def _evict(self, n: int) -> None:
@@ -197,9 +166,9 @@ class NGramTable:
         self.evictions += n
 
     def _clear(self, slots: np.ndarray) -> None:
-        for x, s in zip(self.hashes[slots].tolist(), slots.tolist()):
-            if self.index.get(x) == s:
-                del self.index[x]
+        for key, s in zip(map(tuple, self.keys[slots].tolist()), slots.tolist()):
+            if self.index.get(key) == s:
+                del self.index[key]
         self.keys[slots] = -1
         self.ids[slots] = -1
         self.probs[slots] = 0.0
@@ -211,22 +180,22 @@ class NGramTable:
 
     def lookup(self, tails: np.ndarray) -> Lookup:
         """Longest-match backoff for every context tail [B, max_n]: the longest stored suffix key."""
-        tails = np.asarray(tails, dtype=np.int64)
-        B = len(tails)
-        slot = np.full(B, -1, dtype=np.int64)
-        order = np.zeros(B, dtype=np.int64)
-        keys, rows = suffix_keys(tails, self.max_n)
-        if len(keys) == 0 or not self.index:
-            return Lookup(slot, order)
-        found = self._find(keys, key_hashes(keys))
-        n_of = (keys >= 0).sum(1)
-        for n in range(1, self.max_n + 1):  # longer orders overwrite shorter ones
-            sel = (found >= 0) & (n_of == n)
-            slot[rows[sel]] = found[sel]
-            order[rows[sel]] = n
-        hit = slot >= 0
-        self.stamps[slot[hit]] = self.tick
-        return Lookup(slot, order)
+        found = [self.longest(t) for t in np.asarray(tails, dtype=np.int64).tolist()]
+        return Lookup(np.array([f[0] for f in found], dtype=np.int64), np.array([f[1] for f in found], dtype=np.int64))
+
+    def longest(self, tail) -> tuple[int, int]:
+        """(slot, order) of the longest stored suffix of one context tail (max_n ids, left-padded -1); (-1, 0) if none."""
+        tail = tuple(tail)
+        m = self.max_n
+        get = self.index.get
+        for n in range(m, 0, -1):
+            if tail[m - n] < 0:
+                continue
+            slot = get((-1,) * (m - n) + tail[m - n:])
+            if slot is not None:
+                self.stamps[slot] = self.tick
+                return slot, n
+        return -1, 0
 
     def dist(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """The stored top-k of a slot: ids [K'] and probabilities [K'] (not renormalised), empties dropped."""
@@ -239,9 +208,8 @@ class NGramTable:
         key = list(key)
         if not 1 <= len(key) <= self.max_n:
             raise StandError(f"a key has 1..{self.max_n} tokens, got {len(key)}")
-        k = np.array([[-1] * (self.max_n - len(key)) + key], dtype=np.int64)
-        s = int(self._find(k, key_hashes(k))[0])
-        if s < 0:
+        s = self.index.get(tuple([-1] * (self.max_n - len(key)) + [int(x) for x in key]))
+        if s is None:
             return None
         ids, p = self.dist(s)
         return ids, p, int(self.counts[s])
@@ -313,22 +281,23 @@ class NGramTable:
             off += size
         keys, ids, probs, counts = out
         slots = np.arange(n)
-        h = key_hashes(keys.astype(np.int64))
         self.keys[slots], self.ids[slots], self.probs[slots], self.counts[slots] = keys, ids, probs, counts
-        self.hashes[slots] = h
         self.stamps[slots] = np.arange(1, n + 1)
         self.tick = n + 1
-        self.index = dict(zip(h.tolist(), slots.tolist()))
+        self.index = dict(zip(map(tuple, keys.tolist()), slots.tolist()))
+        if len(self.index) != n:
+            raise StandError(f"n-gram table {path} holds duplicate keys")
         self.free = list(range(self.capacity - 1, n - 1, -1))
 
 
-def _rounds(h: np.ndarray):
-    """Index sets over h in which every hash occurs once: the j-th occurrences of each hash, j = 0, 1, ..."""
-    _, inverse = np.unique(h, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    grp = inverse[order]
-    starts = np.flatnonzero(np.r_[True, grp[1:] != grp[:-1]])
-    rank = np.empty(len(h), dtype=np.int64)
-    rank[order] = np.arange(len(h)) - np.repeat(starts, np.diff(np.r_[starts, len(h)]))
-    for r in range(int(rank.max()) + 1):
-        yield np.flatnonzero(rank == r)
+def _rounds(keys: list[tuple]):
+    """Index lists over keys in which every key occurs once: the j-th occurrences of each key, j = 0, 1, ..."""
+    seen: dict[tuple, int] = {}
+    rounds: list[list[int]] = []
+    for i, k in enumerate(keys):
+        r = seen.get(k, 0)
+        seen[k] = r + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(i)
+    return rounds

@@ -100,6 +100,12 @@ class StandDrafter(Drafter):
         check_vocab(template, self.vocab_size, path)
         return template
 
+    def prepare(self, target) -> None:
+        """Warns when the tree was calibrated on a model of another name (same vocabulary)."""
+        want = self.template.meta.get("model")
+        if want and self.template.meta.get("vocab_size") in (None, self.vocab_size) and want != target.name:
+            log.warning("tree calibrated for %s is used with %s", want, target.name)
+
     def _new_table(self) -> NGramTable:
         c = self.config
         return NGramTable(c.max_n, c.table_topk, c.table_capacity)
@@ -196,18 +202,20 @@ class StandDrafter(Drafter):
         return np.concatenate([np.full(n - len(tail), -1, dtype=np.int64), tail])
 
     def draft(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool) -> DraftTree:
-        """Fills the template level by level; a frontier node without a table match loses its subtree."""
+        """Fills the template breadth-first; a node without a table match loses its subtree."""
         tree = DraftTree()
-        frontier = [(-1, -1, root_tail)]  # (template node, tree node, context tail)
+        frontier = [(-1, -1, tuple(root_tail.tolist()))]  # (template node, tree node, context tail)
         while frontier:
-            look = table.lookup(np.stack([t for _, _, t in frontier]))
             nxt = []
-            for (tnode, node, tail), slot in zip(frontier, look.slot.tolist()):
+            for tnode, node, tail in frontier:
                 kids = self.kids[tnode + 1]
-                if slot < 0 or not kids:
+                if not kids:
+                    continue
+                slot, _ = table.longest(tail)
+                if slot < 0:
                     continue
                 for child, idx in self._children(table, slot, kids, noise, deterministic, tree, node):
-                    nxt.append((child, idx, np.concatenate([tail[1:], [tree.tokens[idx]]])))
+                    nxt.append((child, idx, tail[1:] + (tree.tokens[idx],)))
             frontier = nxt
         return tree
 
