@@ -69,6 +69,7 @@ def build_tables(target, k: int = BIGRAM_K, chunk: int = CHUNK, progress: bool =
     from tqdm.auto import tqdm
 
     V = target.vocab_size
+    k = min(k, V)
     ids = np.zeros((V, k), dtype=np.int64)
     probs = np.zeros((V, k), dtype=np.float32)
     mean = torch.zeros(V, dtype=torch.float64)
@@ -101,6 +102,7 @@ def load_tables(path: str) -> ModelTables:
 
 def model_tables(target, k: int = BIGRAM_K, progress: bool = True) -> ModelTables:
     """The model's tables from the disk cache, built (and cached) on first use."""
+    k = min(k, target.vocab_size)
     path = table_path(target, k)
     if os.path.exists(path):
         return load_tables(path)
