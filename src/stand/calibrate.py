@@ -1,0 +1,208 @@
+"""Tree calibration: which nodes of a large template the target actually accepts, kept to the size this machine rewards.
+
+1. Decode calibration prompts with STAND drafting over a large template (about 600 nodes, depth
+   >= 16; `templates.large_template`) and count, for every template node, how often it lies on
+   the accepted path.
+2. A child is accepted only when its parent is, so counts never increase from parent to child and
+   the M most-counted nodes (ties to the lower node id, i.e. the parent) form a connected tree.
+   Pruning a node never changes the acceptance of the nodes kept (earlier siblings are drawn and
+   tested first), so the expected tokens per step of the top-M tree is 1 + sum(kept counts)/steps.
+3. Step cost(M) = verify cost of M+1 tokens (the `stand profile` curve, or measured here) plus
+   drafting time per node times M. M maximises expected tokens per second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import StandError
+from .templates import TreeTemplate, large_template
+
+CURVE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass
+class CalibrateConfig:
+    dataset: str = "champ"
+    problems: int = 4
+    first_problem: int = 0  # problems [first, first + problems) of the dataset
+    n: int = 1  # samples per problem (sharing one table)
+    temperature: float = 0.6
+    max_new_tokens: int = 128
+    template_size: int = 600
+    max_m: int = 160  # largest tree considered
+    seed: int = 0
+    cost_curve: str | None = None  # JSON from `stand profile --json`; None = measure here
+    reps: int = 5  # forwards per size when measuring the cost curve
+
+
+@dataclass
+class Calibration:
+    """What calibration found: counts per template node, and the chosen tree."""
+
+    template: TreeTemplate  # the large template
+    hits: np.ndarray  # [len(template)] accepted-path count per node
+    steps: int
+    draft_ms_per_node: float
+    cost_ms: dict[int, float]  # verify ms by tree size (root included)
+    m: int = 0
+    tree: TreeTemplate | None = None
+    curve: dict[str, list[float]] = field(default_factory=dict)  # per M: accepted tokens, tokens/s
+
+
+def top_m(template: TreeTemplate, hits: np.ndarray, m: int) -> tuple[TreeTemplate, list[int]]:
+    """The m most-counted nodes as a template (connected), and the large-template id of each node."""
+    if not 1 <= m <= len(template):
+        raise StandError(f"tree size M must be in 1..{len(template)}, got {m}")
+    order = np.lexsort((np.arange(len(template)), -hits))[:m]  # by count, then by id (parents first)
+    keep = set(order.tolist())
+    if any(template.parents[j] >= 0 and template.parents[j] not in keep for j in keep):
+        raise StandError("calibration counts increase from a parent to a child; they cannot come from accepted paths")
+    return template.subset(keep)
+
+
+def expected_accepted(hits: np.ndarray, steps: int, max_m: int) -> np.ndarray:
+    """[max_m + 1] expected tokens per step of the top-M tree, M = 0..max_m (the bonus token included)."""
+    s = np.sort(hits)[::-1][:max_m].astype(np.float64)
+    return 1.0 + np.concatenate([[0.0], np.cumsum(s)]) / max(steps, 1)
+
+
+def interpolate_cost(cost_ms: dict[int, float], size: int) -> float:
+    """Verify ms for a tree of `size` tokens: linear between measured sizes, extended from the last two."""
+    xs = np.array(sorted(cost_ms), dtype=np.float64)
+    ys = np.array([cost_ms[int(x)] for x in xs])
+    if size <= xs[-1] or len(xs) < 2:
+        return float(np.interp(size, xs, ys))
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return float(ys[-1] + slope * (size - xs[-1]))
+
+
+def choose_m(hits: np.ndarray, steps: int, cost_ms: dict[int, float], draft_ms_per_node: float,
+             max_m: int) -> tuple[int, dict[str, list[float]]]:
+    """The M with the most expected tokens per second, and the curves over M = 1..max_m."""
+    max_m = min(max_m, len(hits))
+    acc = expected_accepted(hits, steps, max_m)[1:]  # [max_m], M = 1..max_m
+    ms = np.array([interpolate_cost(cost_ms, m + 1) + draft_ms_per_node * m for m in range(1, max_m + 1)])
+    tps = 1000.0 * acc / ms
+    best = int(np.argmax(tps)) + 1
+    return best, {"m": list(range(1, max_m + 1)), "accepted": acc.tolist(), "step_ms": ms.tolist(),
+                  "tokens_per_s": tps.tolist()}
+
+
+def load_cost_curve(path: str, key: str = "ours") -> dict[int, float]:
+    """{"ours": {"1": ms, ...}} as written by `stand profile --json` -> {1: ms, ...}."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        curve = doc.get(key) or doc.get("hf")
+        out = {int(k): float(v) for k, v in curve.items()}
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise StandError(f"cannot read a cost curve from {path}: {e}") from e
+    if not out:
+        raise StandError(f"cost curve {path} has no sizes")
+    return out
+
+
+def measure_cost(target, sizes=CURVE_SIZES, reps: int = 5, cache_len: int = 300) -> dict[int, float]:
+    """Median ms of one verify forward by tree size, measured on this machine (noisy if it is shared)."""
+    from .profile import ProfileConfig, cost_curves
+
+    curve = cost_curves({"ours": target}, ProfileConfig(tokens=tuple(sizes), batches=(), cache_len=cache_len,
+                                                        reps=reps, warmup=1))["ours"]
+    return {int(k): float(v) for k, v in curve.tokens.items()}
+
+
+def count_hits(target, prompts: list[list[int]], template: TreeTemplate, cfg: CalibrateConfig,
+               progress=None) -> tuple[np.ndarray, int, float]:
+    """Decodes the prompts with the large template: (hits per node, steps, drafting ms per node per step)."""
+    from .drafters.stand import StandDrafter
+    from .engine import Engine, Row
+    from .params import SamplingParams, SpecConfig
+
+    drafter = StandDrafter(SpecConfig(method="stand"), target.vocab_size)
+    drafter.template, drafter.kids = template, template.children()
+    drafter.hits = np.zeros(len(template), dtype=np.int64)
+    engine = Engine(target, drafter)
+    steps, draft_s, drafted = 0, 0.0, 0
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + i)
+        rows = engine.run([Row(prompt, params, group=i, index=j) for j in range(cfg.n)])
+        steps += sum(r.stats.steps for r in rows)
+        draft_s += sum(r.stats.draft_seconds for r in rows)
+        drafted += sum(r.stats.steps for r in rows) * len(template)
+        if progress:
+            progress(1)
+    return drafter.hits.copy(), steps, 1000.0 * draft_s / max(drafted, 1)
+
+
+def calibrate(target, prompts: list[list[int]], cfg: CalibrateConfig, progress=None,
+              cost_ms: dict[int, float] | None = None) -> Calibration:
+    template = large_template(cfg.template_size)
+    if cost_ms is None:
+        cost_ms = load_cost_curve(cfg.cost_curve) if cfg.cost_curve else measure_cost(target, reps=cfg.reps)
+    hits, steps, draft_node_ms = count_hits(target, prompts, template, cfg, progress)
+    m, curve = choose_m(hits, steps, cost_ms, draft_node_ms, cfg.max_m)
+    tree, _ = top_m(template, hits, m)
+    return Calibration(template, hits, steps, draft_node_ms, cost_ms, m, tree, curve)
+
+
+def provenance(cal: Calibration, target, cfg: CalibrateConfig) -> dict:
+    i = cal.m - 1
+    return {"kind": "calibrated", "model": target.name, "vocab_size": int(target.vocab_size),
+            "dtype": str(target.dtype).replace("torch.", ""), "config": asdict(cfg), "steps": cal.steps,
+            "m": cal.m, "expected_accepted": cal.curve["accepted"][i],
+            "expected_tokens_per_s": cal.curve["tokens_per_s"][i], "draft_ms_per_node": cal.draft_ms_per_node,
+            "cost_ms": {str(k): v for k, v in sorted(cal.cost_ms.items())},
+            "large_template": {"size": len(cal.template), "depth": cal.template.depth},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def save(cal: Calibration, target, cfg: CalibrateConfig, out: str, plot: str | None = None) -> dict:
+    """Writes the tree JSON (with provenance and kept counts) and, if asked, the PNG of accepted tokens and tok/s over M."""
+    meta = provenance(cal, target, cfg)
+    _, old_ids = top_m(cal.template, cal.hits, cal.m)
+    meta["hits"] = [int(cal.hits[j]) for j in old_ids]  # count of every node of the tree, in its order
+    cal.tree.to_json(out, meta)
+    if plot:
+        save_plot(cal, plot)
+    return meta
+
+
+def save_plot(cal: Calibration, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = cal.curve
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(c["m"], c["accepted"], color="tab:blue")
+    ax.set_xlabel("tree size M (nodes)")
+    ax.set_ylabel("expected tokens per step", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(c["m"], c["tokens_per_s"], color="tab:red")
+    ax2.set_ylabel("expected tokens per second", color="tab:red")
+    ax.axvline(cal.m, color="gray", linestyle="--")
+    ax.set_title(f"calibration: M = {cal.m}, {cal.steps} steps")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def calibration_prompts(target, cfg: CalibrateConfig) -> list[list[int]]:
+    """Token ids of dataset problems [first_problem, first_problem + problems)."""
+    from .datasets import load_dataset
+
+    if cfg.problems < 1 or cfg.first_problem < 0:
+        raise StandError(f"calibration needs problems >= 1 and a first problem >= 0 (got {cfg.problems}, "
+                         f"{cfg.first_problem})")
+    problems = load_dataset(cfg.dataset, cfg.first_problem + cfg.problems)[cfg.first_problem:]
+    if not problems:
+        raise StandError(f"dataset {cfg.dataset} has no problems from index {cfg.first_problem}")
+    return [target.encode(p.prompt) for p in problems]

@@ -1,0 +1,84 @@
+import json
+
+import numpy as np
+import pytest
+
+from stand.calibrate import (CalibrateConfig, calibrate, choose_m, expected_accepted, interpolate_cost, measure_cost,
+                             save, top_m)
+from stand.drafters.stand import StandDrafter
+from stand.errors import StandError
+from stand.params import SpecConfig
+from stand.templates import TreeTemplate, heuristic, large_template
+
+TEXTS = ["the cat sat on the mat. the cat sat on the hat.", "one two three, one two three, one two"]
+
+
+def test_large_template_shape():
+    t = large_template()
+    assert len(t) == 600 and t.depth >= 16
+    kids = t.children()
+    assert all([t.ranks[c] for c in k] == list(range(len(k))) for k in kids)
+
+
+def test_top_m_is_connected_and_prefers_parents():
+    t = heuristic(6)  # parents (-1, -1, 0, 0, 1, 2)
+    hits = np.array([9, 3, 3, 1, 0, 0])
+    sub, old = top_m(t, hits, 4)
+    assert len(sub) == 4 and sorted(old) == [0, 1, 2, 3]
+    with pytest.raises(StandError):
+        top_m(t, np.array([0, 1, 5, 0, 0, 0]), 2)  # a child counted above its parent
+
+
+def test_choose_m_trades_acceptance_for_cost():
+    hits = np.array([80, 40, 20, 10, 0, 0])
+    flat = {1: 10.0, 64: 10.0}
+    m, curve = choose_m(hits, 100, flat, 0.0, 6)
+    assert m == 4 and curve["accepted"][3] == pytest.approx(2.5)
+    steep = {1: 10.0, 2: 30.0, 64: 650.0}  # anything beyond one node costs more than it brings
+    assert choose_m(hits, 100, steep, 0.0, 6)[0] == 1
+    assert expected_accepted(hits, 100, 2).tolist() == pytest.approx([1.0, 1.8, 2.2])
+    assert interpolate_cost({1: 10.0, 2: 12.0}, 4) == pytest.approx(16.0)
+
+
+def test_calibration_on_tiny_model(tiny, tmp_path):
+    prompts = [tiny.encode(t) for t in TEXTS]
+    cfg = CalibrateConfig(problems=2, max_new_tokens=40, template_size=120, max_m=60, temperature=0.8)
+    cost = {1: 10.0, 2: 10.5, 4: 11.0, 8: 12.0, 16: 14.0, 32: 20.0, 64: 32.0}
+    cal = calibrate(tiny, prompts, cfg, cost_ms=cost)
+    assert cal.steps > 0 and cal.hits.sum() > 0
+    M = cal.m
+    assert len(cal.tree) == M
+    out, plot = tmp_path / "tree.json", tmp_path / "tree.png"
+    meta = save(cal, tiny, cfg, str(out), str(plot))
+    assert plot.stat().st_size > 1000
+    counts = meta["hits"]
+    assert len(counts) == M
+    for j, p in enumerate(cal.tree.parents):  # connected, and counts never grow from parent to child
+        assert p < j
+        if p >= 0:
+            assert counts[p] >= counts[j]
+    loaded = TreeTemplate.load(str(out))
+    assert loaded == cal.tree and loaded.meta["m"] == M and loaded.meta["vocab_size"] == tiny.vocab_size
+    doc = json.loads(out.read_text())
+    assert doc["provenance"]["cost_ms"]["64"] == 32.0 and doc["size"] == M
+    d = StandDrafter(SpecConfig(method="stand", tree=str(out)), tiny.vocab_size)
+    assert d.template == cal.tree
+
+
+def test_tree_for_another_vocabulary_warns(tmp_path):
+    path = tmp_path / "t.json"
+    heuristic(8).to_json(str(path), {"model": "other", "vocab_size": 123})
+    with pytest.warns(UserWarning, match="other"):
+        StandDrafter(SpecConfig(method="stand", tree=str(path)), 456)
+
+
+def test_bad_tree_file(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text('{"format": "nope"}')
+    with pytest.raises(StandError, match="not a stand tree"):
+        TreeTemplate.load(str(path))
+
+
+def test_measure_cost_on_tiny(tiny):
+    cost = measure_cost(tiny, sizes=(1, 4), reps=1, cache_len=16)
+    assert set(cost) == {1, 4} and all(v > 0 for v in cost.values())
