@@ -134,6 +134,41 @@ def profile_cmd(
             json.dump(as_json(curves), f, indent=2)
 
 
+@app.command("calibrate")
+@user_errors
+def calibrate_cmd(
+    dataset: str = typer.Option("champ", "--dataset"),
+    problems: int = typer.Option(4, "--problems", help="Calibration problems (the first K of the dataset)"),
+    first: int = typer.Option(0, "--first", help="Index of the first calibration problem"),
+    out: str = typer.Option("tree.json", "--out", help="Where to write the tree JSON"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="PNG of accepted tokens and tok/s against M (default: OUT with .png)"),
+    temperature: float = typer.Option(0.6, "--temperature", "-t"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    cost: Optional[str] = typer.Option(None, "--cost", help="Cost curve JSON from `stand profile --json` (default: measure now)"),
+    max_m: int = typer.Option(160, "--max-m", help="Largest tree size considered"),
+    model: Optional[str] = ModelOpt,
+    dtype: str = DtypeOpt,
+):
+    """Calibrate STAND's draft tree: count accepted nodes of a 600-node template, keep the best M for this machine."""
+    from tqdm import tqdm
+
+    from .calibrate import CalibrateConfig, calibrate, calibration_prompts, save
+    from .models import load_model
+    from .params import SamplingParams
+
+    SamplingParams(temperature, max_new_tokens=max_new_tokens).validate()
+    cfg = CalibrateConfig(dataset, problems, first, temperature=temperature, max_new_tokens=max_new_tokens,
+                          max_m=max_m, cost_curve=cost)
+    target = load_model(model, dtype)
+    prompts = calibration_prompts(target, cfg)
+    with tqdm(total=len(prompts), desc="calibrate", unit="problem", file=sys.stderr) as bar:
+        cal = calibrate(target, prompts, cfg, progress=bar.update)
+    plot = plot or (out.rsplit(".", 1)[0] + ".png")
+    meta = save(cal, target, cfg, out, plot)
+    typer.echo(f"M = {cal.m} nodes (depth {cal.tree.depth}): {meta['expected_accepted']:.2f} tokens/step, "
+               f"{meta['expected_tokens_per_s']:.1f} tok/s expected, from {cal.steps} steps; wrote {out} and {plot}")
+
+
 @app.command("serve")
 @user_errors
 def serve_cmd(
