@@ -46,14 +46,17 @@ def generate_cmd(
     seed: Optional[int] = typer.Option(None, "--seed"),
     dtype: str = DtypeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text"),
+    tree: Optional[str] = typer.Option(None, "--tree", help="STAND: a draft tree JSON from `stand calibrate` (default: the shipped one)"),
+    table: Optional[str] = typer.Option(None, "--table", help="STAND: n-gram table file, loaded at start and saved at the end"),
 ):
     """Generate text and print one line of stats."""
     from .api import generate
-    from .params import SamplingParams
+    from .params import SamplingParams, SpecConfig
 
     SamplingParams(temperature, top_p, top_k, max_new_tokens, seed).validate()  # fail before loading the model
     samples = generate(prompt, model=model, n=n, method=method, temperature=temperature, top_p=top_p, top_k=top_k,
-                       max_new_tokens=max_new_tokens, seed=seed, dtype=dtype)[0]
+                       max_new_tokens=max_new_tokens, seed=seed, dtype=dtype,
+                       spec=SpecConfig(method=method, tree=tree, table_path=table))[0]
     if as_json:
         typer.echo(json.dumps([s.__dict__ for s in samples], indent=2))
         return
