@@ -97,7 +97,8 @@ class NGramTable:
         self.counts = np.zeros(capacity, dtype=np.int32)  # [C], 0 = free slot
         self.stamps = np.zeros(capacity, dtype=np.int64)  # [C] last touch, for LRU eviction
         self.index: dict[tuple, int] = {}  # key tokens (left-padded with -1) -> slot
-        self.free = list(range(capacity - 1, -1, -1))  # a stack of free slots
+        self.free = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # a stack of free slots: free[:n_free]
+        self.n_free = capacity
         self.tick = 0
         self.evictions = 0
 
@@ -106,7 +107,7 @@ class NGramTable:
 
     def memory_bytes(self) -> int:
         arrays = sum(a.nbytes for a in (self.keys, self.ids, self.probs, self.counts, self.stamps))
-        return arrays + sys.getsizeof(self.index) + 8 * self.capacity + (56 + 8 * self.max_n) * len(self.index)
+        return arrays + self.free.nbytes + sys.getsizeof(self.index) + (56 + 8 * self.max_n) * len(self.index)
 
     # ---- insert ---------------------------------------------------------------------------------
 
@@ -147,9 +148,10 @@ class NGramTable:
 
     def _allocate(self, keys: np.ndarray, tuples: list[tuple]) -> np.ndarray:
         """Fresh empty slots for new keys (evicting if needed); registers them in the index."""
-        if len(self.free) < len(keys):
-            self._evict(max(len(keys) - len(self.free), self.capacity // 8))
-        slots = np.array([self.free.pop() for _ in range(len(keys))], dtype=np.int64)
+        if self.n_free < len(keys):
+            self._evict(max(len(keys) - self.n_free, self.capacity // 8))
+        self.n_free -= len(keys)
+        slots = self.free[self.n_free:self.n_free + len(keys)][::-1].copy()
         self.keys[slots] = keys
         self.index.update(zip(tuples, slots.tolist()))
         return slots
@@ -174,7 +176,8 @@ class NGramTable:
         self.probs[slots] = 0.0
         self.counts[slots] = 0
         self.stamps[slots] = 0
-        self.free.extend(slots.tolist())
+        self.free[self.n_free:self.n_free + len(slots)] = slots
+        self.n_free += len(slots)
 
     # ---- lookup ---------------------------------------------------------------------------------
 
@@ -287,7 +290,8 @@ class NGramTable:
         self.index = dict(zip(map(tuple, keys.tolist()), slots.tolist()))
         if len(self.index) != n:
             raise StandError(f"n-gram table {path} holds duplicate keys")
-        self.free = list(range(self.capacity - 1, n - 1, -1))
+        self.free = np.arange(self.capacity - 1, -1, -1, dtype=np.int64)
+        self.n_free = self.capacity - n
 
 
 def _rounds(keys: list[tuple]):
