@@ -2,7 +2,8 @@
 
 What it saves over the Hugging Face forward, per step:
 - fused projections: one matrix product for Q, K and V, one for gate and up (3 + 2 -> 2 per layer);
-- float32 weights prepacked for oneDNN (the blocked layout its kernels want, done once at build);
+- weights prepacked for oneDNN (the blocked layout its kernels want, done once at build); on a CPU
+  without native bfloat16, a bfloat16 model's products run on float32 copies (see `linear_mode`);
 - a preallocated KV cache, one tensor for all layers, written in place; compaction after a step is
   one gather/scatter for all layers instead of two per layer;
 - a precomputed rotary table, Q and K rotated together, grouped-query attention inside
@@ -73,24 +74,46 @@ def lean_config(model) -> LeanConfig:
                       max_len=int(getattr(cfg, "max_position_embeddings", 2048)))
 
 
-def can_prepack(dtype: torch.dtype) -> bool:
-    """oneDNN prepacking: float32 where oneDNN is built in (bfloat16 matrix products stay with torch)."""
-    return dtype == torch.float32 and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                                                      "_linear_pointwise")
+LINEAR_MODES = ("auto", "dense", "packed", "fp32")
+
+
+def linear_mode(dtype: torch.dtype, mode: str = "auto") -> str:
+    """How matrix products run: "dense" (torch's F.linear), "packed" (weights prepacked for oneDNN in the
+    model's dtype), "fp32" (a bfloat16 model's weights prepacked in float32, outputs rounded back to bfloat16:
+    for CPUs without native bfloat16, where emulated bfloat16 products are several times slower).
+    auto: packed where oneDNN supports the dtype, else fp32 for bfloat16, else dense."""
+    if mode not in LINEAR_MODES:
+        raise StandError(f"linear mode must be one of {', '.join(LINEAR_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    mkldnn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if not mkldnn:
+        return "dense"
+    if dtype == torch.bfloat16:
+        return "packed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return "packed" if dtype == torch.float32 else "dense"
 
 
 class Linear:
-    """y = x W^T + b with the weight optionally prepacked for oneDNN. x [..., K] -> [..., N]."""
+    """y = x W^T + b, by one of the linear modes above. x [..., K] -> [..., N] in x's dtype."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool):
-        self.weight, self.bias, self.out_features = weight, bias, weight.shape[0]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if prepack else None
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: str):
+        self.weight, self.bias, self.out_features, self.mode = weight, bias, weight.shape[0], mode
+        self.packed = None
+        if mode in ("packed", "fp32"):
+            w = weight.float() if mode == "fp32" else weight
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            if bias is not None and mode == "fp32":
+                self.bias = bias.float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)
+        x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+        if self.mode == "fp32":
+            x2 = x2.float()
+        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
 @dataclass
@@ -123,17 +146,17 @@ def _share(linears, weight: torch.Tensor) -> None:
         start += n
 
 
-def build_layer(hf_layer, prepack: bool) -> LeanLayer:
+def build_layer(hf_layer, mode: str) -> LeanLayer:
     attn, mlp = hf_layer.self_attn, hf_layer.mlp
     qkv_mods, gu_mods = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
     wqkv, bqkv = _fuse(qkv_mods)
     wgu, _ = _fuse(gu_mods)
     _share(qkv_mods, wqkv)
     _share(gu_mods, wgu)
-    return LeanLayer(ln1=hf_layer.input_layernorm.weight.detach(), qkv=Linear(wqkv, bqkv, prepack),
-                     o=Linear(attn.o_proj.weight.detach(), None, prepack),
+    return LeanLayer(ln1=hf_layer.input_layernorm.weight.detach(), qkv=Linear(wqkv, bqkv, mode),
+                     o=Linear(attn.o_proj.weight.detach(), None, mode),
                      ln2=hf_layer.post_attention_layernorm.weight.detach(),
-                     gate_up=Linear(wgu, None, prepack), down=Linear(mlp.down_proj.weight.detach(), None, prepack))
+                     gate_up=Linear(wgu, None, mode), down=Linear(mlp.down_proj.weight.detach(), None, mode))
 
 
 def rope_table(model, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,18 +188,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class LeanModel:
     """The decoder as plain tensor code over weights taken from a Hugging Face llama/qwen2 model."""
 
-    def __init__(self, model, prepack: bool | None = None):
+    def __init__(self, model, linear: str = "auto"):
         reason = unsupported_reason(model)
         if reason is not None:
             raise StandError(f"the lean forward does not support this model: {reason}")
         self.cfg = lean_config(model)
         self.dtype = model.get_input_embeddings().weight.dtype
-        prepack = can_prepack(self.dtype) if prepack is None else prepack
+        self.linear = linear_mode(self.dtype, linear)
         self.embed = model.get_input_embeddings().weight.detach()  # [V, hidden]
-        self.layers = [build_layer(layer, prepack) for layer in model.model.layers]
+        self.layers = [build_layer(layer, self.linear) for layer in model.model.layers]
         self.norm = model.model.norm.weight.detach()
         head = model.get_output_embeddings()
-        self.lm_head = Linear(head.weight.detach(), None, prepack)
+        self.lm_head = Linear(head.weight.detach(), None, self.linear)
         self.cos, self.sin = rope_table(model, self.cfg.max_len, self.dtype)
         self.scale = 1.0 / math.sqrt(self.cfg.head_dim)
 
@@ -289,8 +312,8 @@ class LeanTarget(Target):
     lean: LeanModel | None = None
 
     @classmethod
-    def from_target(cls, target: Target, prepack: bool | None = None) -> "LeanTarget":
-        lean = LeanModel(target.model, prepack=prepack)
+    def from_target(cls, target: Target, linear: str = "auto") -> "LeanTarget":
+        lean = LeanModel(target.model, linear=linear)
         return cls(target.model, target.tokenizer, target.name, target.dtype, lean=lean)
 
     def new_cache(self) -> LeanCache:
@@ -304,13 +327,13 @@ class LeanTarget(Target):
         return self.lean.forward(cache, batch.input_ids, batch.position_ids, mask, keep_last=0 if all_logits else 1)
 
 
-def with_backend(target: Target, backend: str = "auto") -> Target:
+def with_backend(target: Target, backend: str = "auto", linear: str = "auto") -> Target:
     """The target behind the chosen forward: lean, Hugging Face, or (auto) lean where supported."""
     if backend == "hf" or isinstance(target, LeanTarget):
         return target
     reason = unsupported_reason(target.model)
     if reason is None:
-        return LeanTarget.from_target(target)
+        return LeanTarget.from_target(target, linear)
     if backend == "lean":
         raise StandError(f"backend 'lean' does not support this model: {reason}; use backend 'hf'")
     return target
