@@ -81,8 +81,10 @@ def answer_is(text: str) -> str | None:
     if not hits:
         return None
     tail = hits[-1].group(1).strip()
-    tail = re.split(r"(?<![\d])\.(?:\s|$)|\.$|\n", tail)[0]  # a sentence-ending period, not a decimal point
+    tail = re.split(r"\.(?:\s|$)|\n", tail)[0]  # a sentence ends at a period before a space (0.5 stays)
     tail = tail.strip().strip("*$ ").rstrip(".").strip()
+    if tail.count("{") != tail.count("}"):  # cut off mid-expression, e.g. a truncated "\\boxed{"
+        return None
     return tail or None
 
 
@@ -163,7 +165,7 @@ def split_top(s: str) -> list[str]:
 def answer_key(answer: str) -> str:
     """The key two answers share when they are the same answer (see the module docstring)."""
     s = latex_to_plain(answer)
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s.replace(" ", "")):
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # 2,001,000 (but "625, 376" is a list)
         s = s.replace(",", "")
     parts = split_top(s)
     if len(parts) > 1:
