@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stand.drafters import make_drafter
-from stand.drafters.consensus import (ConsensusDrafter, GroupIndex, best_path, best_tree, build_dag,
+from stand.drafters.consensus import (PROMPT, ConsensusDrafter, GroupIndex, best_path, best_tree, build_dag,
                                       edit_distance_many)
 from stand.engine import Engine, Row
 from stand.params import SamplingParams, SpecConfig
@@ -76,17 +76,24 @@ def test_path_through_merged_nodes_need_not_be_one_continuation():
 
 def test_index_is_incremental_and_spans_rows():
     g = GroupIndex(k=2)
-    prompt = [10, 11, 12]
+    prompt = [10, 11, 12, 10, 11, 13]
+    g.add_prompt(prompt, [1.0, 0.1, 0.2, 0.3, 0.4, 0.5])
     g.add_row(0, prompt)
     g.add_row(1, prompt)
-    assert g.matches(0, 8) == []  # nobody has continued yet
-    g.append(1, [13, 14, 15], [0.5, 0.6, 0.7])
-    assert g.matches(0, 8) == [(1, 3)]  # row 0's suffix (11, 12) continues in row 1 at position 3
-    toks, probs = g.continuation(1, 3, 2)
-    assert toks.tolist() == [13, 14] and probs.tolist() == [0.5, 0.6]
-    g.append(0, [13, 14], [0.9, 0.9])
-    assert g.matches(0, 8) == [(1, 5)]  # (13, 14) continues with 15 in row 1; row 0's own copy has no next
-    assert g.matches(1, 8) == []
+    assert g.matches(0, 8) == []  # (11, 13) has no continuation yet
+    g.append(1, [10, 11, 14], [0.5, 0.6, 0.7])
+    g.append(0, [10, 11], [0.9, 0.9])
+    # row 0 ends in (10, 11): continued in row 1 (at 8), the prompt (at 5, then at 2), latest first;
+    # row 0's own (10, 11) has no next token yet and is not indexed
+    assert g.matches(0, 8) == [(1, 8), (PROMPT, 5), (PROMPT, 2)]
+    assert g.matches(0, 2) == [(1, 8), (PROMPT, 5)]
+    toks, probs = g.continuation(1, 8, 3)
+    assert toks.tolist() == [14] and probs.tolist() == [0.7]
+    toks, probs = g.continuation(PROMPT, 2, 3)
+    assert toks.tolist() == [12, 10, 11] and probs.tolist() == [0.2, 0.3, 0.4]
+    assert g.matches(1, 8) == []  # (11, 14): nowhere else
+    g.append(1, [10, 11], [0.5, 0.5])
+    assert g.matches(1, 8)[0] == (1, 8)  # a row's own earlier text counts too
 
 
 def test_edit_distance_many_matches_a_reference():
@@ -107,13 +114,17 @@ def test_edit_distance_many_matches_a_reference():
 
 def test_fuzzy_match_finds_a_near_copy():
     g = GroupIndex(k=3)
+    g.add_prompt([1])
     g.add_row(0, [1])
     g.add_row(1, [1])
     g.append(1, [20, 21, 22, 23, 24], [0.9] * 5)
     g.append(0, [20, 99, 22], [0.9] * 3)  # one substitution away from 20 21 22
     assert g.matches(0, 8) == []
-    assert (1, 4) in g.fuzzy_matches(0, 1, 8)
+    # 20 21 22 | 23 (a substitution); row 0's own 20 99 | 22 (a deletion); latest starts first
+    assert g.fuzzy_matches(0, 1, 8) == [(1, 4), (0, 3)]
+    assert g.fuzzy_matches(0, 1, 1) == [(1, 4)]
     assert g.fuzzy_matches(0, 0, 8) == []
+    assert (1, 5) in g.fuzzy_matches(0, 2, 64)  # 20 21 22 23 | 24: a substitution and an insertion
 
 
 def run(target, method, rows_params, prompt, n, **cfg):

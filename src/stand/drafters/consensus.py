@@ -3,7 +3,8 @@
 Every row of a group keeps its tokens and, for each generated token, the probability the target's
 sampler gave it. A hash of k-grams to (row, position) covers all rows of the group and grows as
 tokens are accepted. To draft for row i, its last k tokens are looked up in every row (its own
-earlier text included); the continuations (up to L tokens) are merged into a DAG where an equal
+earlier text included) and in the group's prompt (one track, weighted by the target's probabilities
+over the prompt); the continuations (up to L tokens) are merged into a DAG where an equal
 token at an equal depth is one node, and each edge gets
 
     w = alpha * mean_prob + (1 - alpha) * frequency
@@ -21,6 +22,8 @@ import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
 
 from ..tree import DraftTree
 from .base import Drafter
@@ -34,15 +37,19 @@ MAX_MATCHES = 64  # most recent continuations merged per draft: bounds the cost 
 
 @dataclass
 class Track:
-    """One row's tokens (prompt + generated) and the target's probability of each generated token."""
+    """One row's tokens and the target's probability of each token (1 where unknown).
 
-    prompt_len: int
+    Continuations are drawn from positions >= first_start: a row's generated tokens; the group's
+    prompt is a track of its own, so N rows that share it count it once.
+    """
+
+    first_start: int
     tokens: np.ndarray = field(default_factory=lambda: np.zeros(64, dtype=np.int64))  # [cap]
-    probs: np.ndarray = field(default_factory=lambda: np.ones(64, dtype=np.float64))  # [cap], 1 for the prompt
+    probs: np.ndarray = field(default_factory=lambda: np.ones(64, dtype=np.float64))  # [cap]
     n: int = 0
     done: bool = False
 
-    def extend(self, tokens: list[int], probs: list[float] | None = None) -> None:
+    def extend(self, tokens: list[int], probs=None) -> None:
         m = self.n + len(tokens)
         if m > len(self.tokens):
             cap = max(2 * len(self.tokens), m)
@@ -56,67 +63,86 @@ class Track:
         return self.tokens.nbytes + self.probs.nbytes
 
 
+PROMPT = -1  # the uid of a group's prompt track
+
+
 class GroupIndex:
-    """k-grams of every row of one group -> [(row uid, position of the token after the k-gram)]."""
+    """k-grams of every track of one group -> [(track uid, position of the token after the k-gram)].
+
+    A k-gram is indexed once the token after it exists, so every entry has a continuation.
+    """
 
     def __init__(self, k: int):
         self.k = k
         self.tracks: dict[int, Track] = {}
         self.index: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         self.entries = 0
+        self.version = 0  # bumped by every append: keys the window cache
+        self._window_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def add_prompt(self, tokens: list[int], probs=None) -> None:
+        self.tracks[PROMPT] = Track(first_start=1, done=True)
+        self.append(PROMPT, tokens, probs)
 
     def add_row(self, uid: int, tokens: list[int]) -> Track:
-        track = Track(prompt_len=len(tokens))
+        track = Track(first_start=len(tokens))
         self.tracks[uid] = track
         self.append(uid, tokens)
         return track
 
-    def append(self, uid: int, tokens: list[int], probs: list[float] | None = None) -> None:
-        """Adds tokens to a row and indexes every k-gram whose next token is generated (or next)."""
+    def append(self, uid: int, tokens: list[int], probs=None) -> None:
+        """Adds tokens to a track and indexes the k-grams they continue."""
         track = self.tracks[uid]
+        self.version += 1
         old = track.n
         track.extend(tokens, probs)
-        first_end = max(old, track.prompt_len - 1, self.k - 1)  # k-gram [e-k+1, e], continuation at e+1
         toks = track.tokens
-        for e in range(first_end, track.n):
-            key = tuple(toks[e - self.k + 1:e + 1].tolist())
-            self.index.setdefault(key, []).append((uid, e + 1))
+        for s in range(max(old, track.first_start, self.k), track.n):  # s: continuation start
+            key = tuple(toks[s - self.k:s].tolist())
+            self.index.setdefault(key, []).append((uid, s))
             self.entries += 1
 
     def matches(self, uid: int, limit: int) -> list[tuple[int, int]]:
-        """The most recent (row, start) whose k-gram equals row uid's last k tokens and that continue."""
+        """The most recent (track, start) after a k-gram equal to row uid's last k tokens."""
         track = self.tracks[uid]
         if track.n < self.k:
             return []
-        key = tuple(track.tokens[track.n - self.k:track.n].tolist())
-        hits = self.index.get(key, [])
-        out = []
-        for src, start in reversed(hits):
-            if start < self.tracks[src].n:
-                out.append((src, start))
-                if len(out) == limit:
-                    break
-        return out
+        hits = self.index.get(tuple(track.tokens[track.n - self.k:track.n].tolist()), [])
+        return hits[-limit:][::-1]
 
     def fuzzy_matches(self, uid: int, max_dist: int, limit: int) -> list[tuple[int, int]]:
-        """(row, start) after windows within token edit distance max_dist of row uid's last k tokens."""
+        """(track, start) after windows within token edit distance max_dist of row uid's last k tokens."""
         track = self.tracks[uid]
         if track.n < self.k:
             return []
         query = track.tokens[track.n - self.k:track.n]
-        out = []
-        for src, other in self.tracks.items():
-            lo = max(other.prompt_len, 1)  # continuation starts: generated tokens only
-            hi = other.n - 1  # at least one token to continue (excludes row uid's own suffix)
-            for m in range(max(self.k - max_dist, 1), self.k + max_dist + 1):
-                starts = np.arange(max(lo, m), hi + 1)  # continuation start s, window [s-m, s)
-                if len(starts) == 0:
-                    continue
-                windows = other.tokens[starts[:, None] - m + np.arange(m)]  # [W, m]
-                close = starts[edit_distance_many(query, windows) <= max_dist]
-                out += [(src, int(s)) for s in close]
-        out = sorted(set(out), key=lambda x: -x[1])
-        return out[:limit]
+        srcs, starts = [], []
+        for m in range(max(self.k - max_dist, 1), self.k + max_dist + 1):
+            src, start, windows = self._windows(m)
+            close = edit_distance_many(query, windows) <= max_dist  # [W]
+            srcs.append(src[close])
+            starts.append(start[close])
+        pairs = np.unique(np.stack([np.concatenate(starts), np.concatenate(srcs)], 1), axis=0)  # [H, 2]
+        pairs = pairs[::-1][:limit]  # latest starts first
+        return [(int(src), int(start)) for start, src in pairs]
+
+    def _windows(self, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every indexed window of m tokens, over all tracks: sources [W], starts [W], windows [W, m].
+
+        Built once per group state (all rows of a step propose before any observes).
+        """
+        state = (self.version, m)
+        if state not in self._window_cache:
+            srcs, starts, windows = [], [], []
+            for src, t in self.tracks.items():
+                s = np.arange(max(t.first_start, m), t.n)  # continuation start; the window is [s-m, s)
+                srcs.append(np.full(len(s), src))
+                starts.append(s)
+                windows.append(sliding_window_view(t.tokens[:t.n], m)[s - m] if len(s) else np.zeros((0, m), np.int64))
+            if len(self._window_cache) > 8:
+                self._window_cache.clear()
+            self._window_cache[state] = (np.concatenate(srcs), np.concatenate(starts), np.concatenate(windows))
+        return self._window_cache[state]
 
     def continuation(self, src: int, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         t = self.tracks[src]
@@ -244,9 +270,18 @@ def committed_probs(tree: DraftTree, probs, verdict) -> list[float]:
     return probs[path, toks].double().tolist()
 
 
+def prompt_token_probs(prompt: list[int], prompt_probs) -> list[float] | None:
+    """The target's probability of each prompt token after the ones before it (1 for the first)."""
+    if prompt_probs is None or len(prompt_probs) != len(prompt) - 1:
+        return None
+    rest = prompt_probs[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].double().tolist()
+    return [1.0] + rest
+
+
 class ConsensusDrafter(Drafter):
     name = "consensus"
     wants_probs = True
+    wants_prompt_probs = True  # weights the prompt's continuations by the target's probabilities
 
     def __init__(self, config, vocab_size: int):
         super().__init__(config, vocab_size)
@@ -254,8 +289,11 @@ class ConsensusDrafter(Drafter):
         self.groups: dict[tuple[int, int], GroupIndex] = {}
 
     def start(self, row, prompt_probs=None) -> None:
-        group = self.groups.setdefault(group_key(row), GroupIndex(self.k))
-        group.add_row(row.uid, list(row.tokens))
+        key = group_key(row)
+        if key not in self.groups:
+            self.groups[key] = GroupIndex(self.k)
+            self.groups[key].add_prompt(list(row.prompt), prompt_token_probs(row.prompt, prompt_probs))
+        self.groups[key].add_row(row.uid, list(row.tokens))
 
     def _group(self, row) -> GroupIndex:
         if row.uid not in self.groups.get(group_key(row), GroupIndex(self.k)).tracks:
