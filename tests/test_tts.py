@@ -296,3 +296,13 @@ def test_real_model_sequential_later_samples_draft_better(real_f32):
                 max_new_tokens=96, seed=0)[0]
     acc = tts.acceptance_by_index([sol])
     assert acc[-1] > acc[0], acc
+
+
+def test_bench_rows_name_n_and_schedule():
+    from stand.bench import BenchConfig
+
+    cfg = BenchConfig(["none", "stand", "hf"], n=[1, 8], schedule=["batched", "sequential"])
+    assert cfg.variants() == [("none", 1, "batched"), ("stand", 1, "batched"), ("hf", 1, "hf"),
+                              ("none", 8, "batched"), ("none", 8, "sequential"), ("stand", 8, "batched"),
+                              ("stand", 8, "sequential"), ("hf", 8, "hf")]
+    assert BenchConfig(["none"]).variants() == [("none", 1, "batched")]

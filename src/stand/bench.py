@@ -21,11 +21,24 @@ class BenchConfig:
     methods: list[str] = field(default_factory=lambda: ["none", "pld"])
     dataset: str = "champ"
     problems: int = 4
-    n: int = 1
+    n: int | list[int] = 1  # several values: a row per (method, n, schedule)
     temperature: float = 0.0
     max_new_tokens: int = 256
     seed: int = 0
-    schedule: str = "batched"
+    schedule: str | list[str] = "batched"  # for n > 1; several: a row per schedule
+
+    def __post_init__(self):
+        self.ns = [self.n] if isinstance(self.n, int) else list(self.n)
+        self.schedules = [self.schedule] if isinstance(self.schedule, str) else list(self.schedule)
+
+    def variants(self) -> list[tuple[str, int, str]]:
+        """(method, n, schedule) of every row; n=1 and Hugging Face methods have one schedule."""
+        out = []
+        for n in self.ns:
+            for m in self.methods:
+                one = n == 1 or m in HF_METHODS
+                out += [(m, n, "hf" if m in HF_METHODS else s) for s in (self.schedules[:1] if one else self.schedules)]
+        return out
 
 
 @dataclass
@@ -33,10 +46,14 @@ class Tally:
     """What one method produced over all problems."""
 
     method: str
+    n: int = 1
+    schedule: str = "batched"
     new_tokens: int = 0
     seconds: float = 0.0
     steps: int = 0
     draft_seconds: float = 0.0
+    judged: int = 0  # problems with a reference answer and the method's samples
+    correct: int = 0  # of those, where the majority-voted answer matches the reference
 
     def add(self, new_tokens: int, seconds: float, steps: int, draft_seconds: float = 0.0) -> None:
         self.new_tokens += new_tokens
@@ -75,46 +92,54 @@ def _count_new(target: Target, out: torch.Tensor, prompt_len: int) -> int:
     return total
 
 
-def run_method(target: Target, method: str, prompt: str, cfg: BenchConfig, tally: Tally) -> None:
+def run_method(target: Target, method: str, prompt: str, cfg: BenchConfig, tally: Tally,
+               reference: str | None = None) -> None:
     if method in HF_METHODS:
         ids = target.encode(prompt)
         t = time.perf_counter()
-        new, steps = hf_generate(target, ids, method, cfg.n, cfg.temperature, cfg.max_new_tokens, cfg.seed)
+        new, steps = hf_generate(target, ids, method, tally.n, cfg.temperature, cfg.max_new_tokens, cfg.seed)
         tally.add(new, time.perf_counter() - t, steps)
         return
     t = time.perf_counter()
-    samples = generate(prompt, model=target, n=cfg.n, method=method, temperature=cfg.temperature,
-                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, schedule=cfg.schedule)[0]
+    samples = generate(prompt, model=target, n=tally.n, method=method, temperature=cfg.temperature,
+                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, schedule=tally.schedule)[0]
     seconds = time.perf_counter() - t
     tally.add(sum(s.stats["new_tokens"] for s in samples), seconds, sum(s.stats["steps"] for s in samples),
               sum(s.stats["draft_seconds"] for s in samples))
+    if reference is not None:
+        from .tts import extract_answer, is_correct, majority_vote
+
+        tally.judged += 1
+        tally.correct += bool(is_correct(majority_vote([extract_answer(s.text) for s in samples]).answer, reference))
 
 
 def bench(target: Target, cfg: BenchConfig, progress=None) -> list[dict]:
     """Every method on every problem, interleaved problem by problem; one row per method."""
     problems = load_dataset(cfg.dataset, cfg.problems)
-    tallies = {m: Tally(m) for m in cfg.methods}
+    tallies = {v: Tally(*v) for v in cfg.variants()}
     for p in problems:
-        for m in cfg.methods:
-            run_method(target, m, p.prompt, cfg, tallies[m])
+        for v, tally in tallies.items():
+            run_method(target, v[0], p.prompt, cfg, tally, p.answer)
             if progress:
                 progress()
     return summarise(tallies, cfg, target)
 
 
-def summarise(tallies: dict[str, Tally], cfg: BenchConfig, target: Target) -> list[dict]:
+def summarise(tallies: dict[tuple, Tally], cfg: BenchConfig, target: Target) -> list[dict]:
+    """One row per (method, n, schedule); speedup against the fastest `none` schedule at the same n."""
     rows = []
-    base = tallies.get("none")
-    base_tps = base.new_tokens / base.seconds if base and base.seconds else None
-    for m, t in tallies.items():
+    for (m, n, schedule), t in tallies.items():
+        bases = [b.new_tokens / b.seconds for b in tallies.values() if b.method == "none" and b.n == n and b.seconds]
+        base_tps = max(bases) if bases else None
         tps = t.new_tokens / t.seconds if t.seconds else 0.0
         rows.append({
             "method": m, "dataset": cfg.dataset, "problems": cfg.problems, "max_new_tokens": cfg.max_new_tokens,
-            "schedule": cfg.schedule if m not in HF_METHODS else "hf", "dtype": str(target.dtype).split(".")[-1],
-            "n": cfg.n, "temperature": cfg.temperature, "new_tokens": t.new_tokens, "seconds": round(t.seconds, 3),
+            "schedule": schedule, "dtype": str(target.dtype).split(".")[-1],
+            "n": n, "temperature": cfg.temperature, "new_tokens": t.new_tokens, "seconds": round(t.seconds, 3),
             "tok_per_s": round(tps, 2), "speedup_vs_none": round(tps / base_tps, 3) if base_tps else None,
             "mean_accepted": round(t.new_tokens / t.steps, 3) if t.steps else None,
             "draft_seconds": round(t.draft_seconds, 3),
+            "accuracy": round(t.correct / t.judged, 3) if t.judged else None,
         })
     return rows
 

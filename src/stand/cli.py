@@ -76,7 +76,8 @@ def bench_cmd(
     methods: str = typer.Option("none,pld", "--methods", help="Comma-separated methods (plus hf, hf-pld, hf-batched)"),
     dataset: str = typer.Option("champ", "--dataset"),
     problems: int = typer.Option(4, "--problems"),
-    n: int = typer.Option(1, "--n"),
+    n: str = typer.Option("1", "--n", help="Samples per problem; comma-separated for several, e.g. 1,8"),
+    schedules: str = typer.Option("batched", "--schedule", help="For n > 1: batched, sequential or both (comma-separated)"),
     temperature: float = typer.Option(0.0, "--temperature", "-t"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     seed: int = typer.Option(0, "--seed"),
@@ -93,15 +94,19 @@ def bench_cmd(
     from .models import load_model
     from .params import SamplingParams
 
-    cfg = BenchConfig([m.strip() for m in methods.split(",") if m.strip()], dataset, problems, n, temperature,
-                      max_new_tokens, seed)
+    cfg = BenchConfig([m.strip() for m in methods.split(",") if m.strip()], dataset, problems, _int_list(n, "--n"),
+                      temperature, max_new_tokens, seed, [s.strip() for s in schedules.split(",") if s.strip()])
+    for s in cfg.schedules:
+        if s not in ("batched", "sequential"):
+            raise StandError(f"--schedule must be batched and/or sequential, got {s!r}")
     check_methods(cfg.methods)
     SamplingParams(temperature, max_new_tokens=max_new_tokens).validate()
     target = load_model(model, dtype)
-    with tqdm(total=problems * len(cfg.methods), desc="bench", unit="run", file=sys.stderr) as bar:
+    with tqdm(total=problems * len(cfg.variants()), desc="bench", unit="run", file=sys.stderr) as bar:
         rows = bench(target, cfg, progress=bar.update)
     table = Table(title=f"{dataset}, {problems} problems, n={n}, T={temperature}, {max_new_tokens} new tokens, {rows[0]['dtype']}")
-    cols = ["method", "new_tokens", "seconds", "tok_per_s", "speedup_vs_none", "mean_accepted", "draft_seconds"]
+    cols = ["method", "n", "schedule", "new_tokens", "seconds", "tok_per_s", "speedup_vs_none", "mean_accepted",
+            "draft_seconds", "accuracy"]
     for c in cols:
         table.add_column(c, justify="left" if c == "method" else "right")
     for r in rows:
@@ -259,6 +264,16 @@ def _solve_problems(question, dataset, jsonl, problems, answer, instruction) -> 
     if jsonl is not None:
         return jsonl_problems(jsonl, problems, **kw)  # prompts as written unless --instruction
     return load_dataset(dataset, problems, **kw)
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StandError(f"{name} must be integers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise StandError(f"{name} values must be >= 1, got {text!r}")
+    return values
 
 
 def main() -> None:
