@@ -80,7 +80,8 @@ LINEAR_MODES = ("auto", "dense", "packed", "fp32")
 def linear_mode(dtype: torch.dtype, mode: str = "auto") -> str:
     """How matrix products run: "dense" (torch's F.linear), "packed" (weights prepacked for oneDNN in the
     model's dtype), "fp32" (a bfloat16 model's weights prepacked in float32, outputs rounded back to bfloat16:
-    for CPUs without native bfloat16, where emulated bfloat16 products are several times slower).
+    for CPUs without native bfloat16, where emulated bfloat16 products are several times slower; a single
+    row still uses the bfloat16 weights, since reading them is the cost there).
     auto: packed where oneDNN supports the dtype, else fp32 for bfloat16, else dense."""
     if mode not in LINEAR_MODES:
         raise StandError(f"linear mode must be one of {', '.join(LINEAR_MODES)}, got {mode!r}")
@@ -107,9 +108,10 @@ class Linear:
                 self.bias = bias.float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+        if self.packed is None or (self.mode == "fp32" and x2.shape[0] == 1):
+            # one row reads every weight once: memory-bound, so the half-size bfloat16 weights win
+            return F.linear(x, self.weight, self.bias)
         if self.mode == "fp32":
             x2 = x2.float()
         y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
@@ -323,7 +325,8 @@ class LeanTarget(Target):
     def forward(self, cache: LeanCache, batch: TreeBatch, all_logits: bool = True) -> torch.Tensor:
         """Writes the batch's KV after the cache's slots; returns logits [B, T, V] (or [B, 1, V])."""
         allowed = batch.allowed  # [B, T, S + T]
-        mask = None if bool(allowed.all()) else allowed[:, None]
+        one_token = allowed.shape[1] == 1  # a tree always masks siblings: only a single token can see all
+        mask = None if one_token and bool(allowed.all()) else allowed[:, None]
         return self.lean.forward(cache, batch.input_ids, batch.position_ids, mask, keep_last=0 if all_logits else 1)
 
 
