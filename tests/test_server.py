@@ -68,11 +68,16 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
+def served(model_dir):
     config = ServerConfig(model=model_dir, method="stand", api_key=KEY, batch_window_ms=30)
     with running(config) as (base, app):
         wait_until(lambda: healthy(base), 60)
-        yield base
+        yield base, app
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +203,8 @@ def test_invalid_parameters_and_key(server, client):
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_sixteen_concurrent_requests(server, client):
+def test_sixteen_concurrent_requests(served, client):
+    server, app = served
     batches, rows = metric(server, "stand_batches_total"), metric(server, "stand_batch_rows_total")
 
     def ask(i: int):
@@ -215,6 +221,7 @@ def test_sixteen_concurrent_requests(server, client):
     new_batches = metric(server, "stand_batches_total") - batches
     assert metric(server, "stand_batch_rows_total") - rows == sum(n for n, _ in results)
     assert new_batches < 16  # requests that arrived together ran together
+    assert not app.state.stand.drafter.tables  # per-request tables are freed when their rows finish
 
 
 def test_cancelled_stream_frees_its_rows(server, client):
@@ -255,4 +262,5 @@ def test_loading_503_queue_429_and_table_saved(model_dir, tmp_path):
             gate.set()
             assert third.status_code == 429 and third.json()["error"]["code"] == "queue_full"
             assert first.result().status_code == second.result().status_code == 200
+        assert list(app.state.stand.drafter.tables) == ["shared"]  # one table for every request
     assert table.exists()  # the shared table was saved

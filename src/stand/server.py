@@ -829,6 +829,9 @@ def install_routes(app: FastAPI, state: State) -> None:
     async def respond(req: CommonRequest, request: Request, prompts: list[list[int]], shape: Shape, default_max):
         room = state.target.max_len - max(len(p) for p in prompts)
         params = sampling_params(req, requested_max_tokens(req, default_max, room), config.max_n)
+        if len(prompts) * req.n > config.max_batch_rows:
+            raise bad_param("prompt", f"{len(prompts)} prompts x n={req.n} is more than the {config.max_batch_rows} "
+                                      "samples a request may ask for")
         job = state.submit(prompts, req.n, params, req.stream)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
