@@ -10,7 +10,7 @@ from stand.params import SamplingParams, SpecConfig
 CASES = [
     ("none", {}),
     ("pld", {}),
-    ("consensus", {}),
+    ("consensus", {"consensus_k": 2}),  # the prompt has 2-gram matches from the first step
     ("consensus", {"consensus_k": 1, "consensus_tree": 6, "consensus_fuzzy": 1}),
     ("ngrammys", {}),
     ("stand", {}),
