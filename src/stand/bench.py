@@ -1,19 +1,36 @@
-"""The benchmark: methods side by side on the same problems, in one process, interleaved."""
+"""The benchmark: methods side by side on the same problems, in one process, interleaved.
+
+Every (method, n, schedule) is a *variant*. The loop is repeat -> problem -> variant, and the order of
+the variants rotates from one problem to the next, so drift of the machine (another process, thermal
+state) hits every variant alike. The Hugging Face anchors (`hf`, `hf-pld`, `hf-batched`) call
+`model.generate` on the very model our rows use, so they run in the same dtype.
+
+A Ctrl-C ends the loop; the rows then cover the problems that every variant finished (so the
+comparison stays fair) and say `interrupted: true`.
+"""
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .api import generate
-from .datasets import load_dataset
+from .datasets import Problem, load_dataset
 from .errors import StandError
 from .models import Target
+from .params import SpecConfig
 
 HF_METHODS = ("hf", "hf-pld", "hf-batched")
+MEMORY_EVERY = 16  # sample the drafter's table memory every this many commits
+
+Variant = tuple[str, int, str]  # (method, n, schedule)
+Progress = Callable[[str, bool], None]  # (variant label, finished?): called before and after every run
 
 
 @dataclass
@@ -24,14 +41,29 @@ class BenchConfig:
     n: int | list[int] = 1  # several values: a row per (method, n, schedule)
     temperature: float = 0.0
     max_new_tokens: int = 256
-    seed: int = 0
+    seed: int = 0  # repeat r samples with seed + r
     schedule: str | list[str] = "batched"  # for n > 1; several: a row per schedule
+    repeats: int = 1  # every problem this many times; rows give the median and the spread of tok/s
+    warmup: bool = True  # one short untimed run of every variant first (lazy init, kernel packing, disk caches)
 
     def __post_init__(self):
         self.ns = [self.n] if isinstance(self.n, int) else list(self.n)
         self.schedules = [self.schedule] if isinstance(self.schedule, str) else list(self.schedule)
 
-    def variants(self) -> list[tuple[str, int, str]]:
+    def validate(self) -> "BenchConfig":
+        check_methods(self.methods)
+        if not self.methods:
+            raise StandError("no methods given")
+        if not isinstance(self.repeats, int) or self.repeats < 1:
+            raise StandError(f"repeats must be an integer >= 1, got {self.repeats}")
+        if not self.ns or min(self.ns) < 1:
+            raise StandError(f"n must be integers >= 1, got {self.ns}")
+        bad = [s for s in self.schedules if s not in ("batched", "sequential")]
+        if bad or not self.schedules:
+            raise StandError(f"schedule must be batched and/or sequential, got {', '.join(bad) or 'none'}")
+        return self
+
+    def variants(self) -> list[Variant]:
         """(method, n, schedule) of every row; n=1 and Hugging Face methods have one schedule."""
         out = []
         for n in self.ns:
@@ -42,106 +74,236 @@ class BenchConfig:
 
 
 @dataclass
-class Tally:
-    """What one method produced over all problems."""
+class Run:
+    """One variant on one problem in one repeat."""
 
-    method: str
-    n: int = 1
-    schedule: str = "batched"
     new_tokens: int = 0
     seconds: float = 0.0
-    steps: int = 0
-    draft_seconds: float = 0.0
-    judged: int = 0  # problems with a reference answer and the method's samples
-    correct: int = 0  # of those, where the majority-voted answer matches the reference
+    steps: int = 0  # verification passes summed over the samples (None-like 0 when unknown)
+    draft_seconds: float | None = 0.0  # None: not measurable (the Hugging Face anchors)
+    table_bytes: int | None = None  # the drafter's peak table memory
+    correct: bool | None = None  # majority-voted answer matches the reference; None: no reference
+    accepted: Counter = field(default_factory=Counter)  # tokens committed in one step -> how many steps
 
-    def add(self, new_tokens: int, seconds: float, steps: int, draft_seconds: float = 0.0) -> None:
-        self.new_tokens += new_tokens
-        self.seconds += seconds
-        self.steps += steps
-        self.draft_seconds += draft_seconds
+
+def label(v: Variant) -> str:
+    m, n, s = v
+    return f"{m} n={n}" + (f" {s}" if n > 1 and s != "hf" else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# One run
+
+
+def _majority_correct(texts: list[str], reference: str | None) -> bool | None:
+    if reference is None:
+        return None
+    from .tts import extract_answer, is_correct, majority_vote
+
+    return bool(is_correct(majority_vote([extract_answer(t) for t in texts]).answer, reference))
+
+
+class _Memory:
+    """on_commit hook: tallies tokens per step and samples the drafter's table memory now and then."""
+
+    def __init__(self, drafter):
+        self.drafter, self.commits, self.peak = drafter, 0, drafter.memory_bytes()
+        self.accepted: Counter = Counter()
+
+    def __call__(self, row, new: list[int]) -> None:
+        self.accepted[len(new)] += 1
+        self.commits += 1
+        if self.commits % MEMORY_EVERY == 0:
+            self.peak = max(self.peak, self.drafter.memory_bytes())
+
+
+def run_ours(target: Target, method: str, n: int, schedule: str, problem: Problem, cfg: BenchConfig,
+             seed: int) -> Run:
+    """stand.generate as a user would call it for one problem (a fresh drafter, built with the target)."""
+    from .drafters import make_drafter
+
+    t = time.perf_counter()
+    drafter = make_drafter(SpecConfig(method=method).validate(), target.vocab_size, target)
+    hook = _Memory(drafter)
+    samples = generate(problem.prompt, model=target, n=n, temperature=cfg.temperature,
+                       max_new_tokens=cfg.max_new_tokens, seed=seed, schedule=schedule, drafter=drafter,
+                       on_commit=hook)[0]
+    seconds = time.perf_counter() - t
+    return Run(sum(s.stats["new_tokens"] for s in samples), seconds, sum(s.stats["steps"] for s in samples),
+               sum(s.stats["draft_seconds"] for s in samples), max(hook.peak, drafter.memory_bytes()),
+               _majority_correct([s.text for s in samples], problem.answer), hook.accepted)
+
+
+class _ForwardCount:
+    """Counts the model's forward calls during Hugging Face generate (its verification passes)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.calls = 0
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.calls += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 def hf_generate(target: Target, prompt_ids: list[int], method: str, n: int, temperature: float,
-                max_new_tokens: int, seed: int) -> tuple[int, int]:
-    """Hugging Face generate as a user would call it; returns (new tokens, forward passes)."""
-    ids = torch.tensor([prompt_ids])
+                max_new_tokens: int, seed: int) -> tuple[list[list[int]], int]:
+    """Hugging Face generate as a user would call it; returns (new ids per sample, forward passes x rows)."""
+    ids = torch.tensor([prompt_ids])  # [1, P]
     kw = dict(max_new_tokens=max_new_tokens, attention_mask=torch.ones_like(ids),
               pad_token_id=target.tokenizer.pad_token_id or min(target.eos_ids))
     kw.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else kw.update(do_sample=False)
     if method == "hf-pld":
         kw["prompt_lookup_num_tokens"] = 10
     torch.manual_seed(seed)
-    with torch.inference_mode():
+    outs, passes = [], 0
+    with torch.inference_mode(), _ForwardCount(target.model) as fc:
         if method == "hf-batched":
-            out = target.model.generate(ids, num_return_sequences=n, **kw)
-            return _count_new(target, out, len(prompt_ids)), 0
-        total = 0
+            outs = _new_ids(target, target.model.generate(ids, num_return_sequences=n, **kw), len(prompt_ids))
+            return outs, fc.calls * n
         for _ in range(n):
-            out = target.model.generate(ids, **kw)
-            total += _count_new(target, out, len(prompt_ids))
-    return total, 0
+            outs += _new_ids(target, target.model.generate(ids, **kw), len(prompt_ids))
+        passes = fc.calls
+    return outs, passes
 
 
-def _count_new(target: Target, out: torch.Tensor, prompt_len: int) -> int:
-    """New tokens per returned sequence, up to and including the first EOS (padding after it excluded)."""
-    total = 0
+def _new_ids(target: Target, out: torch.Tensor, prompt_len: int) -> list[list[int]]:
+    """out [R, P + T]: each row's new ids up to and including the first EOS (padding after it dropped)."""
+    rows = []
     for seq in out[:, prompt_len:].tolist():
         ends = [i for i, t in enumerate(seq) if t in target.eos_ids]
-        total += ends[0] + 1 if ends else len(seq)
-    return total
-
-
-def run_method(target: Target, method: str, prompt: str, cfg: BenchConfig, tally: Tally,
-               reference: str | None = None) -> None:
-    if method in HF_METHODS:
-        ids = target.encode(prompt)
-        t = time.perf_counter()
-        new, steps = hf_generate(target, ids, method, tally.n, cfg.temperature, cfg.max_new_tokens, cfg.seed)
-        tally.add(new, time.perf_counter() - t, steps)
-        return
-    t = time.perf_counter()
-    samples = generate(prompt, model=target, n=tally.n, method=method, temperature=cfg.temperature,
-                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, schedule=tally.schedule)[0]
-    seconds = time.perf_counter() - t
-    tally.add(sum(s.stats["new_tokens"] for s in samples), seconds, sum(s.stats["steps"] for s in samples),
-              sum(s.stats["draft_seconds"] for s in samples))
-    if reference is not None:
-        from .tts import extract_answer, is_correct, majority_vote
-
-        tally.judged += 1
-        tally.correct += bool(is_correct(majority_vote([extract_answer(s.text) for s in samples]).answer, reference))
-
-
-def bench(target: Target, cfg: BenchConfig, progress=None) -> list[dict]:
-    """Every method on every problem, interleaved problem by problem; one row per method."""
-    problems = load_dataset(cfg.dataset, cfg.problems)
-    tallies = {v: Tally(*v) for v in cfg.variants()}
-    for p in problems:
-        for v, tally in tallies.items():
-            run_method(target, v[0], p.prompt, cfg, tally, p.answer)
-            if progress:
-                progress()
-    return summarise(tallies, cfg, target)
-
-
-def summarise(tallies: dict[tuple, Tally], cfg: BenchConfig, target: Target) -> list[dict]:
-    """One row per (method, n, schedule); speedup against the fastest `none` schedule at the same n."""
-    rows = []
-    for (m, n, schedule), t in tallies.items():
-        bases = [b.new_tokens / b.seconds for b in tallies.values() if b.method == "none" and b.n == n and b.seconds]
-        base_tps = max(bases) if bases else None
-        tps = t.new_tokens / t.seconds if t.seconds else 0.0
-        rows.append({
-            "method": m, "dataset": cfg.dataset, "problems": cfg.problems, "max_new_tokens": cfg.max_new_tokens,
-            "schedule": schedule, "dtype": str(target.dtype).split(".")[-1],
-            "n": n, "temperature": cfg.temperature, "new_tokens": t.new_tokens, "seconds": round(t.seconds, 3),
-            "tok_per_s": round(tps, 2), "speedup_vs_none": round(tps / base_tps, 3) if base_tps else None,
-            "mean_accepted": round(t.new_tokens / t.steps, 3) if t.steps else None,
-            "draft_seconds": round(t.draft_seconds, 3),
-            "accuracy": round(t.correct / t.judged, 3) if t.judged else None,
-        })
+        rows.append(seq[: ends[0] + 1] if ends else seq)
     return rows
+
+
+def run_hf(target: Target, method: str, n: int, problem: Problem, cfg: BenchConfig, seed: int) -> Run:
+    t = time.perf_counter()
+    ids = target.encode(problem.prompt)
+    outs, passes = hf_generate(target, ids, method, n, cfg.temperature, cfg.max_new_tokens, seed)
+    seconds = time.perf_counter() - t
+    texts = [target.decode(o) for o in outs]
+    return Run(sum(map(len, outs)), seconds, passes, None, None, _majority_correct(texts, problem.answer))
+
+
+def run_variant(target: Target, v: Variant, problem: Problem, cfg: BenchConfig, seed: int) -> Run:
+    method, n, schedule = v
+    if method in HF_METHODS:
+        return run_hf(target, method, n, problem, cfg, seed)
+    return run_ours(target, method, n, schedule, problem, cfg, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def warm_up(target: Target, variants: list[Variant], problem: Problem, cfg: BenchConfig) -> None:
+    """Each variant once on a few tokens, untimed: one-off costs do not land on whoever runs first."""
+    short = BenchConfig(cfg.methods, cfg.dataset, 1, cfg.ns, cfg.temperature, min(8, cfg.max_new_tokens), cfg.seed,
+                        cfg.schedules)
+    for v in variants:
+        run_variant(target, v, problem, short, cfg.seed)
+
+
+def rotated(variants: list[Variant], k: int) -> list[Variant]:
+    k %= len(variants)
+    return variants[k:] + variants[:k]
+
+
+def bench(target: Target, cfg: BenchConfig, progress: Progress | None = None) -> list[dict]:
+    """Every variant on every problem, interleaved; one row per variant (see summarise)."""
+    cfg.validate()
+    problems = load_dataset(cfg.dataset, cfg.problems)
+    variants = cfg.variants()
+    runs: dict[Variant, dict[tuple[int, int], Run]] = {v: {} for v in variants}  # (repeat, problem) -> Run
+    interrupted = False
+    try:
+        if cfg.warmup:
+            warm_up(target, variants, problems[0], cfg)
+        for r in range(cfg.repeats):
+            for i, p in enumerate(problems):
+                for v in rotated(variants, r * len(problems) + i):
+                    if progress:
+                        progress(label(v), False)
+                    runs[v][(r, i)] = run_variant(target, v, p, cfg, cfg.seed + r)
+                    if progress:
+                        progress(label(v), True)
+    except KeyboardInterrupt:
+        interrupted = True
+    return summarise(runs, cfg, target, interrupted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+def common_keys(runs: dict[Variant, dict[tuple[int, int], Run]]) -> list[tuple[int, int]]:
+    """(repeat, problem) pairs that every variant finished."""
+    sets = [set(d) for d in runs.values()]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def summarise(runs: dict[Variant, dict[tuple[int, int], Run]], cfg: BenchConfig, target: Target,
+              interrupted: bool = False) -> list[dict]:
+    """One row per variant over the (repeat, problem) pairs all finished; empty if none did.
+
+    tok_per_s is the median over repeats (each repeat: all its problems' tokens / all their seconds),
+    tok_per_s_min / _max the spread. speedup_vs_none divides by the fastest `none` schedule at the same
+    n, speedup_vs_hf by `hf` at the same n (both medians).
+    """
+    keys = common_keys(runs)
+    rows = [variant_row(v, [runs[v][k] for k in keys], keys, cfg, target, interrupted) for v in runs] if keys else []
+    tps = {(r["method"], r["n"], r["schedule"]): r["tok_per_s"] for r in rows}
+    for r in rows:
+        none = [t for (m, n, _), t in tps.items() if m == "none" and n == r["n"] and t]
+        hf = tps.get(("hf", r["n"], "hf"))
+        r["speedup_vs_none"] = round(r["tok_per_s"] / max(none), 3) if none else None
+        r["speedup_vs_hf"] = round(r["tok_per_s"] / hf, 3) if hf else None
+    return rows
+
+
+def _per_repeat_tps(runs: list[Run], keys: list[tuple[int, int]]) -> list[float]:
+    by_repeat: dict[int, list[Run]] = {}
+    for run, (rep, _) in zip(runs, keys):
+        by_repeat.setdefault(rep, []).append(run)
+    return [sum(x.new_tokens for x in rs) / max(sum(x.seconds for x in rs), 1e-9) for rs in by_repeat.values()]
+
+
+def variant_row(v: Variant, runs: list[Run], keys: list[tuple[int, int]], cfg: BenchConfig, target: Target,
+                interrupted: bool) -> dict:
+    method, n, schedule = v
+    tps = _per_repeat_tps(runs, keys)
+    tokens, seconds, steps = (sum(getattr(x, a) for x in runs) for a in ("new_tokens", "seconds", "steps"))
+    drafts = [x.draft_seconds for x in runs]
+    draft = None if any(d is None for d in drafts) else sum(drafts)
+    mems = [x.table_bytes for x in runs if x.table_bytes is not None]
+    judged = [x.correct for x in runs if x.correct is not None]
+    accepted = sum((x.accepted for x in runs), Counter())
+    return {
+        "method": method, "schedule": schedule, "dtype": str(target.dtype).split(".")[-1], "n": n,
+        "temperature": cfg.temperature, "model": target.name, "dataset": cfg.dataset,
+        "problems": len({p for _, p in keys}), "repeats": len(tps), "max_new_tokens": cfg.max_new_tokens,
+        "new_tokens": tokens, "seconds": round(seconds, 3),
+        "tok_per_s": round(statistics.median(tps), 2), "tok_per_s_min": round(min(tps), 2),
+        "tok_per_s_max": round(max(tps), 2),
+        "speedup_vs_none": None, "speedup_vs_hf": None,  # filled in by summarise
+        "mean_accepted": round(tokens / steps, 3) if steps else None,
+        "draft_seconds": None if draft is None else round(draft, 3),
+        "draft_share": None if draft is None or not seconds else round(draft / seconds, 4),
+        "table_bytes": max(mems) if mems else None,
+        "accuracy": round(sum(judged) / len(judged), 3) if judged else None,
+        "accept_counts": [accepted.get(k, 0) for k in range(max(accepted, default=-1) + 1)] or None,
+        "interrupted": interrupted,
+    }
+
+
+COLUMNS = ("method", "schedule", "dtype", "n", "temperature", "new_tokens", "seconds", "tok_per_s", "tok_per_s_min",
+           "tok_per_s_max", "speedup_vs_none", "speedup_vs_hf", "mean_accepted", "draft_share", "table_bytes",
+           "accuracy")
 
 
 def check_methods(methods: list[str]) -> None:
@@ -153,6 +315,61 @@ def check_methods(methods: list[str]) -> None:
 
 
 def write_json(rows: list[dict], path: str) -> None:
-    """A list of rows, one per method (each row carries its configuration)."""
+    """A list of rows, one per variant (each row carries its configuration)."""
     with open(path, "w") as f:
         json.dump(rows, f, indent=2)
+
+
+def read_json(path: str) -> list[dict]:
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise StandError(f"could not read bench results {path}: {e}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "method" in r for r in rows):
+        raise StandError(f"{path} is not a `stand bench --json` file (a list of rows)")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# On screen
+
+
+def _fmt(r: dict, c: str) -> str:
+    v = r.get(c)
+    if v is None:
+        return "-"
+    if c == "tok_per_s":
+        spread = f" [{r['tok_per_s_min']:.1f}-{r['tok_per_s_max']:.1f}]" if r.get("repeats", 1) > 1 else ""
+        return f"{v:.1f}{spread}"
+    if c.startswith("speedup"):
+        return f"{v:.2f}x"
+    if c == "draft_share":
+        return f"{100 * v:.1f}%"
+    if c == "table_bytes":
+        return f"{v / 2**20:.2f}"
+    if c == "accuracy":
+        return f"{100 * v:.0f}%"
+    return str(v)
+
+
+SCREEN = (("method", "method"), ("n", "n"), ("schedule", "schedule"), ("new_tokens", "tokens"),
+          ("seconds", "s"), ("tok_per_s", "tok/s"), ("speedup_vs_none", "x none"), ("speedup_vs_hf", "x hf"),
+          ("mean_accepted", "tok/step"), ("draft_share", "drafting"), ("table_bytes", "table MiB"),
+          ("accuracy", "accuracy"))
+
+
+def rich_table(rows: list[dict]):
+    """The rows as a rich Table (fastest first within each n)."""
+    from rich.table import Table
+
+    r0 = rows[0] if rows else {}
+    title = (f"{r0.get('dataset')}, {r0.get('problems')} problems x {r0.get('repeats')} repeats, "
+             f"T={r0.get('temperature')}, {r0.get('max_new_tokens')} new tokens, {r0.get('dtype')}, {r0.get('model')}"
+             + (" (INTERRUPTED: partial)" if r0.get("interrupted") else "")) if rows else "no finished rows"
+    table = Table(title=title)
+    for key, head in SCREEN:
+        table.add_column(head, justify="left" if key == "method" else "right")
+    for r in sorted(rows, key=lambda r: (r["n"], -r["tok_per_s"])):
+        table.add_row(*[_fmt(r, key) for key, _ in SCREEN])
+    return table
