@@ -114,6 +114,8 @@ def test_majority_vote_and_tie_break():
     none = majority_vote([None, None])
     assert (none.answer, none.votes, none.share, none.first) == (None, 0, 0.0, None)
     assert tts.best_of_n([0.1, 0.3, 0.3]) == 1
+    exact = majority_vote(["A", "a", "b", "b"], key=str)  # a pluggable normaliser: case now matters
+    assert (exact.answer, exact.votes) == ("b", 2)
 
 
 # ---- solve on the tiny model -------------------------------------------------------------------

@@ -293,8 +293,8 @@ class Vote:
     first: int | None  # index of the first sample that gave the winning answer
 
 
-def majority_vote(answers: list[str | None]) -> Vote:
-    """The most frequent answer key. Samples without an answer do not vote.
+def majority_vote(answers: list[str | None], key: Callable[[str], str] | None = None) -> Vote:
+    """The most frequent answer key (key: the normaliser, default answer_key). Samples without an answer do not vote.
 
     Tie-break (deterministic): among the keys with the most votes, the one given first, i.e. by the
     sample with the lowest index.
@@ -305,7 +305,7 @@ def majority_vote(answers: list[str | None]) -> Vote:
     for i, a in enumerate(answers):
         if a is None:
             continue
-        k = answer_key(a)
+        k = (key or answer_key)(a)
         counts[k] = counts.get(k, 0) + 1
         first.setdefault(k, i)
         raw.setdefault(k, a)
@@ -448,6 +448,7 @@ class SolveConfig:
     schedule: str = "batched"
     extractor: Extractor = extract_answer
     scorer: Scorer = mean_logprob
+    normalizer: Callable[[str], str] = answer_key  # answers with equal keys vote together
 
     def validate(self) -> "SolveConfig":
         if not isinstance(self.n, int) or self.n < 1:
@@ -456,7 +457,7 @@ class SolveConfig:
             raise StandError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.schedule not in SCHEDULE_CHOICES:
             raise StandError(f"schedule must be one of {', '.join(SCHEDULE_CHOICES)}, got {self.schedule!r}")
-        for name in ("extractor", "scorer"):
+        for name in ("extractor", "scorer", "normalizer"):
             if not callable(getattr(self, name)):
                 raise StandError(f"{name} must be a callable")
         return self
@@ -483,11 +484,13 @@ def solve(questions: str | Problem | list[str | Problem], model: Target | str | 
           extractor: Extractor | None = None, schedule: str = "batched", temperature: float = 0.6,
           top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 512, seed: int | None = 0,
           dtype: str = "auto", chat: bool = True, spec: SpecConfig | None = None,
-          progress: Callable[[int, int], None] | None = None) -> list[Solution]:
+          progress: Callable[[int, int], None] | None = None,
+          normalizer: Callable[[str], str] | None = None) -> list[Solution]:
     """N samples per question, then the answer by majority vote or by the best score.
 
     questions: strings (used as the prompt as given) or `Problem`s (their `answer` is the reference).
-    extractor(text) -> answer or None (default: math answers, `extract_answer`).
+    extractor(text) -> answer or None (default: math answers, `extract_answer`); normalizer(answer) -> key,
+    answers with equal keys vote together (default: `answer_key`, math-aware).
     scorer(question, sample) -> float, higher is better (default: mean token log-probability).
     schedule: "batched", "sequential" or "auto" (measured once per model/method/N/machine, cached).
     progress(question_index, new_tokens): called as tokens are committed.
@@ -496,14 +499,15 @@ def solve(questions: str | Problem | list[str | Problem], model: Target | str | 
     per sample index shows later samples drafting better under the sequential schedule).
     """
     return list(iter_solve(questions, model, n, strategy, method, scorer, extractor, schedule, temperature,
-                           top_p, top_k, max_new_tokens, seed, dtype, chat, spec, progress))
+                           top_p, top_k, max_new_tokens, seed, dtype, chat, spec, progress, normalizer))
 
 
 def iter_solve(questions, model=None, n=8, strategy="self-consistency", method="none", scorer=None, extractor=None,
                schedule="batched", temperature=0.6, top_p=1.0, top_k=0, max_new_tokens=512, seed=0, dtype="auto",
-               chat=True, spec=None, progress=None) -> Iterator[Solution]:
+               chat=True, spec=None, progress=None, normalizer=None) -> Iterator[Solution]:
     """`solve`, one Solution at a time as each question finishes (same arguments)."""
-    cfg = SolveConfig(n, strategy, schedule, extractor or extract_answer, scorer or mean_logprob).validate()
+    cfg = SolveConfig(n, strategy, schedule, extractor or extract_answer, scorer or mean_logprob,
+                      normalizer or answer_key).validate()
     problems = as_problems(questions)
     params = SamplingParams(temperature, top_p, top_k, max_new_tokens, seed).validate()
     spec = (spec or SpecConfig(method=method)).validate()
@@ -532,14 +536,14 @@ def solve_one(engine: Engine, problem: Problem, prompt_ids: list[int], group: in
 def score_sample(question: str, row: Row, cfg: SolveConfig) -> ScoredSample:
     base = to_sample(row)
     answer = cfg.extractor(base.text)
-    s = ScoredSample(**base.__dict__, answer=answer, key=None if answer is None else answer_key(answer),
+    s = ScoredSample(**base.__dict__, answer=answer, key=None if answer is None else cfg.normalizer(answer),
                      logprobs=list(row.logprobs or []))
     s.score = float(cfg.scorer(question, s))
     return s
 
 
 def decide(problem: Problem, samples: list[ScoredSample], cfg: SolveConfig, seconds: float) -> Solution:
-    vote = majority_vote([s.answer for s in samples])
+    vote = majority_vote([s.answer for s in samples], cfg.normalizer)
     if cfg.strategy == "best-of-n":
         chosen = best_of_n([s.score for s in samples])
         answer = samples[chosen].answer
