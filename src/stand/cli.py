@@ -84,36 +84,46 @@ def bench_cmd(
     model: Optional[str] = ModelOpt,
     dtype: str = DtypeOpt,
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the rows as JSON"),
+    repeats: int = typer.Option(1, "--repeats", help="Run every problem R times: median tok/s and its min-max"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write PNG figures into this directory"),
+    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="One short untimed run of every row first"),
 ):
-    """Run methods one after another on the same problems and print a table."""
+    """Methods and Hugging Face anchors side by side on the same problems, interleaved; a table, JSON, plots."""
     from rich.console import Console
-    from rich.table import Table
-    from tqdm import tqdm
 
-    from .bench import BenchConfig, bench, check_methods, write_json
+    from .bench import BenchConfig, rich_table, write_json
     from .models import load_model
     from .params import SamplingParams
 
     cfg = BenchConfig([m.strip() for m in methods.split(",") if m.strip()], dataset, problems, _int_list(n, "--n"),
-                      temperature, max_new_tokens, seed, [s.strip() for s in schedules.split(",") if s.strip()])
-    for s in cfg.schedules:
-        if s not in ("batched", "sequential"):
-            raise StandError(f"--schedule must be batched and/or sequential, got {s!r}")
-    check_methods(cfg.methods)
+                      temperature, max_new_tokens, seed, [s.strip() for s in schedules.split(",") if s.strip()],
+                      repeats, warmup).validate()
     SamplingParams(temperature, max_new_tokens=max_new_tokens).validate()
     target = load_model(model, dtype)
-    with tqdm(total=problems * len(cfg.variants()), desc="bench", unit="run", file=sys.stderr) as bar:
-        rows = bench(target, cfg, progress=bar.update)
-    table = Table(title=f"{dataset}, {problems} problems, n={n}, T={temperature}, {max_new_tokens} new tokens, {rows[0]['dtype']}")
-    cols = ["method", "n", "schedule", "new_tokens", "seconds", "tok_per_s", "speedup_vs_none", "mean_accepted",
-            "draft_seconds", "accuracy"]
-    for c in cols:
-        table.add_column(c, justify="left" if c == "method" else "right")
-    for r in rows:
-        table.add_row(*[str(r[c]) for c in cols])
-    Console().print(table)
+    rows = _bench_with_bar(target, cfg)
+    Console(width=None if sys.stdout.isatty() else 160).print(rich_table(rows))  # a log file keeps every column
     if json_path:
         write_json(rows, json_path)
+    if plot:
+        from .plots import plot_all
+
+        for path in plot_all(rows, plot):
+            typer.echo(f"wrote {path}", err=True)
+    if not rows or rows[0]["interrupted"]:
+        typer.echo("interrupted: the rows cover the problems that every method finished", err=True)
+        raise typer.Exit(130)
+
+
+def _bench_with_bar(target, cfg) -> list[dict]:
+    from tqdm import tqdm
+
+    from .bench import bench
+
+    with tqdm(total=cfg.repeats * cfg.problems * len(cfg.variants()), desc="bench", unit="run", file=sys.stderr) as bar:
+        def progress(label: str, done: bool) -> None:
+            bar.update(1) if done else bar.set_postfix_str(label)
+
+        return bench(target, cfg, progress=progress)
 
 
 @app.command("profile")
@@ -188,7 +198,7 @@ def serve_cmd(
     table: Optional[str] = typer.Option(None, "--table", help="n-gram table file shared by all requests: loaded at start, saved on shutdown"),
     share_table: bool = typer.Option(False, "--share-table", help="One drafter table for every request (a warm server drafts better)"),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting beyond this get 429"),
-    batch_window_ms: float = typer.Option(10.0, "--batch-window-ms", help="Wait this long for requests to batch together"),
+    batch_window_ms: float = typer.Option(50.0, "--batch-window-ms", help="Wait this long for requests to batch together"),
     max_n: int = typer.Option(16, "--max-n", help="Largest n a request may ask for"),
     dtype: str = DtypeOpt,
 ):

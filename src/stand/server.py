@@ -60,7 +60,7 @@ class ServerConfig:
     table: str | None = None  # n-gram table file: loaded at start, saved on shutdown (implies share_table)
     share_table: bool = False  # one drafter table for every request
     max_queue: int = 64  # requests waiting for the worker; more get 429
-    batch_window_ms: float = 10.0  # how long the worker waits for more requests to batch with the first
+    batch_window_ms: float = 50.0  # how long the worker waits for more requests to batch with the first
     max_batch_rows: int = 64  # rows (samples) per engine batch; a single larger request still runs alone
     max_n: int = 16
     served_name: str | None = None  # the model id reported by /v1/models
