@@ -161,3 +161,33 @@ def test_rows_of_a_group_draft_for_each_other():
     assert drafter.propose(behind).tokens == [8, 9, 10]  # a finished row still drafts
     drafter.finish(behind)
     assert (3, hash((5, 6, 7))) not in drafter.groups  # the group is dropped when all its rows are done
+
+
+def test_graft_adds_only_new_paths():
+    from stand.drafters.combined import GRAFT, graft
+    from stand.tree import DraftTree, SparseDist
+
+    q = SparseDist([1, 2, 3], [0.5, 0.3, 0.2])
+    base = DraftTree()
+    a = base.add(1, -1, q, 0)
+    base.add(2, -1, q, 1)
+    base.add(5, a, None, 2)
+    tree, added = graft(base, DraftTree.chain([1, 5, 7, 8]))  # follows 1 -> 5, then adds 7 -> 8
+    assert added == 2
+    assert tree.tokens == [1, 2, 5, 7, 8] and tree.parents == [-1, -1, 0, 2, 3]
+    assert tree.tags[3:] == [GRAFT, GRAFT] and tree.qs[3] is None and tree.qs[0] is q
+    assert base.tokens == [1, 2, 5]  # base untouched
+    tree, added = graft(base, DraftTree.chain([3, 1]))  # diverges at the root: a new root child, last
+    assert added == 2 and tree.tokens == [1, 2, 5, 3, 1] and tree.parents == [-1, -1, 0, -1, 3]
+    assert graft(base, DraftTree.chain([1, 5]))[1] == 0  # nothing new
+
+
+def test_greedy_stand_consensus_equals_plain_greedy():
+    target = tiny_target()
+    prompt = target.encode("abcabc abc")
+    params = [SamplingParams(max_new_tokens=40) for _ in range(3)]
+    plain = run(target, "none", params, prompt, 3)
+    both = run(target, "stand+consensus", params, prompt, 3)
+    for a, b in zip(plain, both):
+        assert a.tokens == b.tokens
+    assert sum(r.stats.steps for r in both) < sum(r.stats.steps for r in plain)

@@ -13,6 +13,7 @@ CASES = [
     ("consensus", {"consensus_k": 2}),  # the prompt has 2-gram matches from the first step
     ("consensus", {"consensus_k": 1, "consensus_tree": 6, "consensus_fuzzy": 1}),
     ("ngrammys", {}),
+    ("stand+consensus", {"consensus_k": 2}),
     ("stand", {}),
     ("stand", {"stochastic": False}),
     ("recycle", {}),

@@ -1,0 +1,77 @@
+"""STAND + consensus: the STAND tree, with the consensus draft grafted where it adds new paths.
+
+The consensus draft (a deterministic chain, or small tree) is walked down the STAND tree from the
+root: while its token equals a child of the current node, it follows that child; from the first
+token that is no child there, the rest of it becomes a new branch (one-hot q). A grafted node
+comes after the STAND siblings it joins, so the verifier tries it last at that node: recursive
+rejection sampling stays exact, since the deterministic proposal is tried against the residual
+left after the stochastic siblings, whatever they were. Both drafters observe the whole tree.
+"""
+
+from __future__ import annotations
+
+from ..tree import DraftTree
+from .base import Drafter
+from .consensus import ConsensusDrafter
+from .stand import StandDrafter
+
+GRAFT = -2  # tag of grafted nodes (STAND counts template hits only for tags >= 0)
+
+
+def graft(base: DraftTree, extra: DraftTree) -> tuple[DraftTree, int]:
+    """base with extra's paths added where they are new; returns (tree, nodes added).
+
+    base is copied; extra's nodes must be deterministic (q=None) and in topological order.
+    """
+    tree = DraftTree(list(base.tokens), list(base.parents), list(base.qs), list(base.tags))
+    kids: dict[tuple[int, int], int] = {}  # (parent, token) -> node, first occurrence
+    for i, (tok, par) in enumerate(zip(tree.tokens, tree.parents)):
+        kids.setdefault((par, tok), i)
+    where: list[int] = []  # extra node -> tree node
+    added = 0
+    for tok, par in zip(extra.tokens, extra.parents):
+        parent = -1 if par < 0 else where[par]
+        node = kids.get((parent, tok))
+        if node is None:
+            node = tree.add(tok, parent, None, GRAFT)
+            kids[(parent, tok)] = node
+            added += 1
+        where.append(node)
+    return tree, added
+
+
+class StandConsensus(Drafter):
+    name = "stand+consensus"
+    wants_probs = True
+    wants_prompt_probs = True
+
+    def __init__(self, config, vocab_size: int):
+        super().__init__(config, vocab_size)
+        self.stand = StandDrafter(config, vocab_size)
+        self.consensus = ConsensusDrafter(config, vocab_size)
+        self.grafted = 0  # nodes added to STAND trees
+        self.graft_accepted = 0  # of those, nodes that were accepted
+
+    def prepare(self, target) -> None:
+        self.stand.prepare(target)
+
+    def start(self, row, prompt_probs=None) -> None:
+        self.stand.start(row, prompt_probs)
+        self.consensus.start(row, prompt_probs)
+
+    def propose(self, row) -> DraftTree:
+        tree, added = graft(self.stand.propose(row), self.consensus.propose(row))
+        self.grafted += added
+        return tree
+
+    def observe(self, row, tree, probs, verdict) -> None:
+        self.graft_accepted += sum(tree.tags[i - 1] == GRAFT for i in verdict.accepted)
+        self.stand.observe(row, tree, probs, verdict)
+        self.consensus.observe(row, tree, probs, verdict)
+
+    def finish(self, row) -> None:
+        self.stand.finish(row)
+        self.consensus.finish(row)
+
+    def memory_bytes(self) -> int:
+        return self.stand.memory_bytes() + self.consensus.memory_bytes()
