@@ -134,17 +134,23 @@ def profile_cmd(
     cache_len: int = typer.Option(500, "--cache-len", help="Tokens already in the cache"),
     reps: int = typer.Option(10, "--reps", help="Timed forwards per size (median reported)"),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the curves as JSON"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
 ):
     """Milliseconds per forward by new tokens (1..64) and by batch (4, 8, 16 rows), ours beside Hugging Face."""
+    import torch
+
     from .profile import ProfileConfig, as_json, cost_curves, profile_targets, table_lines
     from .models import load_model
 
-    if cache_len < 1 or reps < 1:
-        raise StandError("--cache-len and --reps must be at least 1")
+    if cache_len < 1 or reps < 1 or (threads is not None and threads < 1):
+        raise StandError("--cache-len, --reps and --threads must be at least 1")
+    if threads:
+        torch.set_num_threads(threads)
     target = load_model(model, dtype, backend="hf")
     curves = cost_curves(profile_targets(target), ProfileConfig(cache_len=cache_len, reps=reps),
                          progress=lambda msg: typer.echo(f"  {msg}", err=True))
-    typer.echo(f"ms per forward, {target.name}, {target.dtype}, cache {cache_len}, median of {reps}")
+    typer.echo(f"ms per forward, {target.name}, {target.dtype}, cache {cache_len}, median of {reps}, "
+               f"{torch.get_num_threads()} threads")
     for line in table_lines(curves):
         typer.echo(line)
     if json_path:
