@@ -89,8 +89,8 @@ def generate(prompts: str | list[str], model: Target | str | None = None, n: int
     spec = (spec or SpecConfig(method=method)).validate()
     target = resolve_target(model, dtype)
     groups = build_rows(encode_prompts(target, prompts, chat), n, params)
-    drafter = drafter or make_drafter(spec, target.vocab_size)
-    engine = Engine(target, drafter)
+    drafter = drafter or make_drafter(spec, target.vocab_size, target)
+    engine = Engine(target, drafter, spec.step_tokens)
     for rows in groups:
         run_group(engine, rows, schedule, on_commit)
     return [[to_sample(r) for r in rows] for rows in groups]

@@ -84,8 +84,9 @@ def token_logprobs(logits: torch.Tensor, nodes: list[int], tokens: list[int]) ->
 
 
 class Engine:
-    def __init__(self, target: Target, drafter: Drafter):
-        self.target, self.drafter = target, drafter
+    def __init__(self, target: Target, drafter: Drafter, step_tokens: int | None = None):
+        """step_tokens: most tokens one verification pass may carry over all rows (None: no cap)."""
+        self.target, self.drafter, self.step_tokens = target, drafter, step_tokens
 
     @torch.inference_mode()
     def run(self, rows: list[Row], on_commit: OnCommit | None = None, finish: bool = True) -> list[Row]:
@@ -135,7 +136,8 @@ class Engine:
 
     def _step(self, live: list[Row], cache, lengths: list[int], on_commit: OnCommit | None) -> list[int]:
         S = max(lengths)
-        trees = [self._draft(r) for r in live]
+        per_row = None if self.step_tokens is None else max(self.step_tokens // len(live) - 1, 0)
+        trees = [self._draft(r, per_row) for r in live]
         logits = self.target.forward(cache, tree_batch(trees, [r.tokens[-1] for r in live], lengths, S))  # [B, T, V]
         verdicts, probs = [], []
         for b, (r, tree) in enumerate(zip(live, trees)):
@@ -155,12 +157,14 @@ class Engine:
                 on_commit(r, new)
         return lengths
 
-    def _draft(self, r: Row) -> DraftTree:
+    def _draft(self, r: Row, max_nodes: int | None) -> DraftTree:
+        """The drafter's tree, cut to the row's room (tokens left, context left) and its share of the pass."""
         t = time.perf_counter()
         tree = self.drafter.propose(r)
         r.stats.draft_seconds += time.perf_counter() - t
         room = min(r.params.max_new_tokens - r.stats.new_tokens, self.target.max_len - len(r.tokens)) - 1
-        return tree.clip(max(room, 0))
+        tree = tree.clip(max(room, 0))
+        return tree if max_nodes is None else tree.prefix(max_nodes)
 
     def _commit(self, r: Row, new: list[int]) -> list[int]:
         """Appends the step's tokens up to the first stop condition; returns those kept."""

@@ -44,6 +44,7 @@ class SpecConfig:
     """Which drafter proposes, and its knobs (each drafter reads the ones it knows)."""
 
     method: str = "none"
+    step_tokens: int | None = 64  # most tokens per verification pass over all rows of a batch (None: no cap)
     # prompt lookup
     pld_max_ngram: int = 3
     pld_num_tokens: int = 10
@@ -72,6 +73,8 @@ class SpecConfig:
 
         if self.method not in DRAFTERS:
             raise StandError(f"unknown method {self.method!r}; choose from {', '.join(sorted(DRAFTERS))}")
+        if self.step_tokens is not None and self.step_tokens < 1:
+            raise StandError(f"step_tokens must be >= 1, got {self.step_tokens}")
         if self.max_n < 1:
             raise StandError(f"max_n must be >= 1, got {self.max_n}")
         return self

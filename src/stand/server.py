@@ -572,10 +572,11 @@ class State:
     def _load(self) -> None:
         try:
             target = self.loader()
-            self.drafter = make_drafter(self.config.spec(), target.vocab_size, target)
+            spec = self.config.spec()
+            self.drafter = make_drafter(spec, target.vocab_size, target)
             if self.config.table and not hasattr(self.drafter, "save_table"):
                 log.warning("method %s keeps no table; --table %s is ignored", self.config.method, self.config.table)
-            self.worker = Worker(Engine(target, self.drafter), self.config, self.metrics)
+            self.worker = Worker(Engine(target, self.drafter, spec.step_tokens), self.config, self.metrics)
             self.target = target
             log.info("model %s ready (method %s)", target.name, self.config.method)
         except Exception as e:

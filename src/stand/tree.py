@@ -76,6 +76,12 @@ class DraftTree:
             out.add(self.tokens[i], -1 if p < 0 else int(remap[p]), self.qs[i], self.tags[i])
         return out
 
+    def prefix(self, k: int) -> "DraftTree":
+        """The first k nodes: still a tree (parents come first), siblings still in draw order."""
+        if k >= len(self):
+            return self
+        return DraftTree(self.tokens[:k], self.parents[:k], self.qs[:k], self.tags[:k])
+
     def children(self) -> list[list[int]]:
         """Children of every node in root-0 indexing: children()[0] are the root's."""
         kids: list[list[int]] = [[] for _ in range(len(self.tokens) + 1)]
