@@ -247,3 +247,23 @@ def test_profile_cli_writes_json(tmp_path):
     assert set(data["ours"]) == {"1", "2", "4", "8", "16", "32", "64"}
     assert set(data["batch_ours"]) == {"4", "8", "16"}
     assert "64 tokens" in res.output
+
+
+def test_lean_llama_with_attention_bias_equal_hf():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stand.models import Target
+
+    torch.manual_seed(8)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, attention_bias=True, max_position_embeddings=256,
+                      attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+                m.bias.normal_()
+    hf = Target(model, None, "tiny-llama-bias", torch.float32)
+    lean = LeanTarget.from_target(hf)
+    for r, g in zip(drive(hf, PROMPTS, STEPS), drive(lean, PROMPTS, STEPS)):
+        assert torch.allclose(r, g, atol=1e-4, rtol=0)

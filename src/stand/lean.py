@@ -55,8 +55,6 @@ def unsupported_reason(model) -> str | None:
         return f"activation {cfg.hidden_act!r}"
     if getattr(cfg, "mlp_bias", False):
         return "MLP biases"
-    if arch == "llama" and getattr(cfg, "attention_bias", False):
-        return "attention biases on the output projection"
     if arch == "qwen2" and getattr(cfg, "use_sliding_window", False):
         return "sliding-window attention"
     rope = getattr(model.model.rotary_emb, "rope_type", "default")
@@ -148,6 +146,10 @@ def _share(linears, weight: torch.Tensor) -> None:
         start += n
 
 
+def _bias(linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach()
+
+
 def build_layer(hf_layer, mode: str) -> LeanLayer:
     attn, mlp = hf_layer.self_attn, hf_layer.mlp
     qkv_mods, gu_mods = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
@@ -156,7 +158,7 @@ def build_layer(hf_layer, mode: str) -> LeanLayer:
     _share(qkv_mods, wqkv)
     _share(gu_mods, wgu)
     return LeanLayer(ln1=hf_layer.input_layernorm.weight.detach(), qkv=Linear(wqkv, bqkv, mode),
-                     o=Linear(attn.o_proj.weight.detach(), None, mode),
+                     o=Linear(attn.o_proj.weight.detach(), _bias(attn.o_proj), mode),
                      ln2=hf_layer.post_attention_layernorm.weight.detach(),
                      gate_up=Linear(wgu, None, mode), down=Linear(mlp.down_proj.weight.detach(), None, mode))
 
