@@ -2,7 +2,7 @@
 
 import pytest
 
-from lossless import engine_samples, exact_joint, marginal_pvalues, small_target
+from lossless import K, engine_samples, exact_joint, marginal_pvalues, small_target
 from stand.drafters import DRAFTERS
 from stand.params import SamplingParams, SpecConfig
 
