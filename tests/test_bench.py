@@ -141,3 +141,11 @@ def test_cli_bench_writes_json_and_plots(tiny, tmp_path, monkeypatch):
     assert (tmp_path / "p" / "tok_per_s.png").exists()
     bad = CliRunner().invoke(app, ["bench", "--repeats", "0"])
     assert bad.exit_code == 2 and "repeats" in bad.output
+
+
+def test_markdown_table_has_a_line_per_row(rows):
+    from stand.bench import markdown_table
+
+    lines = markdown_table(rows).splitlines()
+    assert len(lines) == 2 + len(rows) and all(line.count("|") == lines[0].count("|") for line in lines)
+    assert lines[2].split("|")[1].strip() == max(rows, key=lambda r: r["tok_per_s"])["method"]

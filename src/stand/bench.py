@@ -185,8 +185,8 @@ def run_hf(target: Target, method: str, n: int, problem: Problem, cfg: BenchConf
     t = time.perf_counter()
     ids = target.encode(problem.prompt)
     outs, passes = hf_generate(target, ids, method, n, cfg.temperature, cfg.max_new_tokens, seed)
+    texts = [target.decode(o) for o in outs]  # timed, as our rows' detokenising is
     seconds = time.perf_counter() - t
-    texts = [target.decode(o) for o in outs]
     return Run(sum(map(len, outs)), seconds, passes, None, None, _majority_correct(texts, problem.answer))
 
 
@@ -201,11 +201,14 @@ def run_variant(target: Target, v: Variant, problem: Problem, cfg: BenchConfig, 
 # The loop
 
 
-def warm_up(target: Target, variants: list[Variant], problem: Problem, cfg: BenchConfig) -> None:
+def warm_up(target: Target, variants: list[Variant], problem: Problem, cfg: BenchConfig,
+            progress: Progress | None = None) -> None:
     """Each variant once on a few tokens, untimed: one-off costs do not land on whoever runs first."""
     short = BenchConfig(cfg.methods, cfg.dataset, 1, cfg.ns, cfg.temperature, min(8, cfg.max_new_tokens), cfg.seed,
                         cfg.schedules)
     for v in variants:
+        if progress:
+            progress(f"warm-up {label(v)}", False)
         run_variant(target, v, problem, short, cfg.seed)
 
 
@@ -223,7 +226,7 @@ def bench(target: Target, cfg: BenchConfig, progress: Progress | None = None) ->
     interrupted = False
     try:
         if cfg.warmup:
-            warm_up(target, variants, problems[0], cfg)
+            warm_up(target, variants, problems[0], cfg, progress)
         for r in range(cfg.repeats):
             for i, p in enumerate(problems):
                 for v in rotated(variants, r * len(problems) + i):
@@ -373,3 +376,33 @@ def rich_table(rows: list[dict]):
     for r in sorted(rows, key=lambda r: (r["n"], -r["tok_per_s"])):
         table.add_row(*[_fmt(r, key) for key, _ in SCREEN])
     return table
+
+
+MARKDOWN = (("method", "method"), ("n", "n"), ("schedule", "schedule"), ("tok_per_s", "tok/s"),
+            ("speedup_vs_none", "x none"), ("speedup_vs_hf", "x hf"), ("mean_accepted", "tokens/step"),
+            ("draft_share", "drafting"), ("table_bytes", "table MiB"), ("accuracy", "accuracy"))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a GitHub markdown table (fastest first within each n), for the README."""
+    lines = ["| " + " | ".join(h for _, h in MARKDOWN) + " |", "|" + "---|" * len(MARKDOWN)]
+    for r in sorted(rows, key=lambda r: (r["n"], -r["tok_per_s"])):
+        lines.append("| " + " | ".join(_fmt(r, k) for k, _ in MARKDOWN) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m stand.bench RESULTS.json: the rows as a markdown table."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m stand.bench RESULTS.json")
+    try:
+        print(markdown_table(read_json(argv[0])))
+    except StandError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

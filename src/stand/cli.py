@@ -101,14 +101,14 @@ def bench_cmd(
     SamplingParams(temperature, max_new_tokens=max_new_tokens).validate()
     target = load_model(model, dtype)
     rows = _bench_with_bar(target, cfg)
-    Console(width=None if sys.stdout.isatty() else 160).print(rich_table(rows))  # a log file keeps every column
-    if json_path:
+    if json_path:  # files first: a Ctrl-C may also have closed the pipe behind stdout
         write_json(rows, json_path)
     if plot:
         from .plots import plot_all
 
         for path in plot_all(rows, plot):
             typer.echo(f"wrote {path}", err=True)
+    Console(width=None if sys.stdout.isatty() else 160).print(rich_table(rows))  # a log file keeps every column
     if not rows or rows[0]["interrupted"]:
         typer.echo("interrupted: the rows cover the problems that every method finished", err=True)
         raise typer.Exit(130)

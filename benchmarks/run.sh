@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The exact commands behind the README's benchmark figures. Run on an IDLE machine, one at a time:
+# two processes that each use the cores slow each other down by large factors.
+#
+#   bash benchmarks/run.sh            # main table + speed-up-vs-N sweep into benchmarks/results/
+#   bash benchmarks/run.sh main       # only the main table
+#   bash benchmarks/run.sh sweep      # only the sweep
+#   bash benchmarks/run.sh smoke      # a 1-problem, 32-token check of the whole pipeline (into /tmp)
+#
+# Knobs (environment): DTYPE (auto = bfloat16 where the CPU has native bf16), REPEATS, PROBLEMS, TOKENS.
+# A Ctrl-C still prints and writes the rows of the problems that every method finished.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WHAT=${1:-all}
+DTYPE=${DTYPE:-auto}
+REPEATS=${REPEATS:-1}
+OUT=benchmarks/results
+MAIN_METHODS=none,pld,recycle,stand,consensus,ngrammys,stand+consensus,hf,hf-pld,hf-batched
+SWEEP_METHODS=none,pld,recycle,stand,consensus,stand+consensus,hf,hf-batched
+
+machine() {  # what the numbers were measured on, beside them
+  {
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo ' (+ uncommitted changes in src)')"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    echo "cores: $(nproc)  memory: $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)"
+    echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+    python3 -c 'import sys, torch, transformers; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")'
+  } > "$1"
+}
+
+run_main() {  # the README's main table: CHAMP, 10 problems, 512 new tokens, T=0.6, n = 1 and 8
+  machine "$OUT/main.machine.txt"
+  stand bench --methods "$MAIN_METHODS" --dataset champ --problems "${PROBLEMS:-10}" --n 1,8 \
+    --temperature 0.6 --max-new-tokens "${TOKENS:-512}" --seed 0 --repeats "$REPEATS" --dtype "$DTYPE" \
+    --json "$OUT/main.json" --plot "$OUT/main" | tee -i "$OUT/main.txt"
+  python3 -m stand.bench "$OUT/main.json" > "$OUT/main.md"
+}
+
+run_sweep() {  # speed-up against N: fewer problems and tokens, since n=16 costs 16 samples per problem
+  machine "$OUT/sweep.machine.txt"
+  stand bench --methods "$SWEEP_METHODS" --dataset champ --problems "${PROBLEMS:-4}" --n 1,2,4,8,16 \
+    --temperature 0.6 --max-new-tokens "${TOKENS:-256}" --seed 0 --repeats "$REPEATS" --dtype "$DTYPE" \
+    --json "$OUT/sweep.json" --plot "$OUT/sweep" | tee -i "$OUT/sweep.txt"
+  python3 -m stand.bench "$OUT/sweep.json" > "$OUT/sweep.md"
+}
+
+run_smoke() {
+  OUT=$(mktemp -d /tmp/stand-bench-smoke.XXXX)
+  stand bench --methods "$MAIN_METHODS" --dataset champ --problems 1 --n 1,2 --temperature 0.6 \
+    --max-new-tokens 32 --dtype "$DTYPE" --json "$OUT/smoke.json" --plot "$OUT/plots"
+  python3 -m stand.bench "$OUT/smoke.json"
+  echo "smoke results in $OUT"
+}
+
+mkdir -p "$OUT"
+case "$WHAT" in
+  all) run_main; run_sweep ;;
+  main) run_main ;;
+  sweep) run_sweep ;;
+  smoke) run_smoke ;;
+  *) echo "usage: $0 [all|main|sweep|smoke]" >&2; exit 2 ;;
+esac
