@@ -149,3 +149,34 @@ def test_markdown_table_has_a_line_per_row(rows):
     lines = markdown_table(rows).splitlines()
     assert len(lines) == 2 + len(rows) and all(line.count("|") == lines[0].count("|") for line in lines)
     assert lines[2].split("|")[1].strip() == max(rows, key=lambda r: r["tok_per_s"])["method"]
+
+
+def test_cli_interrupted_still_writes_the_finished_rows(tiny, tmp_path, monkeypatch):
+    """A SIGTERM (as from `timeout`) during problem 2: JSON holds problem 1's rows, exit code 130."""
+    import os
+    import signal
+
+    from typer.testing import CliRunner
+
+    import stand.bench
+    import stand.models
+    from stand.cli import app
+
+    monkeypatch.setattr(stand.models, "load_model", lambda *a, **k: tiny)
+    real, calls = stand.bench.run_variant, []
+
+    def run_variant(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # none and pld finished problem 1; the first run of problem 2 is cut short
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(stand.bench, "run_variant", run_variant)
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["bench", "--methods", "none,pld", "--problems", "2", "--max-new-tokens", "8",
+                                   "--no-warmup", "--json", str(out)])
+    assert res.exit_code == 130, res.output
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["problems"], r["interrupted"]) for r in rows] == [("none", 1, True), ("pld", 1, True)]
+    assert signal.getsignal(signal.SIGTERM) is handler and "interrupted" in res.output  # handler restored

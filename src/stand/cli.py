@@ -115,15 +115,24 @@ def bench_cmd(
 
 
 def _bench_with_bar(target, cfg) -> list[dict]:
+    import signal
+
     from tqdm import tqdm
 
     from .bench import bench
 
-    with tqdm(total=cfg.repeats * cfg.problems * len(cfg.variants()), desc="bench", unit="run", file=sys.stderr) as bar:
-        def progress(label: str, done: bool) -> None:
-            bar.update(1) if done else bar.set_postfix_str(label)
+    def stop(*_):
+        raise KeyboardInterrupt  # a `kill` or `timeout` keeps the finished rows, as a Ctrl-C does
 
-        return bench(target, cfg, progress=progress)
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        with tqdm(total=cfg.repeats * cfg.problems * len(cfg.variants()), desc="bench", unit="run", file=sys.stderr) as bar:
+            def progress(label: str, done: bool) -> None:
+                bar.update(1) if done else bar.set_postfix_str(label)
+
+            return bench(target, cfg, progress=progress)
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @app.command("profile")
