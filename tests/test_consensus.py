@@ -191,3 +191,21 @@ def test_greedy_stand_consensus_equals_plain_greedy():
     for a, b in zip(plain, both):
         assert a.tokens == b.tokens
     assert sum(r.stats.steps for r in both) < sum(r.stats.steps for r in plain)
+
+
+REAL_PROMPTS = ["What is 17 * 23? Think step by step.", "Write a Python function that reverses a string."]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["consensus", "stand+consensus"])
+def test_real_model_greedy_equals_plain(real_f32, method):
+    """2 prompts x 64 tokens, N=4 rows per prompt in one batch: every row equals plain greedy."""
+    prompts = [real_f32.encode(p) for p in REAL_PROMPTS]
+    def rows():
+        return [Row(list(p), SamplingParams(max_new_tokens=64), group=g, index=i)
+                for g, p in enumerate(prompts) for i in range(4)]
+    plain = Engine(real_f32, make_drafter(SpecConfig(method="none"), real_f32.vocab_size)).run(
+        [Row(list(p), SamplingParams(max_new_tokens=64), group=g) for g, p in enumerate(prompts)])
+    spec = Engine(real_f32, make_drafter(SpecConfig(method=method), real_f32.vocab_size, real_f32)).run(rows())
+    for r in spec:
+        assert r.tokens == plain[r.group].tokens

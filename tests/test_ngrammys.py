@@ -110,3 +110,18 @@ def test_greedy_ngrammys_equals_plain_greedy(target, tables, with_tables):
     for a, b in zip(plain, ngr):
         assert a.tokens == b.tokens
     assert sum(r.stats.steps for r in ngr) < sum(r.stats.steps for r in plain)
+
+
+@pytest.mark.slow
+def test_real_model_greedy_equals_plain(real_f32):
+    """2 prompts x 64 tokens, N=4 rows per prompt, with the real model's bigram table (built once, cached)."""
+    prompts = [real_f32.encode(p) for p in ["What is 17 * 23? Think step by step.",
+                                              "Write a Python function that reverses a string."]]
+    plain = Engine(real_f32, make_drafter(SpecConfig(method="none"), real_f32.vocab_size)).run(
+        [Row(list(p), SamplingParams(max_new_tokens=64), group=g) for g, p in enumerate(prompts)])
+    drafter = make_drafter(SpecConfig(method="ngrammys"), real_f32.vocab_size, real_f32)
+    rows = [Row(list(p), SamplingParams(max_new_tokens=64), group=g, index=i)
+            for g, p in enumerate(prompts) for i in range(4)]
+    for r in Engine(real_f32, drafter).run(rows):
+        assert r.tokens == plain[r.group].tokens
+        assert r.stats.mean_accepted > 1.0
