@@ -180,3 +180,20 @@ def test_cli_interrupted_still_writes_the_finished_rows(tiny, tmp_path, monkeypa
     rows = json.loads(out.read_text())
     assert [(r["method"], r["problems"], r["interrupted"]) for r in rows] == [("none", 1, True), ("pld", 1, True)]
     assert signal.getsignal(signal.SIGTERM) is handler and "interrupted" in res.output  # handler restored
+
+
+def test_greedy_anchors_at_n2_match_plain_decoding(tiny):
+    """Greedy: hf-batched (a hand-built batch, as HF refuses num_return_sequences there) runs, and every row
+    produces as many tokens as plain decoding (the same greedy text, or EOS at the same place)."""
+    from stand.bench import hf_generate, run_variant
+    from stand.datasets import champ
+
+    problem = champ(1)[0]
+    ids = tiny.encode(problem.prompt)
+    seqs = {m: hf_generate(tiny, ids, m, 2, 0.0, 12, 0)[0] for m in ("hf", "hf-batched")}
+    assert seqs["hf"] == seqs["hf-batched"] and seqs["hf"][0] == seqs["hf"][1]
+    ours = run_variant(tiny, ("none", 2, "batched"), problem, BenchConfig(max_new_tokens=12), 0)
+    assert ours.new_tokens == sum(map(len, seqs["hf"]))
+    from stand.api import generate
+
+    assert generate(problem.prompt, model=tiny, max_new_tokens=12)[0][0].token_ids == seqs["hf"][0]

@@ -151,25 +151,37 @@ class _ForwardCount:
         self.handle.remove()
 
 
+def hf_config(target: Target, method: str, temperature: float, max_new_tokens: int, n: int = 1):
+    """A clean GenerationConfig: the model's own defaults (repetition penalty, top-k 50, ...) would sample from
+    another distribution than our rows; this one is the plain target distribution at `temperature`."""
+    from transformers import GenerationConfig
+
+    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
+    extra = dict(prompt_lookup_num_tokens=10) if method == "hf-pld" else {}
+    if method == "hf-batched" and temperature > 0:
+        extra["num_return_sequences"] = n
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=sorted(target.eos_ids),
+                            pad_token_id=target.tokenizer.pad_token_id or min(target.eos_ids), **sampling, **extra)
+
+
 def hf_generate(target: Target, prompt_ids: list[int], method: str, n: int, temperature: float,
                 max_new_tokens: int, seed: int) -> tuple[list[list[int]], int]:
-    """Hugging Face generate as a user would call it; returns (new ids per sample, forward passes x rows)."""
-    ids = torch.tensor([prompt_ids])  # [1, P]
-    kw = dict(max_new_tokens=max_new_tokens, attention_mask=torch.ones_like(ids),
-              pad_token_id=target.tokenizer.pad_token_id or min(target.eos_ids))
-    kw.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else kw.update(do_sample=False)
-    if method == "hf-pld":
-        kw["prompt_lookup_num_tokens"] = 10
+    """Hugging Face generate as a user would call it; returns (new ids per sample, forward passes x rows).
+
+    hf, hf-pld: n calls, one sample each. hf-batched: one call for all n (num_return_sequences=n; greedy, which
+    HF refuses that for, gets the same batch of n copies of the prompt).
+    """
+    config = hf_config(target, method, temperature, max_new_tokens, n)
+    batched = method == "hf-batched"
+    ids = torch.tensor([prompt_ids] * (n if batched and temperature == 0 else 1))  # [1 or n, P]
+    calls = 1 if batched else n
     torch.manual_seed(seed)
-    outs, passes = [], 0
+    outs = []
     with torch.inference_mode(), _ForwardCount(target.model) as fc:
-        if method == "hf-batched":
-            outs = _new_ids(target, target.model.generate(ids, num_return_sequences=n, **kw), len(prompt_ids))
-            return outs, fc.calls * n
-        for _ in range(n):
-            outs += _new_ids(target, target.model.generate(ids, **kw), len(prompt_ids))
-        passes = fc.calls
-    return outs, passes
+        for _ in range(calls):
+            out = target.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)  # [R, P + T]
+            outs += _new_ids(target, out, len(prompt_ids))
+    return outs, fc.calls * (n if batched else 1)
 
 
 def _new_ids(target: Target, out: torch.Tensor, prompt_len: int) -> list[list[int]]:

@@ -128,6 +128,8 @@ def _bench_with_bar(target, cfg) -> list[dict]:
     try:
         with tqdm(total=cfg.repeats * cfg.problems * len(cfg.variants()), desc="bench", unit="run", file=sys.stderr) as bar:
             def progress(label: str, done: bool) -> None:
+                if not done and bar.n == 0 and not label.startswith("warm-up"):
+                    bar.reset()  # the rate and the time left count from the first timed run
                 bar.update(1) if done else bar.set_postfix_str(label)
 
             return bench(target, cfg, progress=progress)
