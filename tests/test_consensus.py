@@ -92,8 +92,10 @@ def test_index_is_incremental_and_spans_rows():
     toks, probs = g.continuation(PROMPT, 2, 3)
     assert toks.tolist() == [12, 10, 11] and probs.tolist() == [0.2, 0.3, 0.4]
     assert g.matches(1, 8) == []  # (11, 14): nowhere else
-    g.append(1, [10, 11], [0.5, 0.5])
-    assert g.matches(1, 8)[0] == (1, 8)  # a row's own earlier text counts too
+    g.append(0, [99, 11], [0.5, 0.5])
+    assert g.matches(0, 8) == []  # (99, 11): no 2-gram match
+    # backing off to (11,): after 11 in row 0 itself (99), row 1 (14), the prompt (13, 12); latest first
+    assert g.matches(0, 8, min_n=1) == [(0, 8), (1, 8), (PROMPT, 5), (PROMPT, 2)]
 
 
 def test_edit_distance_many_matches_a_reference():

@@ -4,7 +4,8 @@ Every row of a group keeps its tokens and, for each generated token, the probabi
 sampler gave it. A hash of k-grams to (row, position) covers all rows of the group and grows as
 tokens are accepted. To draft for row i, its last k tokens are looked up in every row (its own
 earlier text included) and in the group's prompt (one track, weighted by the target's probabilities
-over the prompt); the continuations (up to L tokens) are merged into a DAG where an equal
+over the prompt); without a match (exact, then fuzzy if enabled) it backs off to its last k-1 .. 1
+tokens, as prompt lookup does. The continuations (up to L tokens) are merged into a DAG where an equal
 token at an equal depth is one node, and each edge gets
 
     w = alpha * mean_prob + (1 - alpha) * frequency
@@ -67,9 +68,9 @@ PROMPT = -1  # the uid of a group's prompt track
 
 
 class GroupIndex:
-    """k-grams of every track of one group -> [(track uid, position of the token after the k-gram)].
+    """n-grams (n = 1..k) of every track of one group -> [(track uid, position of the next token)].
 
-    A k-gram is indexed once the token after it exists, so every entry has a continuation.
+    An n-gram is indexed once the token after it exists, so every entry has a continuation.
     """
 
     def __init__(self, k: int):
@@ -97,18 +98,22 @@ class GroupIndex:
         old = track.n
         track.extend(tokens, probs)
         toks = track.tokens
-        for s in range(max(old, track.first_start, self.k), track.n):  # s: continuation start
-            key = tuple(toks[s - self.k:s].tolist())
-            self.index.setdefault(key, []).append((uid, s))
-            self.entries += 1
+        for s in range(max(old, track.first_start, 1), track.n):  # s: continuation start
+            gram = toks[max(s - self.k, 0):s].tolist()
+            for n in range(1, len(gram) + 1):  # every order 1..k: lookups back off to shorter suffixes
+                self.index.setdefault(tuple(gram[-n:]), []).append((uid, s))
+            self.entries += len(gram)
 
-    def matches(self, uid: int, limit: int) -> list[tuple[int, int]]:
-        """The most recent (track, start) after a k-gram equal to row uid's last k tokens."""
+    def matches(self, uid: int, limit: int, min_n: int | None = None) -> list[tuple[int, int]]:
+        """The most recent (track, start) after an n-gram equal to row uid's last n tokens, for the
+        longest n (k down to min_n, default k) that has any."""
         track = self.tracks[uid]
-        if track.n < self.k:
-            return []
-        hits = self.index.get(tuple(track.tokens[track.n - self.k:track.n].tolist()), [])
-        return hits[-limit:][::-1]
+        tail = track.tokens[max(track.n - self.k, 0):track.n].tolist()
+        for n in range(len(tail), (self.k if min_n is None else min_n) - 1, -1):
+            hits = self.index.get(tuple(tail[-n:]))
+            if hits:
+                return hits[-limit:][::-1]
+        return []
 
     def fuzzy_matches(self, uid: int, max_dist: int, limit: int) -> list[tuple[int, int]]:
         """(track, start) after windows within token edit distance max_dist of row uid's last k tokens."""
@@ -286,6 +291,7 @@ class ConsensusDrafter(Drafter):
     def __init__(self, config, vocab_size: int):
         super().__init__(config, vocab_size)
         self.k = max(1, int(config.consensus_k))
+        self.min_n = 1  # back off from k-grams to shorter suffixes when the k-gram has no match
         self.groups: dict[tuple[int, int], GroupIndex] = {}
 
     def start(self, row, prompt_probs=None) -> None:
@@ -302,10 +308,12 @@ class ConsensusDrafter(Drafter):
 
     def continuations(self, row) -> list[tuple[np.ndarray, np.ndarray]]:
         group = self._group(row)
-        hits = group.matches(row.uid, MAX_MATCHES)
+        hits = group.matches(row.uid, MAX_MATCHES)  # the k-gram
         fuzzy = int(self.config.consensus_fuzzy)
         if not hits and fuzzy > 0:
             hits = group.fuzzy_matches(row.uid, fuzzy, MAX_MATCHES)
+        if not hits:
+            hits = group.matches(row.uid, MAX_MATCHES, self.min_n)  # back off to shorter suffixes
         return [group.continuation(src, start, self.config.consensus_len) for src, start in hits]
 
     def propose(self, row) -> DraftTree:
