@@ -145,4 +145,5 @@ def test_real_model_bfloat16_pld_diverges_only_at_near_ties():
         with torch.inference_mode():
             logits = target.model(torch.tensor([ids[0] + a[:k]])).logits[0, -1].float()
         top2 = torch.topk(logits, 2).values
-        assert (top2[0] - top2[1]).item() < 0.1
+        ulp = 2.0 ** (torch.floor(torch.log2(top2[0].abs())).item() - 7)  # bfloat16 spacing at that magnitude
+        assert (top2[0] - top2[1]).item() <= 4 * ulp  # within a few roundings of a tie
