@@ -92,17 +92,13 @@ def verify_sample(tree: DraftTree, probs: torch.Tensor, rng: np.random.Generator
                 nxt = c
                 break
             p[ids] = np.maximum(p[ids] / total - qp, 0.0) * total  # residual max(p - q, 0)
-            if p.sum() <= 1e-12 * total:  # p was q up to rounding: nothing left to correct
+            if p.sum() <= 1e-12 * total:  # p was q up to rounding: fall back to p less the rejected drafts
                 p = probs[node].double().numpy().copy()
-                p[tree_tokens_of(tree, kids[node])] = 0.0
+                p[[tree.tokens[k - 1] for k in kids[node][: kids[node].index(c) + 1]]] = 0.0
         if nxt is None:
             return Verdict(accepted, _draw(p, p.sum(), rng))
         accepted.append(nxt)
         node = nxt
-
-
-def tree_tokens_of(tree: DraftTree, nodes: list[int]) -> list[int]:
-    return [tree.tokens[c - 1] for c in nodes]
 
 
 def verify(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
