@@ -37,14 +37,15 @@ def exact_joint(target: Target, params: SamplingParams) -> np.ndarray:
     return step.prod(-1).reshape([V] * K).numpy()
 
 
-def engine_samples(target: Target, spec: SpecConfig, params: SamplingParams, n: int, batch: int = 250):
-    """[n, K] continuations from the engine (rows of a batch share one drafter group), and tokens per step."""
+def engine_samples(target: Target, spec: SpecConfig, params: SamplingParams, n: int, batch: int = 250, grid=None):
+    """[n, K] continuations from the engine (rows of a batch share one drafter group), and tokens per step.
+    grid: a cost grid that sizes every row's tree (budget.py); None: whole trees."""
     drafter = make_drafter(spec, target.vocab_size, target)  # target: drafters with model tables build them
     out, steps = [], 0
     for b in range(n // batch):
         p = SamplingParams(params.temperature, params.top_p, params.top_k, K, seed=1000 + b, ignore_eos=True)
         rows = [Row(PROMPT, p, group=b, index=i) for i in range(batch)]
-        Engine(target, drafter).run(rows)
+        Engine(target, drafter, grid=grid).run(rows)
         out += [r.generated for r in rows]
         steps += sum(r.stats.steps for r in rows)
     return np.array(out), len(out) * K / steps

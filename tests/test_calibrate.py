@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from stand.calibrate import (CalibrateConfig, calibrate, choose_m, expected_accepted, interpolate_cost, measure_cost,
-                             save, top_m)
+from stand.budget import CostGrid
+from stand.calibrate import CalibrateConfig, calibrate, choose_m, expected_accepted, interpolate_cost, save, top_m
 from stand.drafters.stand import StandDrafter
 from stand.errors import StandError
 from stand.params import SpecConfig
@@ -44,7 +44,8 @@ def test_calibration_on_tiny_model(tiny, tmp_path):
     prompts = [tiny.encode(t) for t in TEXTS]
     cfg = CalibrateConfig(problems=2, max_new_tokens=40, template_size=120, max_m=60, temperature=0.8)
     cost = {1: 10.0, 2: 10.5, 4: 11.0, 8: 12.0, 16: 14.0, 32: 20.0, 64: 32.0}
-    cal = calibrate(tiny, prompts, cfg, cost_ms=cost)
+    grid = CostGrid({1: cost, 4: {1: 12.0, 2: 14.0, 4: 30.0}})
+    cal = calibrate(tiny, prompts, cfg, grid=grid)
     assert cal.steps > 0 and cal.hits.sum() > 0
     M = cal.m
     assert len(cal.tree) == M
@@ -61,8 +62,11 @@ def test_calibration_on_tiny_model(tiny, tmp_path):
     assert loaded == cal.tree and loaded.meta["m"] == M and loaded.meta["vocab_size"] == tiny.vocab_size
     doc = json.loads(out.read_text())
     assert doc["provenance"]["cost_ms"]["64"] == 32.0 and doc["size"] == M
+    assert CostGrid.from_dict(doc["provenance"]["cost_grid"]).ms == grid.ms  # the engine sizes batches by it
     d = StandDrafter(SpecConfig(method="stand", tree=str(out)), tiny.vocab_size)
     assert d.template == cal.tree
+    acc = d.acceptance_curve()  # from the kept counts: what choose_m expected for M nodes
+    assert len(acc) == M + 1 and acc[-1] == pytest.approx(meta["expected_accepted"])
 
 
 def test_tree_for_another_vocabulary_warns(tmp_path):
@@ -77,8 +81,3 @@ def test_bad_tree_file(tmp_path):
     path.write_text('{"format": "nope"}')
     with pytest.raises(StandError, match="not a stand tree"):
         TreeTemplate.load(str(path))
-
-
-def test_measure_cost_on_tiny(tiny):
-    cost = measure_cost(tiny, sizes=(1, 4), reps=1, cache_len=16)
-    assert set(cost) == {1, 4} and all(v > 0 for v in cost.values())

@@ -3,7 +3,9 @@
 import pytest
 
 from lossless import K, engine_samples, exact_joint, marginal_pvalues, small_target
-from stand.drafters import DRAFTERS
+from stand.budget import CostGrid
+from stand.drafters import DRAFTERS, make_drafter
+from stand.engine import Engine
 from stand.params import SamplingParams, SpecConfig
 
 # (method, extra SpecConfig fields); drafters add themselves here as they land
@@ -44,3 +46,14 @@ def test_engine_distribution_is_exact(target, method, extra, params):
     assert min(pvals.values()) > 1e-4, pvals
     if method != "none":  # drafts were accepted (and, below K per step, rejected): the test exercised them
         assert 1.02 < per_step < K, per_step
+
+
+def test_trees_cut_by_the_cost_grid_stay_exact(target):
+    """STAND trees cut to the few best nodes a pass can afford (siblings included) keep the distribution."""
+    grid = CostGrid({1: {1: 10.0, 64: 20.0}, 256: {1: 100.0, 2: 101.0, 3: 102.0, 4: 103.0, 5: 104.0, 6: 400.0}})
+    spec = SpecConfig(method="stand")
+    assert Engine(target, make_drafter(spec, target.vocab_size), grid=grid).row_budget(250) == 4
+    samples, per_step = engine_samples(target, spec, PLAIN, n=2000, grid=grid)
+    pvals = marginal_pvalues(samples, exact_joint(target, PLAIN))
+    assert min(pvals.values()) > 1e-4, pvals
+    assert 1.02 < per_step < K, per_step

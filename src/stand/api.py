@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .drafters import make_drafter
 from .drafters.base import Drafter
 from .engine import Engine, OnCommit, Row
+from .budget import resolve_grid
 from .errors import StandError
 from .models import Target, load_model
 from .params import SamplingParams, SpecConfig
@@ -53,6 +54,12 @@ def build_rows(prompt_ids: list[list[int]], n: int, params: SamplingParams) -> l
     return [[Row(ids, params, group=i, index=j) for j in range(n)] for i, ids in enumerate(prompt_ids)]
 
 
+def make_engine(target: Target, spec: SpecConfig, drafter: Drafter | None = None) -> Engine:
+    """The engine for one run: the spec's drafter (built with the target), its pass budget and cost grid."""
+    drafter = drafter or make_drafter(spec, target.vocab_size, target)
+    return Engine(target, drafter, spec.step_tokens, resolve_grid(spec.cost_grid, drafter))
+
+
 def run_group(engine: Engine, rows: list[Row], schedule: str, on_commit: OnCommit | None = None) -> None:
     """The N samples of one prompt: together as one batch, or one after another (later ones draft from earlier)."""
     if schedule not in SCHEDULES:
@@ -89,8 +96,7 @@ def generate(prompts: str | list[str], model: Target | str | None = None, n: int
     spec = (spec or SpecConfig(method=method)).validate()
     target = resolve_target(model, dtype)
     groups = build_rows(encode_prompts(target, prompts, chat), n, params)
-    drafter = drafter or make_drafter(spec, target.vocab_size, target)
-    engine = Engine(target, drafter, spec.step_tokens)
+    engine = make_engine(target, spec, drafter)
     for rows in groups:
         run_group(engine, rows, schedule, on_commit)
     return [[to_sample(r) for r in rows] for rows in groups]

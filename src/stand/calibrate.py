@@ -7,8 +7,10 @@
    the M most-counted nodes (ties to the lower node id, i.e. the parent) form a connected tree.
    Pruning a node never changes the acceptance of the nodes kept (earlier siblings are drawn and
    tested first), so the expected tokens per step of the top-M tree is 1 + sum(kept counts)/steps.
-3. Step cost(M) = verify cost of M+1 tokens (the `stand profile` curve, or measured here) plus
-   drafting time per node times M. M maximises expected tokens per second.
+3. Step cost(M) = verify cost of M+1 tokens (the one-row curve of the cost grid, measured here or
+   given) plus drafting time per node times M. M maximises expected tokens per second.
+4. The tree keeps its counts and the cost grid, so the engine can cut it to fewer nodes per row when
+   a batch makes wide passes dear (budget.py).
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .budget import CostGrid, measure_grid
 from .errors import StandError
 from .templates import TreeTemplate, large_template
-
-CURVE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 @dataclass
@@ -37,8 +38,8 @@ class CalibrateConfig:
     template_size: int = 600
     max_m: int = 160  # largest tree considered
     seed: int = 0
-    cost_curve: str | None = None  # JSON from `stand profile --json`; None = measure here
-    reps: int = 5  # forwards per size when measuring the cost curve
+    cost_curve: str | None = None  # cost grid (`stand profile --grid`) or curve (`--json`) JSON; None = measure here
+    reps: int = 3  # forwards per size when measuring the cost grid
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Calibration:
     m: int = 0
     tree: TreeTemplate | None = None
     curve: dict[str, list[float]] = field(default_factory=dict)  # per M: accepted tokens, tokens/s
+    grid: CostGrid | None = None  # ms per pass by rows and tokens per row (stored with the tree for the engine)
 
 
 def top_m(template: TreeTemplate, hits: np.ndarray, m: int) -> tuple[TreeTemplate, list[int]]:
@@ -94,29 +96,6 @@ def choose_m(hits: np.ndarray, steps: int, cost_ms: dict[int, float], draft_ms_p
                   "tokens_per_s": tps.tolist()}
 
 
-def load_cost_curve(path: str, key: str = "ours") -> dict[int, float]:
-    """{"ours": {"1": ms, ...}} as written by `stand profile --json` -> {1: ms, ...}."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-        curve = doc.get(key) or doc.get("hf")
-        out = {int(k): float(v) for k, v in curve.items()}
-    except (OSError, ValueError, AttributeError, TypeError) as e:
-        raise StandError(f"cannot read a cost curve from {path}: {e}") from e
-    if not out:
-        raise StandError(f"cost curve {path} has no sizes")
-    return out
-
-
-def measure_cost(target, sizes=CURVE_SIZES, reps: int = 5, cache_len: int = 300) -> dict[int, float]:
-    """Median ms of one verify forward by tree size, measured on this machine (noisy if it is shared)."""
-    from .profile import ProfileConfig, cost_curves
-
-    curve = cost_curves({"ours": target}, ProfileConfig(tokens=tuple(sizes), batches=(), cache_len=cache_len,
-                                                        reps=reps, warmup=1))["ours"]
-    return {int(k): float(v) for k, v in curve.tokens.items()}
-
-
 def count_hits(target, prompts: list[list[int]], template: TreeTemplate, cfg: CalibrateConfig,
                progress=None) -> tuple[np.ndarray, int, float]:
     """Decodes the prompts with the large template: (hits per node, steps, drafting ms per node per step)."""
@@ -125,8 +104,7 @@ def count_hits(target, prompts: list[list[int]], template: TreeTemplate, cfg: Ca
     from .params import SamplingParams, SpecConfig
 
     drafter = StandDrafter(SpecConfig(method="stand"), target.vocab_size)
-    drafter.template, drafter.kids = template, template.children()
-    drafter.hits = np.zeros(len(template), dtype=np.int64)
+    drafter.use_template(template)
     engine = Engine(target, drafter)
     steps, draft_s, drafted = 0, 0.0, 0
     for i, prompt in enumerate(prompts):
@@ -141,14 +119,18 @@ def count_hits(target, prompts: list[list[int]], template: TreeTemplate, cfg: Ca
 
 
 def calibrate(target, prompts: list[list[int]], cfg: CalibrateConfig, progress=None,
-              cost_ms: dict[int, float] | None = None) -> Calibration:
+              grid: CostGrid | None = None) -> Calibration:
+    """grid: what a pass costs here (default: cfg.cost_curve, else measured now); its one-row curve picks M."""
     template = large_template(cfg.template_size)
-    if cost_ms is None:
-        cost_ms = load_cost_curve(cfg.cost_curve) if cfg.cost_curve else measure_cost(target, reps=cfg.reps)
+    if grid is None:
+        grid = CostGrid.load(cfg.cost_curve) if cfg.cost_curve else measure_grid(target, reps=cfg.reps)
+    if 1 not in grid.ms:
+        raise StandError("the cost grid has no one-row curve, which calibration needs")
+    cost_ms = dict(grid.ms[1])
     hits, steps, draft_node_ms = count_hits(target, prompts, template, cfg, progress)
     m, curve = choose_m(hits, steps, cost_ms, draft_node_ms, cfg.max_m)
     tree, _ = top_m(template, hits, m)
-    return Calibration(template, hits, steps, draft_node_ms, cost_ms, m, tree, curve)
+    return Calibration(template, hits, steps, draft_node_ms, cost_ms, m, tree, curve, grid)
 
 
 def provenance(cal: Calibration, target, cfg: CalibrateConfig) -> dict:
@@ -158,6 +140,7 @@ def provenance(cal: Calibration, target, cfg: CalibrateConfig) -> dict:
             "m": cal.m, "expected_accepted": cal.curve["accepted"][i],
             "expected_tokens_per_s": cal.curve["tokens_per_s"][i], "draft_ms_per_node": cal.draft_ms_per_node,
             "cost_ms": {str(k): v for k, v in sorted(cal.cost_ms.items())},
+            "cost_grid": cal.grid.to_dict() if cal.grid is not None else None,
             "large_template": {"size": len(cal.template), "depth": cal.template.depth},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 

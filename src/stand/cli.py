@@ -146,6 +146,7 @@ def profile_cmd(
     reps: int = typer.Option(10, "--reps", help="Timed forwards per size (median reported)"),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the curves as JSON"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
+    grid_path: Optional[str] = typer.Option(None, "--grid", help="Also measure ours over rows x tokens per row and write that cost grid (JSON) here"),
 ):
     """Milliseconds per forward by new tokens (1..64) and by batch (4, 8, 16 rows), ours beside Hugging Face."""
     import torch
@@ -167,6 +168,15 @@ def profile_cmd(
     if json_path:
         with open(json_path, "w") as f:
             json.dump(as_json(curves), f, indent=2)
+    if grid_path:
+        from .budget import measure_grid
+        from .lean import with_backend
+
+        grid = measure_grid(with_backend(target, "auto"), reps=reps, progress=lambda msg: typer.echo(f"  grid: {msg}", err=True))
+        grid.save(grid_path)
+        typer.echo(f"ms per forward, rows x tokens per row (wrote {grid_path}):")
+        for rows, curve in sorted(grid.ms.items()):
+            typer.echo(f"{rows:>3} rows: " + "  ".join(f"{t}:{ms:.0f}" for t, ms in sorted(curve.items())))
 
 
 @app.command("calibrate")
@@ -179,7 +189,7 @@ def calibrate_cmd(
     plot: Optional[str] = typer.Option(None, "--plot", help="PNG of accepted tokens and tok/s against M (default: OUT with .png)"),
     temperature: float = typer.Option(0.6, "--temperature", "-t"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
-    cost: Optional[str] = typer.Option(None, "--cost", help="Cost curve JSON from `stand profile --json` (default: measure now)"),
+    cost: Optional[str] = typer.Option(None, "--cost", help="Cost grid from `stand profile --grid` or curve from `--json` (default: measure now)"),
     max_m: int = typer.Option(160, "--max-m", help="Largest tree size considered"),
     model: Optional[str] = ModelOpt,
     dtype: str = DtypeOpt,

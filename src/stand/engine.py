@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .budget import CostGrid, nodes_per_row
 from .drafters.base import Drafter
 from .kv import prefill_batch, tree_batch
 from .models import Target
@@ -84,9 +85,12 @@ def token_logprobs(logits: torch.Tensor, nodes: list[int], tokens: list[int]) ->
 
 
 class Engine:
-    def __init__(self, target: Target, drafter: Drafter, step_tokens: int | None = None):
-        """step_tokens: most tokens one verification pass may carry over all rows (None: no cap)."""
-        self.target, self.drafter, self.step_tokens = target, drafter, step_tokens
+    def __init__(self, target: Target, drafter: Drafter, step_tokens: int | None = None, grid: CostGrid | None = None):
+        """step_tokens: most tokens one verification pass may carry over all rows (None: no cap).
+        grid: what a pass costs here; with it, a drafter that knows its acceptance curve gets the tree size
+        per row that maximises tokens per second for the number of live rows (budget.py)."""
+        self.target, self.drafter, self.step_tokens, self.grid = target, drafter, step_tokens, grid
+        self._budgets: dict[int, int | None] = {}
 
     @torch.inference_mode()
     def run(self, rows: list[Row], on_commit: OnCommit | None = None, finish: bool = True) -> list[Row]:
@@ -136,7 +140,7 @@ class Engine:
 
     def _step(self, live: list[Row], cache, lengths: list[int], on_commit: OnCommit | None) -> list[int]:
         S = max(lengths)
-        per_row = None if self.step_tokens is None else max(self.step_tokens // len(live) - 1, 0)
+        per_row = self.row_budget(len(live))
         trees = [self._draft(r, per_row) for r in live]
         logits = self.target.forward(cache, tree_batch(trees, [r.tokens[-1] for r in live], lengths, S))  # [B, T, V]
         verdicts, probs = [], []
@@ -157,10 +161,20 @@ class Engine:
                 on_commit(r, new)
         return lengths
 
+    def row_budget(self, rows: int) -> int | None:
+        """Draft nodes per row in a pass of `rows` rows: the share of step_tokens, or by cost (see __init__)."""
+        if rows not in self._budgets:
+            cap = None if self.step_tokens is None else max(self.step_tokens // rows - 1, 0)
+            acc = None if self.grid is None else self.drafter.acceptance_curve()
+            if acc is not None:
+                cap = nodes_per_row(acc[: None if cap is None else cap + 1], rows, self.grid)
+            self._budgets[rows] = cap
+        return self._budgets[rows]
+
     def _draft(self, r: Row, max_nodes: int | None) -> DraftTree:
         """The drafter's tree, cut to the row's room (tokens left, context left) and its share of the pass."""
         t = time.perf_counter()
-        tree = self.drafter.propose(r)
+        tree = self.drafter.propose(r, max_nodes)
         r.stats.draft_seconds += time.perf_counter() - t
         room = min(r.params.max_new_tokens - r.stats.new_tokens, self.target.max_len - len(r.tokens)) - 1
         tree = tree.clip(max(room, 0))

@@ -45,6 +45,7 @@ class SpecConfig:
 
     method: str = "none"
     step_tokens: int | None = 64  # most tokens per verification pass over all rows of a batch (None: no cap)
+    cost_grid: str | None = None  # cost grid JSON that sizes trees per pass; None: the one stored with the tree; "off"
     # prompt lookup
     pld_max_ngram: int = 3
     pld_num_tokens: int = 10

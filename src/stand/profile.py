@@ -69,7 +69,7 @@ class Probe:
         return ms
 
 
-def _interleaved(probes: dict[str, Probe], nodes: int, cfg: ProfileConfig) -> dict[str, float]:
+def interleaved(probes: dict[str, Probe], nodes: int, cfg: ProfileConfig) -> dict[str, float]:
     """Median ms per backend, one forward of each backend in turn."""
     times: dict[str, list[float]] = {name: [] for name in probes}
     for i in range(cfg.warmup + cfg.reps):
@@ -86,13 +86,13 @@ def cost_curves(targets: dict[str, Target], cfg: ProfileConfig = ProfileConfig()
     curves = {name: Curve() for name in targets}
     single = {name: Probe(t, 1, cfg.cache_len) for name, t in targets.items()}
     for n in cfg.tokens:
-        for name, ms in _interleaved(single, n, cfg).items():
+        for name, ms in interleaved(single, n, cfg).items():
             curves[name].tokens[str(n)] = ms
         if progress:
             progress(f"{n} tokens")
     for rows in cfg.batches:
         probes = {name: Probe(t, rows, cfg.cache_len) for name, t in targets.items()}
-        for name, ms in _interleaved(probes, 1, cfg).items():
+        for name, ms in interleaved(probes, 1, cfg).items():
             curves[name].batch[str(rows)] = ms
         if progress:
             progress(f"{rows} rows")

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api import build_rows
+from .api import build_rows, make_engine
 from .drafters import DRAFTERS, make_drafter
 from .engine import Engine, Row
 from .errors import StandError
@@ -576,7 +576,7 @@ class State:
             self.drafter = make_drafter(spec, target.vocab_size, target)
             if self.config.table and not hasattr(self.drafter, "save_table"):
                 log.warning("method %s keeps no table; --table %s is ignored", self.config.method, self.config.table)
-            self.worker = Worker(Engine(target, self.drafter, spec.step_tokens), self.config, self.metrics)
+            self.worker = Worker(make_engine(target, spec, self.drafter), self.config, self.metrics)
             self.target = target
             log.info("model %s ready (method %s)", target.name, self.config.method)
         except Exception as e:

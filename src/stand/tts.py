@@ -33,9 +33,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .api import Sample, encode_prompts, resolve_target, run_group, to_sample
+from .api import Sample, encode_prompts, make_engine, resolve_target, run_group, to_sample
 from .datasets import Problem
-from .drafters import make_drafter
 from .engine import Engine, Row
 from .errors import StandError
 from .models import Target
@@ -383,7 +382,7 @@ def probe(target: Target, spec: SpecConfig, n: int, params: SamplingParams, prom
           schedule: str, tokens: int = PROBE_TOKENS) -> float:
     """Tokens per second of n samples of `tokens` tokens each under one schedule (a fresh drafter)."""
     p = SamplingParams(params.temperature, params.top_p, params.top_k, tokens, params.seed, ignore_eos=True)
-    engine = Engine(target, make_drafter(spec, target.vocab_size, target))
+    engine = make_engine(target, spec)
     rows = [Row(prompt_ids, p, group=0, index=j) for j in range(n)]
     t = time.perf_counter()
     run_group(engine, rows, schedule)
@@ -513,7 +512,7 @@ def iter_solve(questions, model=None, n=8, strategy="self-consistency", method="
     spec = (spec or SpecConfig(method=method)).validate()
     target = resolve_target(model, dtype)
     prompt_ids = encode_prompts(target, [p.prompt for p in problems], chat)
-    engine = Engine(target, make_drafter(spec, target.vocab_size, target))
+    engine = make_engine(target, spec)
     if cfg.schedule == "auto":
         cfg.schedule = choose_schedule(target, spec, n, params, prompt_ids[0])
     for i, (problem, ids) in enumerate(zip(problems, prompt_ids)):

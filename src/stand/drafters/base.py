@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ..params import SpecConfig
@@ -30,9 +31,15 @@ class Drafter:
     def start(self, row: "Row", prompt_probs: torch.Tensor | None) -> None:
         """A row enters. prompt_probs: [P-1, V], the distribution after each prompt token but the last."""
 
-    def propose(self, row: "Row") -> DraftTree:
-        """The draft for the next step; the root is row.tokens[-1]."""
+    def propose(self, row: "Row", max_nodes: int | None = None) -> DraftTree:
+        """The draft for the next step; the root is row.tokens[-1]. max_nodes: the row's share of the pass
+        (a drafter may use it to pick its best nodes; the engine cuts any longer tree to its first max_nodes)."""
         return DraftTree()
+
+    def acceptance_curve(self) -> np.ndarray | None:
+        """[M+1] expected tokens per step with m draft nodes (m = 0..M), if the drafter knows it; the engine
+        then sizes each row's tree by the cost of a pass (budget.py)."""
+        return None
 
     def observe(self, row: "Row", tree: DraftTree, probs: torch.Tensor | None, verdict: Verdict) -> None:
         """After verification. row.tokens does not hold the new tokens yet; probs: [len(tree)+1, V]."""

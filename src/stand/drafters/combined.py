@@ -59,10 +59,13 @@ class StandConsensus(Drafter):
         self.stand.start(row, prompt_probs)
         self.consensus.start(row, prompt_probs)
 
-    def propose(self, row) -> DraftTree:
-        tree, added = graft(self.stand.propose(row), self.consensus.propose(row))
+    def propose(self, row, max_nodes: int | None = None) -> DraftTree:
+        tree, added = graft(self.stand.propose(row, max_nodes), self.consensus.propose(row))
         self.grafted += added
         return tree
+
+    def acceptance_curve(self):
+        return self.stand.acceptance_curve()
 
     def observe(self, row, tree, probs, verdict) -> None:
         self.graft_accepted += sum(tree.tags[i - 1] == GRAFT for i in verdict.accepted)

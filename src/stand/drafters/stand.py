@@ -22,7 +22,7 @@ import torch
 
 from ..errors import StandError
 from ..ngram_table import NGramTable, tails_of
-from ..templates import TreeTemplate, check_vocab, heuristic, shipped_tree_path
+from ..templates import DEFAULT_PRIOR, TreeTemplate, check_vocab, heuristic, shipped_tree_path
 from ..tree import DraftTree, SparseDist
 from .base import Drafter
 
@@ -74,6 +74,20 @@ def node_tails(root_tail: np.ndarray, tree: DraftTree) -> np.ndarray:
     return tails
 
 
+def node_acceptance(template: TreeTemplate) -> np.ndarray:
+    """[M] chance that each node lies on the accepted path: calibration counts / steps where the tree has
+    them, else the prior's path value (product of the rank priors along the path)."""
+    meta = template.meta
+    hits, steps = meta.get("hits"), meta.get("steps")
+    if isinstance(hits, list) and len(hits) == len(template) and steps:
+        return np.asarray(hits, dtype=np.float64) / float(steps)
+    prior = list(meta.get("prior") or DEFAULT_PRIOR)
+    p = np.zeros(len(template))
+    for j, (parent, rank) in enumerate(zip(template.parents, template.ranks)):
+        p[j] = (1.0 if parent < 0 else p[parent]) * prior[min(rank, len(prior) - 1)]
+    return p
+
+
 class StandDrafter(Drafter):
     name = "stand"
     wants_probs = True
@@ -81,16 +95,21 @@ class StandDrafter(Drafter):
 
     def __init__(self, config, vocab_size: int):
         super().__init__(config, vocab_size)
-        self.template = self._load_template()
-        self.kids = self.template.children()
+        self.use_template(self._load_template())
         self.tables: dict[object, NGramTable] = {}
         self.members: dict[object, set[int]] = {}
         self.rows: dict[int, RowState] = {}
         self.peak_bytes = 0
         self.table_error: str | None = None
-        self.hits = np.zeros(len(self.template), dtype=np.int64)  # accepted-path count per template node
 
     # ---- configuration --------------------------------------------------------------------------
+
+    def use_template(self, template: TreeTemplate) -> None:
+        self.template = template
+        self.kids = template.children()
+        self.node_p = node_acceptance(template)  # [M] chance each node lies on the accepted path
+        self._cuts: dict[int, list[list[int]]] = {}
+        self.hits = np.zeros(len(template), dtype=np.int64)  # accepted-path count per template node
 
     def _load_template(self) -> TreeTemplate:
         path = self.config.tree or shipped_tree_path()
@@ -157,9 +176,21 @@ class StandDrafter(Drafter):
             self.tables[key].insert(tails, ids, probs)
         self._track_memory()
 
-    def propose(self, row) -> DraftTree:
+    def propose(self, row, max_nodes: int | None = None) -> DraftTree:
         deterministic = (not self.config.stochastic) or row.params.greedy
-        return self.draft(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise, deterministic)
+        kids = self.kids if max_nodes is None or max_nodes >= len(self.template) else self._cut(max_nodes)
+        return self.draft(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise, deterministic, kids)
+
+    def acceptance_curve(self) -> np.ndarray:
+        """[M+1] expected tokens per step with the template's m most valuable nodes, m = 0..M."""
+        return 1.0 + np.concatenate([[0.0], np.cumsum(np.sort(self.node_p)[::-1])])
+
+    def _cut(self, m: int) -> list[list[int]]:
+        """Children lists of the template's m most valuable nodes (a connected subtree; ids unchanged)."""
+        if m not in self._cuts:
+            keep = set(np.lexsort((np.arange(len(self.node_p)), -self.node_p))[:m].tolist())
+            self._cuts[m] = [[c for c in kids if c in keep] for kids in self.kids]
+        return self._cuts[m]
 
     def observe(self, row, tree: DraftTree, probs: torch.Tensor | None, verdict) -> None:
         if probs is None:
@@ -201,14 +232,16 @@ class StandDrafter(Drafter):
         tail = np.asarray(row.tokens[-n:], dtype=np.int64)
         return np.concatenate([np.full(n - len(tail), -1, dtype=np.int64), tail])
 
-    def draft(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool) -> DraftTree:
-        """Fills the template breadth-first; a node without a table match loses its subtree."""
+    def draft(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool,
+              kids: list[list[int]] | None = None) -> DraftTree:
+        """Fills the template (or its cut `kids`) breadth-first; a node without a table match loses its subtree."""
+        kids_of = self.kids if kids is None else kids
         tree = DraftTree()
         frontier = [(-1, -1, tuple(root_tail.tolist()))]  # (template node, tree node, context tail)
         while frontier:
             nxt = []
             for tnode, node, tail in frontier:
-                kids = self.kids[tnode + 1]
+                kids = kids_of[tnode + 1]
                 if not kids:
                     continue
                 slot, _ = table.longest(tail)

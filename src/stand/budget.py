@@ -1,0 +1,127 @@
+"""Cost-aware tree size: how many draft nodes each row of a pass gets, from what a pass costs on this
+machine and what the nodes are expected to earn.
+
+A verification pass over B rows of t tokens each costs grid(B, t) milliseconds (measured: `stand
+profile --grid`, or by `stand calibrate`, which stores it with the tree). A drafter that knows its
+acceptance curve acc[m] (expected tokens per step with its m best nodes, acc[0] = 1) gets, for B
+live rows, the m that maximises B * acc[m] / grid(B, m + 1). On a CPU where a wide forward costs
+much more than a narrow one, this shrinks the trees as the batch grows, down to plain decoding
+(m = 0) where drafting cannot pay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import StandError
+from .profile import Probe, ProfileConfig, interleaved
+
+GRID_FORMAT = "stand-cost-grid"
+GRID_ROWS = (1, 2, 4, 8, 16)
+GRID_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+GRID_MAX_TOKENS = 160  # largest pass measured (rows x tokens per row)
+
+
+def _interp(xs: np.ndarray, ys: np.ndarray, x: float) -> float:
+    """Linear between measured points, extended linearly from the last two (and flat below the first)."""
+    if x <= xs[-1] or len(xs) < 2:
+        return float(np.interp(x, xs, ys))
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return float(ys[-1] + slope * (x - xs[-1]))
+
+
+@dataclass
+class CostGrid:
+    """ms of one forward: rows -> {tokens per row -> ms}."""
+
+    ms: dict[int, dict[int, float]]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.ms or any(not row for row in self.ms.values()):
+            raise StandError("a cost grid needs at least one measured size per row count")
+
+    def row_curve(self, rows: int, tokens: float) -> float:
+        curve = self.ms[rows]
+        xs = np.array(sorted(curve), dtype=np.float64)
+        return _interp(xs, np.array([curve[int(x)] for x in xs]), tokens)
+
+    def __call__(self, rows: int, tokens: float) -> float:
+        """ms of a pass of `rows` rows with `tokens` tokens each: interpolated between measured row counts;
+        beyond the largest (Bm), the Bm-row curve at tokens * rows / Bm (the same number of tokens)."""
+        bs = sorted(self.ms)
+        if rows >= bs[-1]:
+            return self.row_curve(bs[-1], tokens * rows / bs[-1])
+        xs = np.array(bs, dtype=np.float64)
+        return float(np.interp(rows, xs, [self.row_curve(b, tokens) for b in bs]))
+
+    def to_dict(self) -> dict:
+        return {"format": GRID_FORMAT, "ms": {str(b): {str(t): v for t, v in sorted(c.items())}
+                                              for b, c in sorted(self.ms.items())}, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, doc: dict, source: str = "cost grid") -> "CostGrid":
+        """A grid document, or a `stand profile --json` curve (one row only: {"ours": {"1": ms, ...}})."""
+        try:
+            if doc.get("format") == GRID_FORMAT:
+                ms = {int(b): {int(t): float(v) for t, v in c.items()} for b, c in doc["ms"].items()}
+                return cls(ms, dict(doc.get("meta", {})))
+            curve = doc.get("ours") or doc.get("hf")
+            return cls({1: {int(t): float(v) for t, v in curve.items()}}, {"from": "profile curve"})
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise StandError(f"{source} is not a cost grid or a `stand profile --json` curve: {e}") from e
+
+    @classmethod
+    def load(cls, path: str) -> "CostGrid":
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as e:
+            raise StandError(f"cannot read cost grid {path}: {e}") from e
+        if not isinstance(doc, dict):
+            raise StandError(f"{path} is not a cost grid")
+        return cls.from_dict(doc, path)
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        os.replace(tmp, path)
+
+
+def nodes_per_row(acc: np.ndarray, rows: int, grid: CostGrid) -> int:
+    """acc [M+1] expected tokens per step with m nodes (acc[0] = 1): the m with most tokens per ms."""
+    m = np.arange(len(acc))
+    ms = np.array([grid(rows, k + 1) for k in m])
+    return int(np.argmax(rows * np.asarray(acc) / ms))
+
+
+@torch.inference_mode()
+def measure_grid(target, rows=GRID_ROWS, tokens=GRID_TOKENS, reps: int = 3, cache_len: int = 300,
+                 progress=None) -> CostGrid:
+    """Median ms per forward for every (rows, tokens per row) with rows x tokens <= GRID_MAX_TOKENS."""
+    cfg = ProfileConfig(reps=reps, warmup=1)
+    ms: dict[int, dict[int, float]] = {}
+    for b in rows:
+        probe = {"ours": Probe(target, b, cache_len)}
+        ms[b] = {t: interleaved(probe, t, cfg)["ours"] for t in tokens if b * t <= GRID_MAX_TOKENS}
+        if progress:
+            progress(f"{b} rows")
+    return CostGrid(ms, {"model": target.name, "dtype": str(target.dtype).replace("torch.", ""),
+                         "cache_len": cache_len, "threads": torch.get_num_threads()})
+
+
+def resolve_grid(path: str | None, drafter) -> CostGrid | None:
+    """The cost grid a run uses: the file at `path`; None when path is "off"; by default the grid stored
+    with the drafter's tree (a calibrated tree carries the grid of the machine it was calibrated on)."""
+    if path == "off":
+        return None
+    if path:
+        return CostGrid.load(path)
+    doc = getattr(getattr(drafter, "template", None), "meta", {}).get("cost_grid")
+    return CostGrid.from_dict(doc, "the tree's cost grid") if isinstance(doc, dict) else None

@@ -1,0 +1,76 @@
+"""Cost-aware tree sizes: the grid, the choice of nodes per row, the cut of a template to its best nodes."""
+
+import numpy as np
+import pytest
+
+from stand.budget import CostGrid, measure_grid, nodes_per_row, resolve_grid
+from stand.drafters.stand import StandDrafter, node_acceptance
+from stand.engine import Engine, Row
+from stand.errors import StandError
+from stand.params import SamplingParams, SpecConfig
+from stand.templates import heuristic
+
+ACC = np.array([1.0, 1.6, 2.0, 2.3, 2.5, 2.6, 2.65, 2.7])  # expected tokens per step with m nodes
+
+
+def test_grid_interpolates_and_extends():
+    g = CostGrid({1: {1: 10.0, 4: 16.0, 16: 40.0}, 4: {1: 14.0, 4: 40.0}})
+    assert g(1, 2) == pytest.approx(12.0)
+    assert g(1, 32) == pytest.approx(72.0)  # extended from the last two points
+    assert g(2, 1) == pytest.approx(10.0 + 4 / 3)  # between the 1-row and 4-row curves
+    assert g(8, 1) == pytest.approx(g(4, 2))  # beyond the largest row count: the same number of tokens
+
+
+def test_nodes_per_row_follows_the_cost():
+    flat = CostGrid({1: {1: 10.0, 64: 10.0}, 8: {1: 10.0, 8: 10.0}})
+    assert nodes_per_row(ACC, 1, flat) == len(ACC) - 1  # free nodes: take them all
+    steep = CostGrid({1: {1: 10.0, 2: 20.0, 8: 80.0}, 8: {1: 30.0, 2: 60.0, 8: 240.0}})
+    assert nodes_per_row(ACC, 8, steep) == 0  # every node costs more than it brings: plain decoding
+    cpu = CostGrid({1: {1: 50.0, 4: 70.0, 16: 100.0}, 8: {1: 100.0, 2: 150.0, 4: 250.0}})
+    assert nodes_per_row(ACC, 1, cpu) > nodes_per_row(ACC, 8, cpu)  # a wide batch gets smaller trees
+
+
+def test_grid_files(tmp_path):
+    g = CostGrid({1: {1: 10.0, 2: 11.0}}, {"model": "m"})
+    g.save(str(tmp_path / "g.json"))
+    assert CostGrid.load(str(tmp_path / "g.json")).ms == g.ms
+    (tmp_path / "p.json").write_text('{"ours": {"1": 5.0, "8": 9.0}, "hf": {"1": 7.0}}')  # `stand profile --json`
+    assert CostGrid.load(str(tmp_path / "p.json")).ms == {1: {1: 5.0, 8: 9.0}}
+    (tmp_path / "bad.json").write_text('[1, 2]')
+    with pytest.raises(StandError, match="not a cost grid"):
+        CostGrid.load(str(tmp_path / "bad.json"))
+    assert resolve_grid("off", None) is None
+    assert resolve_grid(str(tmp_path / "g.json"), None).ms == g.ms
+
+
+def test_cut_keeps_the_most_valuable_connected_nodes(tiny):
+    t = heuristic(24)
+    d = StandDrafter(SpecConfig(method="stand"), tiny.vocab_size)
+    d.use_template(t)
+    p = node_acceptance(t)
+    for m in (1, 3, 7, 12):
+        kids = d._cut(m)
+        kept = [c for k in kids for c in k]
+        assert len(kept) == m
+        assert all(t.parents[c] < 0 or t.parents[c] in kept for c in kept)  # connected
+        assert sorted(p[kept])[0] >= sorted(p, reverse=True)[m - 1] - 1e-12  # the m best
+    acc = d.acceptance_curve()
+    assert acc[0] == 1.0 and np.all(np.diff(acc) >= 0) and len(acc) == 25
+
+
+def test_engine_sizes_rows_by_the_grid(tiny):
+    spec = SpecConfig(method="stand")
+    d = StandDrafter(spec, tiny.vocab_size)
+    cpu = CostGrid({1: {1: 50.0, 4: 60.0, 16: 90.0, 32: 150.0}, 8: {1: 100.0, 2: 180.0, 4: 340.0}})
+    e = Engine(tiny, d, step_tokens=None, grid=cpu)
+    assert e.row_budget(1) > e.row_budget(8)
+    assert Engine(tiny, d, step_tokens=64).row_budget(8) == 7  # no grid: the share of the pass
+    prompt = tiny.encode("one two three, one two three, one two")
+    rows = e.run([Row(prompt, SamplingParams(0.0, max_new_tokens=30), index=j) for j in range(8)])
+    alone = Engine(tiny, StandDrafter(spec, tiny.vocab_size)).run([Row(prompt, SamplingParams(0.0, max_new_tokens=30))])
+    assert all(r.generated == alone[0].generated for r in rows)  # greedy: same tokens whatever the tree size
+
+
+def test_measure_grid_on_tiny(tiny):
+    g = measure_grid(tiny, rows=(1, 2), tokens=(1, 4), reps=1, cache_len=16)
+    assert set(g.ms) == {1, 2} and all(v > 0 for c in g.ms.values() for v in c.values())
