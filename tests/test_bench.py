@@ -197,3 +197,16 @@ def test_greedy_anchors_at_n2_match_plain_decoding(tiny):
     from stand.api import generate
 
     assert generate(problem.prompt, model=tiny, max_new_tokens=12)[0][0].token_ids == seqs["hf"][0]
+
+
+def test_table_warm_start_and_first_problem(tiny, tmp_path):
+    table = tmp_path / "t.ngram"
+    cfg = BenchConfig(["stand"], "champ", 1, 1, temperature=0.0, max_new_tokens=16, warmup=False,
+                      table=str(table), first=3)
+    cold = bench(tiny, cfg)[0]
+    assert table.exists() and cold["problems"] == 1  # the table was saved at the end of the run
+    warm = bench(tiny, cfg)[0]
+    assert warm["new_tokens"] == cold["new_tokens"]  # greedy: same text, only the drafts differ
+    assert warm["mean_accepted"] >= cold["mean_accepted"]  # the same problem again: the table knows it
+    with pytest.raises(StandError, match="no problems from index"):
+        bench(tiny, BenchConfig(["none"], "champ", 1, 1, first=10_000, warmup=False))

@@ -45,6 +45,9 @@ class BenchConfig:
     schedule: str | list[str] = "batched"  # for n > 1; several: a row per schedule
     repeats: int = 1  # every problem this many times; rows give the median and the spread of tok/s
     warmup: bool = True  # one short untimed run of every variant first (lazy init, kernel packing, disk caches)
+    table: str | None = None  # STAND rows load this n-gram table at start and save it at the end (warm starts)
+    cost: str | None = None  # cost grid for tree sizes (None: the tree's own; "off": fixed shares of the pass)
+    first: int = 0  # problems [first, first + problems) of the dataset
 
     def __post_init__(self):
         self.ns = [self.n] if isinstance(self.n, int) else list(self.n)
@@ -123,10 +126,11 @@ def run_ours(target: Target, method: str, n: int, schedule: str, problem: Proble
     from .drafters import make_drafter
 
     t = time.perf_counter()
-    drafter = make_drafter(SpecConfig(method=method).validate(), target.vocab_size, target)
+    spec = SpecConfig(method=method, table_path=cfg.table, cost_grid=cfg.cost).validate()
+    drafter = make_drafter(spec, target.vocab_size, target)
     hook = _Memory(drafter)
     samples = generate(problem.prompt, model=target, n=n, temperature=cfg.temperature,
-                       max_new_tokens=cfg.max_new_tokens, seed=seed, schedule=schedule, drafter=drafter,
+                       max_new_tokens=cfg.max_new_tokens, seed=seed, schedule=schedule, spec=spec, drafter=drafter,
                        on_commit=hook)[0]
     seconds = time.perf_counter() - t
     return Run(sum(s.stats["new_tokens"] for s in samples), seconds, sum(s.stats["steps"] for s in samples),
@@ -217,7 +221,7 @@ def warm_up(target: Target, variants: list[Variant], problem: Problem, cfg: Benc
             progress: Progress | None = None) -> None:
     """Each variant once on a few tokens, untimed: one-off costs do not land on whoever runs first."""
     short = BenchConfig(cfg.methods, cfg.dataset, 1, cfg.ns, cfg.temperature, min(8, cfg.max_new_tokens), cfg.seed,
-                        cfg.schedules)
+                        cfg.schedules, cost=cfg.cost)
     for v in variants:
         if progress:
             progress(f"warm-up {label(v)}", False)
@@ -232,7 +236,9 @@ def rotated(variants: list[Variant], k: int) -> list[Variant]:
 def bench(target: Target, cfg: BenchConfig, progress: Progress | None = None) -> list[dict]:
     """Every variant on every problem, interleaved; one row per variant (see summarise)."""
     cfg.validate()
-    problems = load_dataset(cfg.dataset, cfg.problems)
+    problems = load_dataset(cfg.dataset, cfg.first + cfg.problems)[cfg.first:]
+    if not problems:
+        raise StandError(f"dataset {cfg.dataset} has no problems from index {cfg.first}")
     variants = cfg.variants()
     runs: dict[Variant, dict[tuple[int, int], Run]] = {v: {} for v in variants}  # (repeat, problem) -> Run
     interrupted = False

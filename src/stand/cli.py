@@ -15,6 +15,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Lossless model-free speculative decoding for test-time scaling.")
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Hugging Face model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+CostOpt = typer.Option(None, "--cost", help="Cost grid JSON (`stand profile --grid`) that sizes each row's tree; default: the tree's own; off: a fixed share of each pass")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32 (auto: bfloat16 where the CPU has native bf16)")
 
 
@@ -48,6 +49,7 @@ def generate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text"),
     tree: Optional[str] = typer.Option(None, "--tree", help="STAND: a draft tree JSON from `stand calibrate` (default: the shipped one)"),
     table: Optional[str] = typer.Option(None, "--table", help="STAND: n-gram table file, loaded at start and saved at the end"),
+    cost: Optional[str] = CostOpt,
 ):
     """Generate text and print one line of stats."""
     from .api import generate
@@ -56,7 +58,7 @@ def generate_cmd(
     SamplingParams(temperature, top_p, top_k, max_new_tokens, seed).validate()  # fail before loading the model
     samples = generate(prompt, model=model, n=n, method=method, temperature=temperature, top_p=top_p, top_k=top_k,
                        max_new_tokens=max_new_tokens, seed=seed, dtype=dtype,
-                       spec=SpecConfig(method=method, tree=tree, table_path=table))[0]
+                       spec=SpecConfig(method=method, tree=tree, table_path=table, cost_grid=cost))[0]
     if as_json:
         typer.echo(json.dumps([s.__dict__ for s in samples], indent=2))
         return
@@ -76,6 +78,7 @@ def bench_cmd(
     methods: str = typer.Option("none,pld", "--methods", help="Comma-separated methods (plus hf, hf-pld, hf-batched)"),
     dataset: str = typer.Option("champ", "--dataset"),
     problems: int = typer.Option(4, "--problems"),
+    first: int = typer.Option(0, "--first", help="Index of the first problem"),
     n: str = typer.Option("1", "--n", help="Samples per problem; comma-separated for several, e.g. 1,8"),
     schedules: str = typer.Option("batched", "--schedule", help="For n > 1: batched, sequential or both (comma-separated)"),
     temperature: float = typer.Option(0.0, "--temperature", "-t"),
@@ -87,6 +90,8 @@ def bench_cmd(
     repeats: int = typer.Option(1, "--repeats", help="Run every problem R times: median tok/s and its min-max"),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write PNG figures into this directory"),
     warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="One short untimed run of every row first"),
+    table: Optional[str] = typer.Option(None, "--table", help="STAND rows: n-gram table file loaded at start, saved at the end (a warm start for the next run)"),
+    cost: Optional[str] = CostOpt,
 ):
     """Methods and Hugging Face anchors side by side on the same problems, interleaved; a table, JSON, plots."""
     from rich.console import Console
@@ -97,7 +102,7 @@ def bench_cmd(
 
     cfg = BenchConfig([m.strip() for m in methods.split(",") if m.strip()], dataset, problems, _int_list(n, "--n"),
                       temperature, max_new_tokens, seed, [s.strip() for s in schedules.split(",") if s.strip()],
-                      repeats, warmup).validate()
+                      repeats, warmup, table, cost, first).validate()
     SamplingParams(temperature, max_new_tokens=max_new_tokens).validate()
     target = load_model(model, dtype)
     rows = _bench_with_bar(target, cfg)
