@@ -74,3 +74,8 @@ def test_engine_sizes_rows_by_the_grid(tiny):
 def test_measure_grid_on_tiny(tiny):
     g = measure_grid(tiny, rows=(1, 2), tokens=(1, 4), reps=1, cache_len=16)
     assert set(g.ms) == {1, 2} and all(v > 0 for c in g.ms.values() for v in c.values())
+
+
+def test_noisy_grid_is_read_non_decreasing():
+    g = CostGrid({1: {1: 10.0, 2: 14.0, 3: 12.0, 4: 15.0}})
+    assert g(1, 3) == pytest.approx(14.0) and g(1, 4) == pytest.approx(15.0)

@@ -42,18 +42,18 @@ def test_choose_m_trades_acceptance_for_cost():
 
 def test_calibration_on_tiny_model(tiny, tmp_path):
     prompts = [tiny.encode(t) for t in TEXTS]
-    cfg = CalibrateConfig(problems=2, max_new_tokens=40, template_size=120, max_m=60, temperature=0.8)
+    cfg = CalibrateConfig(problems=2, max_new_tokens=40, template_size=120, max_m=60, temperature=0.8, keep=30)
     cost = {1: 10.0, 2: 10.5, 4: 11.0, 8: 12.0, 16: 14.0, 32: 20.0, 64: 32.0}
     grid = CostGrid({1: cost, 4: {1: 12.0, 2: 14.0, 4: 30.0}})
     cal = calibrate(tiny, prompts, cfg, grid=grid)
     assert cal.steps > 0 and cal.hits.sum() > 0
-    M = cal.m
-    assert len(cal.tree) == M
+    M, K = cal.m, len(cal.tree)
+    assert K == max(M, cfg.keep)  # the file keeps more nodes than M, with their counts
     out, plot = tmp_path / "tree.json", tmp_path / "tree.png"
     meta = save(cal, tiny, cfg, str(out), str(plot))
     assert plot.stat().st_size > 1000
     counts = meta["hits"]
-    assert len(counts) == M
+    assert len(counts) == K and len(meta["template_hits"]) == 120
     for j, p in enumerate(cal.tree.parents):  # connected, and counts never grow from parent to child
         assert p < j
         if p >= 0:
@@ -61,12 +61,15 @@ def test_calibration_on_tiny_model(tiny, tmp_path):
     loaded = TreeTemplate.load(str(out))
     assert loaded == cal.tree and loaded.meta["m"] == M and loaded.meta["vocab_size"] == tiny.vocab_size
     doc = json.loads(out.read_text())
-    assert doc["provenance"]["cost_ms"]["64"] == 32.0 and doc["size"] == M
+    assert doc["provenance"]["cost_ms"]["64"] == 32.0 and doc["size"] == K
     assert CostGrid.from_dict(doc["provenance"]["cost_grid"]).ms == grid.ms  # the engine sizes batches by it
     d = StandDrafter(SpecConfig(method="stand", tree=str(out)), tiny.vocab_size)
-    assert d.template == cal.tree
+    assert d.template == cal.tree and d.default_nodes == M
+    kept = [c for kids in d._cut(M) for c in kids]  # the tree drafted without a grid: exactly the M best nodes
+    assert len(kept) == M and all(cal.tree.parents[c] < 0 or cal.tree.parents[c] in kept for c in kept)
+    assert sorted(kept) == sorted(np.argsort(-np.array(counts), kind="stable")[:M].tolist())
     acc = d.acceptance_curve()  # from the kept counts: what choose_m expected for M nodes
-    assert len(acc) == M + 1 and acc[-1] == pytest.approx(meta["expected_accepted"])
+    assert len(acc) == K + 1 and acc[M] == pytest.approx(meta["expected_accepted"])
 
 
 def test_tree_for_another_vocabulary_warns(tmp_path):

@@ -47,9 +47,10 @@ class CostGrid:
             raise StandError("a cost grid needs at least one measured size per row count")
 
     def row_curve(self, rows: int, tokens: float) -> float:
+        """ms for `rows` rows of `tokens` tokens; the measured curve made non-decreasing (timing noise)."""
         curve = self.ms[rows]
         xs = np.array(sorted(curve), dtype=np.float64)
-        return _interp(xs, np.array([curve[int(x)] for x in xs]), tokens)
+        return _interp(xs, np.maximum.accumulate([curve[int(x)] for x in xs]), tokens)
 
     def __call__(self, rows: int, tokens: float) -> float:
         """ms of a pass of `rows` rows with `tokens` tokens each: interpolated between measured row counts;

@@ -37,6 +37,7 @@ class CalibrateConfig:
     max_new_tokens: int = 128
     template_size: int = 600
     max_m: int = 160  # largest tree considered
+    keep: int = 64  # nodes the tree file keeps with their counts (>= M): the engine may draft more or fewer per pass
     seed: int = 0
     cost_curve: str | None = None  # cost grid (`stand profile --grid`) or curve (`--json`) JSON; None = measure here
     reps: int = 3  # forwards per size when measuring the cost grid
@@ -129,7 +130,7 @@ def calibrate(target, prompts: list[list[int]], cfg: CalibrateConfig, progress=N
     cost_ms = dict(grid.ms[1])
     hits, steps, draft_node_ms = count_hits(target, prompts, template, cfg, progress)
     m, curve = choose_m(hits, steps, cost_ms, draft_node_ms, cfg.max_m)
-    tree, _ = top_m(template, hits, m)
+    tree, _ = top_m(template, hits, min(max(m, cfg.keep), len(template)))
     return Calibration(template, hits, steps, draft_node_ms, cost_ms, m, tree, curve, grid)
 
 
@@ -148,7 +149,8 @@ def provenance(cal: Calibration, target, cfg: CalibrateConfig) -> dict:
 def save(cal: Calibration, target, cfg: CalibrateConfig, out: str, plot: str | None = None) -> dict:
     """Writes the tree JSON (with provenance and kept counts) and, if asked, the PNG of accepted tokens and tok/s over M."""
     meta = provenance(cal, target, cfg)
-    _, old_ids = top_m(cal.template, cal.hits, cal.m)
+    _, old_ids = top_m(cal.template, cal.hits, len(cal.tree))
+    meta["template_hits"] = cal.hits.tolist()  # every node of the large template: M can be chosen again later
     meta["hits"] = [int(cal.hits[j]) for j in old_ids]  # count of every node of the tree, in its order
     cal.tree.to_json(out, meta)
     if plot:

@@ -215,8 +215,8 @@ def calibrate_cmd(
         cal = calibrate(target, prompts, cfg, progress=bar.update)
     plot = plot or (out.rsplit(".", 1)[0] + ".png")
     meta = save(cal, target, cfg, out, plot)
-    typer.echo(f"M = {cal.m} nodes (depth {cal.tree.depth}): {meta['expected_accepted']:.2f} tokens/step, "
-               f"{meta['expected_tokens_per_s']:.1f} tok/s expected, from {cal.steps} steps; wrote {out} and {plot}")
+    typer.echo(f"M = {cal.m} nodes: {meta['expected_accepted']:.2f} tokens/step, {meta['expected_tokens_per_s']:.1f} tok/s "
+               f"expected, from {cal.steps} steps; wrote {out} (the best {len(cal.tree)} nodes with their counts) and {plot}")
 
 
 @app.command("serve")

@@ -162,12 +162,15 @@ class Engine:
         return lengths
 
     def row_budget(self, rows: int) -> int | None:
-        """Draft nodes per row in a pass of `rows` rows: the share of step_tokens, or by cost (see __init__)."""
+        """Draft nodes per row in a pass of `rows` rows: by cost (see __init__), else the share of step_tokens
+        and at most the drafter's preferred size."""
         if rows not in self._budgets:
             cap = None if self.step_tokens is None else max(self.step_tokens // rows - 1, 0)
             acc = None if self.grid is None else self.drafter.acceptance_curve()
             if acc is not None:
                 cap = nodes_per_row(acc[: None if cap is None else cap + 1], rows, self.grid)
+            elif self.drafter.default_nodes is not None:
+                cap = self.drafter.default_nodes if cap is None else min(cap, self.drafter.default_nodes)
             self._budgets[rows] = cap
         return self._budgets[rows]
 

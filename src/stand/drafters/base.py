@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 class Drafter:
     name = "base"
+    default_nodes: int | None = None  # tree size the drafter prefers when no cost grid decides (None: its whole tree)
     wants_probs = False  # observe() receives the target's sampler distributions
     wants_prompt_probs = False  # start() receives the distributions over the prompt
 

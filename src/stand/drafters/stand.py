@@ -108,6 +108,7 @@ class StandDrafter(Drafter):
         self.template = template
         self.kids = template.children()
         self.node_p = node_acceptance(template)  # [M] chance each node lies on the accepted path
+        self.default_nodes = min(int(template.meta.get("m") or len(template)), len(template))  # calibration's M
         self._cuts: dict[int, list[list[int]]] = {}
         self.hits = np.zeros(len(template), dtype=np.int64)  # accepted-path count per template node
 
@@ -178,7 +179,8 @@ class StandDrafter(Drafter):
 
     def propose(self, row, max_nodes: int | None = None) -> DraftTree:
         deterministic = (not self.config.stochastic) or row.params.greedy
-        kids = self.kids if max_nodes is None or max_nodes >= len(self.template) else self._cut(max_nodes)
+        m = self.default_nodes if max_nodes is None else max_nodes
+        kids = self.kids if m >= len(self.template) else self._cut(m)
         return self.draft(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise, deterministic, kids)
 
     def acceptance_curve(self) -> np.ndarray:
