@@ -125,13 +125,33 @@ def calibrate(target, prompts: list[list[int]], cfg: CalibrateConfig, progress=N
     template = large_template(cfg.template_size)
     if grid is None:
         grid = CostGrid.load(cfg.cost_curve) if cfg.cost_curve else measure_grid(target, reps=cfg.reps)
+    hits, steps, draft_node_ms = count_hits(target, prompts, template, cfg, progress)
+    return from_counts(template, hits, steps, draft_node_ms, grid, cfg)
+
+
+def from_counts(template: TreeTemplate, hits: np.ndarray, steps: int, draft_node_ms: float, grid: CostGrid,
+                cfg: CalibrateConfig) -> Calibration:
+    """M and the kept tree from accepted-path counts and a cost grid (its one-row curve, read non-decreasing)."""
     if 1 not in grid.ms:
         raise StandError("the cost grid has no one-row curve, which calibration needs")
-    cost_ms = dict(grid.ms[1])
-    hits, steps, draft_node_ms = count_hits(target, prompts, template, cfg, progress)
+    cost_ms = {t: grid(1, t) for t in grid.ms[1]}
     m, curve = choose_m(hits, steps, cost_ms, draft_node_ms, cfg.max_m)
     tree, _ = top_m(template, hits, min(max(m, cfg.keep), len(template)))
     return Calibration(template, hits, steps, draft_node_ms, cost_ms, m, tree, curve, grid)
+
+
+def recount(path: str, grid: CostGrid) -> tuple[Calibration, CalibrateConfig]:
+    """Chooses M again from the counts a calibrated tree file stores (no decoding): e.g. for another machine's grid."""
+    meta = TreeTemplate.load(path).meta
+    hits, cfg = meta.get("template_hits"), meta.get("config")
+    if not isinstance(hits, list) or not isinstance(cfg, dict) or not meta.get("steps"):
+        raise StandError(f"{path} holds no calibration counts (template_hits, steps, config)")
+    cfg = CalibrateConfig(**{k: v for k, v in cfg.items() if k in CalibrateConfig.__dataclass_fields__})
+    template = large_template(cfg.template_size)
+    if len(hits) != len(template):
+        raise StandError(f"{path} counts {len(hits)} template nodes; the large template has {len(template)}")
+    return from_counts(template, np.asarray(hits), int(meta["steps"]), float(meta.get("draft_ms_per_node", 0.0)),
+                       grid, cfg), cfg
 
 
 def provenance(cal: Calibration, target, cfg: CalibrateConfig) -> dict:

@@ -196,6 +196,7 @@ def calibrate_cmd(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     cost: Optional[str] = typer.Option(None, "--cost", help="Cost grid from `stand profile --grid` or curve from `--json` (default: measure now)"),
     max_m: int = typer.Option(160, "--max-m", help="Largest tree size considered"),
+    counts: Optional[str] = typer.Option(None, "--counts", help="Decode nothing: choose M again from the counts in this calibrated tree file (with --cost)"),
     model: Optional[str] = ModelOpt,
     dtype: str = DtypeOpt,
 ):
@@ -210,9 +211,15 @@ def calibrate_cmd(
     cfg = CalibrateConfig(dataset, problems, first, temperature=temperature, max_new_tokens=max_new_tokens,
                           max_m=max_m, cost_curve=cost)
     target = load_model(model, dtype)
-    prompts = calibration_prompts(target, cfg)
-    with tqdm(total=len(prompts), desc="calibrate", unit="problem", file=sys.stderr) as bar:
-        cal = calibrate(target, prompts, cfg, progress=bar.update)
+    if counts:
+        from .budget import CostGrid, measure_grid
+        from .calibrate import recount
+
+        cal, cfg = recount(counts, CostGrid.load(cost) if cost else measure_grid(target))
+    else:
+        prompts = calibration_prompts(target, cfg)
+        with tqdm(total=len(prompts), desc="calibrate", unit="problem", file=sys.stderr) as bar:
+            cal = calibrate(target, prompts, cfg, progress=bar.update)
     plot = plot or (out.rsplit(".", 1)[0] + ".png")
     meta = save(cal, target, cfg, out, plot)
     typer.echo(f"M = {cal.m} nodes: {meta['expected_accepted']:.2f} tokens/step, {meta['expected_tokens_per_s']:.1f} tok/s "
