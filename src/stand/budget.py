@@ -11,13 +11,12 @@ much more than a narrow one, this shrinks the trees as the batch grows, down to 
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from . import jsonfile
 from .errors import StandError
 from .profile import Probe, ProfileConfig, interleaved
 
@@ -79,20 +78,13 @@ class CostGrid:
 
     @classmethod
     def load(cls, path: str) -> "CostGrid":
-        try:
-            with open(path) as f:
-                doc = json.load(f)
-        except (OSError, ValueError) as e:
-            raise StandError(f"cannot read cost grid {path}: {e}") from e
+        doc = jsonfile.read(path, "cost grid")
         if not isinstance(doc, dict):
             raise StandError(f"{path} is not a cost grid")
         return cls.from_dict(doc, path)
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
+        jsonfile.write(path, self.to_dict())
 
 
 def nodes_per_row(acc: np.ndarray, rows: int, grid: CostGrid) -> int:

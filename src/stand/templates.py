@@ -14,14 +14,13 @@ parent and than its next-lower-rank sibling).
 from __future__ import annotations
 
 import heapq
-import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 
 import numpy as np
 
+from . import jsonfile
 from .errors import StandError
 
 # Acceptance prior per rank for the default tree: rank 0 is right about 60% of the time.
@@ -89,18 +88,11 @@ class TreeTemplate:
     def to_json(self, path: str, provenance: dict | None = None) -> None:
         doc = {"format": TREE_FORMAT, "version": 1, "nodes": [[p, r] for p, r in zip(self.parents, self.ranks)],
                "size": len(self), "depth": self.depth, "provenance": provenance or self.meta}
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, path)
+        jsonfile.write(path, doc)
 
     @classmethod
     def load(cls, path: str) -> "TreeTemplate":
-        try:
-            with open(path) as f:
-                doc = json.load(f)
-        except (OSError, ValueError) as e:
-            raise StandError(f"cannot read tree file {path}: {e}") from e
+        doc = jsonfile.read(path, "tree file")
         if not isinstance(doc, dict) or doc.get("format") != TREE_FORMAT or not isinstance(doc.get("nodes"), list):
             raise StandError(f"{path} is not a stand tree file (expected format {TREE_FORMAT!r} with a node list)")
         try:
