@@ -79,3 +79,15 @@ def test_measure_grid_on_tiny(tiny):
 def test_noisy_grid_is_read_non_decreasing():
     g = CostGrid({1: {1: 10.0, 2: 14.0, 3: 12.0, 4: 15.0}})
     assert g(1, 3) == pytest.approx(14.0) and g(1, 4) == pytest.approx(15.0)
+
+
+def test_shipped_tree_is_calibrated_and_carries_its_grid():
+    """The default model's vocabulary gets the shipped tree (M by default, the grid sizing batches); others the heuristic."""
+    d = StandDrafter(SpecConfig(method="stand"), 49152)
+    meta = d.template.meta
+    assert meta["kind"] == "calibrated" and d.default_nodes == meta["m"] < len(d.template)
+    grid = resolve_grid(None, d)
+    assert grid is not None and 1 in grid.ms and 8 in grid.ms
+    acc = d.acceptance_curve()
+    assert nodes_per_row(acc, 1, grid) >= nodes_per_row(acc, 8, grid)
+    assert StandDrafter(SpecConfig(method="stand"), 259).template.meta["kind"] == "heuristic"

@@ -113,12 +113,15 @@ class StandDrafter(Drafter):
         self.hits = np.zeros(len(template), dtype=np.int64)  # accepted-path count per template node
 
     def _load_template(self) -> TreeTemplate:
-        path = self.config.tree or shipped_tree_path()
-        if path is None:
-            return heuristic()
-        template = TreeTemplate.load(path)
-        check_vocab(template, self.vocab_size, path)
-        return template
+        """--tree (a warning if it was calibrated for another vocabulary), else the shipped calibrated tree
+        where this model's vocabulary is the one it was calibrated for, else the heuristic tree."""
+        if self.config.tree:
+            template = TreeTemplate.load(self.config.tree)
+            check_vocab(template, self.vocab_size, self.config.tree)
+            return template
+        path = shipped_tree_path()
+        template = TreeTemplate.load(path) if path else None
+        return template if template and template.meta.get("vocab_size") == self.vocab_size else heuristic()
 
     def prepare(self, target) -> None:
         """Warns when the tree was calibrated on a model of another name (same vocabulary)."""
