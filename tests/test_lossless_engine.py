@@ -18,11 +18,13 @@ CASES = [
     ("stand+consensus", {"consensus_k": 2}),
     ("stand", {}),
     ("stand", {"stochastic": False}),
+    ("stand-dynamic", {}),
+    ("stand-dynamic", {"stochastic": False}),
     ("recycle", {}),
 ]
 PLAIN = SamplingParams(temperature=1.0)
 TRUNCATED = SamplingParams(temperature=0.7, top_k=5, top_p=0.9)  # run for the methods named below
-TRUNCATED_METHODS = {"pld", "stand"}
+TRUNCATED_METHODS = {"pld", "stand", "stand-dynamic"}
 RUNS = [(m, e, PLAIN) for m, e in CASES] + [(m, e, TRUNCATED) for m, e in CASES if m in TRUNCATED_METHODS and not e]
 
 
@@ -53,6 +55,18 @@ def test_trees_cut_by_the_cost_grid_stay_exact(target):
     grid = CostGrid({1: {1: 10.0, 64: 20.0}, 256: {1: 100.0, 2: 101.0, 3: 102.0, 4: 103.0, 5: 104.0, 6: 400.0}})
     spec = SpecConfig(method="stand")
     assert Engine(target, make_drafter(spec, target.vocab_size), grid=grid).row_budget(250) == 4
+    samples, per_step = engine_samples(target, spec, PLAIN, n=2000, grid=grid)
+    pvals = marginal_pvalues(samples, exact_joint(target, PLAIN))
+    assert min(pvals.values()) > 1e-4, pvals
+    assert 1.02 < per_step < K, per_step
+
+
+def test_best_first_trees_under_a_pass_floor_stay_exact(target):
+    """stand-dynamic with the floor a cost grid sets: tree shapes follow the table's confidence, draw by draw."""
+    grid = CostGrid({1: {1: 10.0, 64: 20.0}, 256: {1: 100.0, 2: 101.0, 3: 102.0, 4: 103.0, 5: 104.0, 6: 110.0}})
+    spec = SpecConfig(method="stand-dynamic")
+    nodes, floor, _ = Engine(target, make_drafter(spec, target.vocab_size), grid=grid)._budget(250)
+    assert 0.05 < floor < 0.5, floor
     samples, per_step = engine_samples(target, spec, PLAIN, n=2000, grid=grid)
     pvals = marginal_pvalues(samples, exact_joint(target, PLAIN))
     assert min(pvals.values()) > 1e-4, pvals

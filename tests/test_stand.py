@@ -77,7 +77,7 @@ def test_noise_is_fresh_across_refills():
 
 
 @pytest.mark.parametrize("method,extra", [("stand", {}), ("stand", {"stochastic": False}), ("stand", {"max_n": 2}),
-                                          ("stand-heuristic", {}), ("recycle", {})])
+                                          ("stand-heuristic", {}), ("stand-dynamic", {}), ("recycle", {})])
 def test_greedy_equals_plain(tiny, method, extra):
     prompt = tiny.encode(PROMPT_TEXT)
     params = SamplingParams(max_new_tokens=60)
@@ -167,7 +167,7 @@ def test_saved_table_drafts_identically(tiny, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["stand", "recycle"])
+@pytest.mark.parametrize("method", ["stand", "stand-dynamic", "recycle"])
 def test_greedy_equals_plain_real_model(real_f32, method):
     prompts = ["What is 17 * 23? Think step by step.", "Write a Python function that reverses a list.",
                "List the first ten prime numbers and explain why each is prime."]
@@ -178,3 +178,22 @@ def test_greedy_equals_plain_real_model(real_f32, method):
         fast = Engine(real_f32, make_drafter(SpecConfig(method=method), real_f32.vocab_size)).run([Row(ids, params)])
         assert fast[0].tokens == plain[0].tokens, text
         assert fast[0].stats.steps < plain[0].stats.steps
+
+
+def test_best_first_draft_follows_worth():
+    """stand-dynamic: slots by worth v(parent) * q_rank, siblings in draw order, floor and cap respected."""
+    from stand.drafters.stand import DynamicStandDrafter
+
+    d = DynamicStandDrafter(SpecConfig(method="stand-dynamic", max_n=2, table_topk=4, table_capacity=256), 100)
+    noise = GumbelNoise(np.random.default_rng(0))
+    tree = d.draft_best_first(_table(), np.array([-1, 5]), noise, True, cap=3, floor=0.0)
+    # worths: 10 .4, 11 .3, 10->30 .4 * 2/3, then 12 and 11->31 at .2, ...: the three best, best first
+    assert tree.tokens == [10, 11, 30] and tree.parents == [-1, -1, 0]
+    assert all(q is None for q in tree.qs)  # deterministic: one-hot
+    assert len(d.draft_best_first(_table(), np.array([-1, 5]), noise, True, cap=50, floor=0.0)) == 12
+    tree = d.draft_best_first(_table(), np.array([-1, 5]), noise, True, cap=50, floor=0.28)
+    assert tree.tokens == [10, 11]  # .267 and below are not worth the pass
+    for _ in range(50):  # stochastic: the worth of a slot is fixed before the draw, so sizes do not depend on it
+        tree = d.draft_best_first(_table(), np.array([-1, 5]), noise, False, cap=50, floor=0.21)
+        assert len(tree) == 3 and tree.parents == [-1, -1, 0]
+        assert tree.qs[0] is tree.qs[1] and tree.tokens[0] != tree.tokens[1]  # siblings share q, no repeats

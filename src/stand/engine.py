@@ -140,8 +140,8 @@ class Engine:
 
     def _step(self, live: list[Row], cache, lengths: list[int], on_commit: OnCommit | None) -> list[int]:
         S = max(lengths)
-        per_row = self.row_budget(len(live))
-        trees = [self._draft(r, per_row) for r in live]
+        budget = self._budget(len(live))
+        trees = [self._draft(r, budget) for r in live]
         logits = self.target.forward(cache, tree_batch(trees, [r.tokens[-1] for r in live], lengths, S))  # [B, T, V]
         verdicts, probs = [], []
         for b, (r, tree) in enumerate(zip(live, trees)):
@@ -164,24 +164,37 @@ class Engine:
     def row_budget(self, rows: int) -> int | None:
         """Draft nodes per row in a pass of `rows` rows: by cost (see __init__), else the share of step_tokens
         and at most the drafter's preferred size."""
+        return self._budget(rows)[0]
+
+    def _budget(self, rows: int) -> tuple[int | None, float, int | None]:
+        """(nodes asked of each row, least worth of a node, hard cap per row) for a pass of `rows` rows.
+
+        The least worth: a node accepted with chance v adds v tokens for the marginal cost of one token; with
+        m nodes per row, E = acc[m] tokens per row and c = grid(rows, m + 1) ms, it pays iff v >= dc * E / c.
+        """
         if rows not in self._budgets:
             cap = None if self.step_tokens is None else max(self.step_tokens // rows - 1, 0)
             acc = None if self.grid is None else self.drafter.acceptance_curve()
+            nodes, floor = cap, 0.0
             if acc is not None:
-                cap = nodes_per_row(acc[: None if cap is None else cap + 1], rows, self.grid)
+                nodes = nodes_per_row(acc[: None if cap is None else cap + 1], rows, self.grid)
+                c = self.grid(rows, nodes + 1)
+                floor = float((self.grid(rows, nodes + 2) - c) * acc[nodes] / c)
             elif self.drafter.default_nodes is not None:
-                cap = self.drafter.default_nodes if cap is None else min(cap, self.drafter.default_nodes)
-            self._budgets[rows] = cap
+                nodes = self.drafter.default_nodes if cap is None else min(cap, self.drafter.default_nodes)
+            self._budgets[rows] = (nodes, floor, cap)
         return self._budgets[rows]
 
-    def _draft(self, r: Row, max_nodes: int | None) -> DraftTree:
+    def _draft(self, r: Row, budget: tuple[int | None, float, int | None]) -> DraftTree:
         """The drafter's tree, cut to the row's room (tokens left, context left) and its share of the pass."""
+        nodes, floor, cap = budget
         t = time.perf_counter()
-        tree = self.drafter.propose(r, max_nodes)
+        tree = self.drafter.propose(r, nodes, floor)
         r.stats.draft_seconds += time.perf_counter() - t
         room = min(r.params.max_new_tokens - r.stats.new_tokens, self.target.max_len - len(r.tokens)) - 1
         tree = tree.clip(max(room, 0))
-        return tree if max_nodes is None else tree.prefix(max_nodes)
+        limit = [k for k in (nodes if floor == 0.0 else None, cap) if k is not None]
+        return tree.prefix(min(limit)) if limit else tree
 
     def _commit(self, r: Row, new: list[int]) -> list[int]:
         """Appends the step's tokens up to the first stop condition; returns those kept."""

@@ -57,6 +57,8 @@ class SpecConfig:
     tree: str | None = None  # path to a tree JSON, or None for the default
     table_path: str | None = None  # warm start / persistence
     share_across_prompts: bool = False
+    dynamic_nodes: int = 32  # stand-dynamic: most draft nodes per row
+    dynamic_floor: float = 0.02  # stand-dynamic: least estimated acceptance of a node (the pass may ask for more)
     # Token Recycling
     recycle_k: int = 8
     # consensus

@@ -12,6 +12,7 @@ DRAFTERS: dict[str, str] = {
     "pld": "pld:PromptLookup",
     "stand": "stand:StandDrafter",
     "stand-heuristic": "stand:HeuristicStandDrafter",
+    "stand-dynamic": "stand:DynamicStandDrafter",
     "recycle": "recycle:TokenRecycling",
     "consensus": "consensus:ConsensusDrafter",
     "ngrammys": "ngrammys:NGrammys",

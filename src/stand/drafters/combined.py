@@ -59,7 +59,7 @@ class StandConsensus(Drafter):
         self.stand.start(row, prompt_probs)
         self.consensus.start(row, prompt_probs)
 
-    def propose(self, row, max_nodes: int | None = None) -> DraftTree:
+    def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         tree, added = graft(self.stand.propose(row, max_nodes), self.consensus.propose(row))
         self.grafted += added
         return tree

@@ -316,7 +316,7 @@ class ConsensusDrafter(Drafter):
             hits = group.matches(row.uid, MAX_MATCHES, self.min_n)  # back off to shorter suffixes
         return [group.continuation(src, start, self.config.consensus_len) for src, start in hits]
 
-    def propose(self, row, max_nodes: int | None = None) -> DraftTree:
+    def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         dag = build_dag(self.continuations(row))
         if dag.paths == 0:
             return DraftTree()

@@ -211,7 +211,7 @@ class NGrammys(Drafter):
             raise StandError(f"N-Grammys tables cover {tables.vocab_size} tokens, the model has {self.vocab_size}")
         self.tables = tables
 
-    def propose(self, row, max_nodes: int | None = None) -> DraftTree:
+    def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         tokens = np.asarray(row.tokens, dtype=np.int64)
         if len(tokens) == 0:
             return DraftTree()

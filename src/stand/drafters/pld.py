@@ -24,6 +24,6 @@ def lookup(tokens: np.ndarray, max_ngram: int, num_tokens: int) -> list[int]:
 class PromptLookup(Drafter):
     name = "pld"
 
-    def propose(self, row, max_nodes: int | None = None) -> DraftTree:
+    def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         tokens = np.asarray(row.tokens, dtype=np.int64)
         return DraftTree.chain(lookup(tokens, self.config.pld_max_ngram, self.config.pld_num_tokens))

@@ -44,7 +44,7 @@ class TokenRecycling(Drafter):
         if probs is not None:
             self._update([row.tokens[-1]] + tree.tokens, probs[: len(tree) + 1])
 
-    def propose(self, row, max_nodes: int | None = None) -> DraftTree:
+    def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         tree = DraftTree()
         frontier = [(-1, -1, row.tokens[-1])]  # (template node, tree node, token)
         while frontier:

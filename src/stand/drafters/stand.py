@@ -13,6 +13,8 @@ the last live row finishes).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -180,7 +182,7 @@ class StandDrafter(Drafter):
             self.tables[key].insert(tails, ids, probs)
         self._track_memory()
 
-    def propose(self, row, max_nodes: int | None = None) -> DraftTree:
+    def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         deterministic = (not self.config.stochastic) or row.params.greedy
         m = self.default_nodes if max_nodes is None else max_nodes
         kids = self.kids if m >= len(self.template) else self._cut(m)
@@ -273,6 +275,61 @@ class StandDrafter(Drafter):
             order = np.argsort(-(np.log(q) + noise.take(len(q))), kind="stable")[: len(kids)]
             dist = SparseDist(ids, q)
         return [(tag, tree.add(int(ids[o]), parent, dist, tag)) for o, tag in zip(order, kids)]
+
+
+class DynamicStandDrafter(StandDrafter):
+    """STAND whose tree follows the table's confidence instead of a fixed shape (best-first expansion).
+
+    The slot for the r-th draw at a node is worth v(node) * q_r, where q_r is the r-th largest probability of
+    the node's table distribution and v(root) = 1: an estimate of the chance the draw is accepted, known before
+    the draw is made. Slots are filled best-first while worth at least the pass's min_value (the engine sets it
+    from the cost grid) and dynamic_floor, up to dynamic_nodes (and max_nodes when there is no min_value).
+    Lossless: whether a draw is made depends on the path to its node, on earlier draws and on other branches,
+    never on the draw itself or later ones (a slot's worth never exceeds its parent's or an earlier sibling's,
+    and ties go to the node created first), which is all the recursive rejection verifier needs.
+    """
+
+    name = "stand-dynamic"
+
+    def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
+        deterministic = (not self.config.stochastic) or row.params.greedy
+        cap = self.config.dynamic_nodes  # with a floor from the pass (min_value > 0) the size follows worth
+        if max_nodes is not None and min_value == 0.0:
+            cap = min(cap, max_nodes)
+        return self.draft_best_first(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise,
+                                     deterministic, cap, max(min_value, self.config.dynamic_floor))
+
+    def draft_best_first(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool,
+                         cap: int, floor: float) -> DraftTree:
+        tree = DraftTree()
+        heap: list[tuple[float, int, int, int]] = []  # (-worth, tiebreak, node, rank); node -1 = the root
+        opened: dict[int, tuple] = {}  # node -> (tokens in draw order, q, sorted probabilities, worth, tail)
+        tick = itertools.count()
+
+        def open_node(node: int, tail: tuple, worth: float) -> None:
+            slot, _ = table.longest(tail)
+            if slot < 0:
+                return
+            ids, p = table.dist(slot)
+            if len(ids) == 0:
+                return
+            q = p / p.sum()  # [K'] the distribution sampled from, recorded exactly
+            keys = -q if deterministic else -(np.log(q) + noise.take(len(q)))
+            drawn = ids[np.argsort(keys, kind="stable")]
+            opened[node] = (drawn, None if deterministic else SparseDist(ids, q), np.sort(q)[::-1], worth, tail)
+            heapq.heappush(heap, (-worth * opened[node][2][0], next(tick), node, 0))
+
+        open_node(-1, tuple(root_tail.tolist()), 1.0)
+        while heap and len(tree) < cap:
+            neg, _, node, rank = heapq.heappop(heap)
+            if -neg < floor:
+                break
+            drawn, dist, sorted_q, worth, tail = opened[node]
+            idx = tree.add(int(drawn[rank]), node, dist)
+            if rank + 1 < len(drawn):
+                heapq.heappush(heap, (-worth * sorted_q[rank + 1], next(tick), node, rank + 1))
+            open_node(idx, tail[1:] + (int(drawn[rank]),), -neg)
+        return tree
 
 
 class HeuristicStandDrafter(StandDrafter):
