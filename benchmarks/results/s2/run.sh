@@ -21,3 +21,7 @@ $B --methods stand --problems 5 -t 0 --table warm.ngram --json table_warm_t0.jso
 rm -f warm.ngram
 $B --methods none,pld,recycle,stand --problems 5 -t 0 --json n1_t0.json > n1_t0.txt
 python ../../profile/linear_chain.py > linear_chain.txt
+# stand-dynamic beside stand (second runs of the rows above)
+$B --methods none,stand,stand-dynamic --problems 5 -t 0.6 --json dyn_n1_t06.json > dyn_n1_t06.txt
+$B --methods none,stand,stand-dynamic --n 8 --problems 3 -t 0.6 --json dyn2_n8_t06.json > dyn2_n8_t06.txt
+$B --methods none,pld,stand,stand-dynamic --problems 5 -t 0 --json dyn_n1_t0.json > dyn_n1_t0.txt
