@@ -194,21 +194,6 @@ def test_best_first_draft_follows_worth():
     tree = d.draft_best_first(_table(), np.array([-1, 5]), noise, True, cap=50, floor=0.28)
     assert tree.tokens == [10, 11]  # .267 and below are not worth the pass
     for _ in range(50):  # stochastic: the worth of a slot is fixed before the draw, so sizes do not depend on it
-        tree = d.draft_best_first(_table(), np.array([-1, 5]), noise, False, cap=50, floor=0.25)
+        tree = d.draft_best_first(_table(), np.array([-1, 5]), noise, False, cap=50, floor=0.21)
         assert len(tree) == 3 and tree.parents == [-1, -1, 0]
         assert tree.qs[0] is tree.qs[1] and tree.tokens[0] != tree.tokens[1]  # siblings share q, no repeats
-
-
-def test_best_first_worth_is_calibrated_by_what_was_accepted():
-    from stand.drafters.stand import DynamicStandDrafter
-    from stand.verify import Verdict
-
-    d = DynamicStandDrafter(SpecConfig(method="stand-dynamic", max_n=2, table_topk=4, table_capacity=256), 100)
-    noise = GumbelNoise(np.random.default_rng(0))
-    assert d.shown(0.4) == pytest.approx(0.425)  # before any evidence: the estimate (bin centre)
-    tree = d.draft_best_first(_table(), np.array([-1, 5]), noise, True, cap=3, floor=0.0)
-    for _ in range(40):  # the .4 node is always rejected, so nodes of that worth stop being drafted
-        d._count(tree, Verdict(accepted=[], bonus=0))
-    first = tree.tags[0] / d.BINS + 1e-9  # the worth bin of the first node
-    assert d.shown(first) < 0.05 and d.shown(0.95) == pytest.approx(0.975)
-    assert d.draft_best_first(_table(), np.array([-1, 5]), noise, True, cap=3, floor=0.1).tokens == []

@@ -204,10 +204,6 @@ class StandDrafter(Drafter):
             return
         ids, p = top_dist(probs[: len(tree) + 1], self.config.table_topk)  # [M+1, k]
         self.table_for(row).insert(node_tails(self._root_tail(row), tree), ids, p)
-        self._count(tree, verdict)
-
-    def _count(self, tree: DraftTree, verdict) -> None:
-        """Accepted-path counts per template node (what calibration reads)."""
         for node in verdict.accepted:
             tag = tree.tags[node - 1]
             if 0 <= tag < len(self.hits):
@@ -288,35 +284,12 @@ class DynamicStandDrafter(StandDrafter):
     the node's table distribution and v(root) = 1: an estimate of the chance the draw is accepted, known before
     the draw is made. Slots are filled best-first while worth at least the pass's min_value (the engine sets it
     from the cost grid) and dynamic_floor, up to dynamic_nodes (and max_nodes when there is no min_value).
-    The estimate is calibrated online: drafted and accepted nodes are counted by bin of estimated worth, and
-    a slot is kept by the acceptance its bin has shown so far (drafts at T > 0 are accepted less often than q says).
     Lossless: whether a draw is made depends on the path to its node, on earlier draws and on other branches,
     never on the draw itself or later ones (a slot's worth never exceeds its parent's or an earlier sibling's,
     and ties go to the node created first), which is all the recursive rejection verifier needs.
     """
 
     name = "stand-dynamic"
-    BINS = 20
-
-    def __init__(self, config, vocab_size: int):
-        super().__init__(config, vocab_size)
-        self.drafted = np.full(self.BINS, 2.0)  # pseudo-counts: each bin starts at its estimate
-        self.accepted = (np.arange(self.BINS) + 0.5) / self.BINS * 2.0
-
-    def _bin(self, worth: float) -> int:
-        return min(int(worth * self.BINS), self.BINS - 1)
-
-    def shown(self, worth: float) -> float:
-        """The acceptance rate nodes of this estimated worth have had so far."""
-        b = self._bin(worth)
-        return float(self.accepted[b] / self.drafted[b])
-
-    def _count(self, tree: DraftTree, verdict) -> None:
-        bins = np.asarray(tree.tags, dtype=np.int64)  # a dynamic tree tags each node with its worth bin
-        bins = bins[bins >= 0]
-        np.add.at(self.drafted, bins, 1.0)
-        acc = [tree.tags[node - 1] for node in verdict.accepted if tree.tags[node - 1] >= 0]
-        np.add.at(self.accepted, np.asarray(acc, dtype=np.int64), 1.0)
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         deterministic = (not self.config.stochastic) or row.params.greedy
@@ -349,10 +322,10 @@ class DynamicStandDrafter(StandDrafter):
         open_node(-1, tuple(root_tail.tolist()), 1.0)
         while heap and len(tree) < cap:
             neg, _, node, rank = heapq.heappop(heap)
-            if self.shown(-neg) < floor:
+            if -neg < floor:
                 break
             drawn, dist, sorted_q, worth, tail = opened[node]
-            idx = tree.add(int(drawn[rank]), node, dist, self._bin(-neg))
+            idx = tree.add(int(drawn[rank]), node, dist)
             if rank + 1 < len(drawn):
                 heapq.heappush(heap, (-worth * sorted_q[rank + 1], next(tick), node, rank + 1))
             open_node(idx, tail[1:] + (int(drawn[rank]),), -neg)
