@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from stand.budget import CostGrid
-from stand.calibrate import CalibrateConfig, calibrate, choose_m, expected_accepted, interpolate_cost, save, top_m
+from stand.budget import CostGrid, interpolate
+from stand.calibrate import CalibrateConfig, calibrate, choose_m, expected_accepted, save, top_m
 from stand.drafters.stand import StandDrafter
 from stand.errors import StandError
 from stand.params import SpecConfig
@@ -37,7 +37,7 @@ def test_choose_m_trades_acceptance_for_cost():
     steep = {1: 10.0, 2: 30.0, 64: 650.0}  # anything beyond one node costs more than it brings
     assert choose_m(hits, 100, steep, 0.0, 6)[0] == 1
     assert expected_accepted(hits, 100, 2).tolist() == pytest.approx([1.0, 1.8, 2.2])
-    assert interpolate_cost({1: 10.0, 2: 12.0}, 4) == pytest.approx(16.0)
+    assert interpolate({1: 10.0, 2: 12.0}, 4) == pytest.approx(16.0)
 
 
 def test_calibration_on_tiny_model(tiny, tmp_path):

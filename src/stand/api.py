@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .budget import resolve_grid
 from .drafters import make_drafter
 from .drafters.base import Drafter
 from .engine import Engine, OnCommit, Row
-from .budget import resolve_grid
 from .errors import StandError
 from .models import Target, load_model
 from .params import SamplingParams, SpecConfig

@@ -26,8 +26,10 @@ GRID_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 GRID_MAX_TOKENS = 160  # largest pass measured (rows x tokens per row)
 
 
-def _interp(xs: np.ndarray, ys: np.ndarray, x: float) -> float:
-    """Linear between measured points, extended linearly from the last two (and flat below the first)."""
+def interpolate(points: dict[int, float], x: float) -> float:
+    """Linear between measured points {size: ms}, extended linearly from the last two (flat below the first)."""
+    xs = np.array(sorted(points), dtype=np.float64)
+    ys = np.array([points[int(k)] for k in xs])
     if x <= xs[-1] or len(xs) < 2:
         return float(np.interp(x, xs, ys))
     slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
@@ -47,9 +49,8 @@ class CostGrid:
 
     def row_curve(self, rows: int, tokens: float) -> float:
         """ms for `rows` rows of `tokens` tokens; the measured curve made non-decreasing (timing noise)."""
-        curve = self.ms[rows]
-        xs = np.array(sorted(curve), dtype=np.float64)
-        return _interp(xs, np.maximum.accumulate([curve[int(x)] for x in xs]), tokens)
+        sizes = sorted(self.ms[rows])
+        return interpolate(dict(zip(sizes, np.maximum.accumulate([self.ms[rows][t] for t in sizes]))), tokens)
 
     def __call__(self, rows: int, tokens: float) -> float:
         """ms of a pass of `rows` rows with `tokens` tokens each: interpolated between measured row counts;
@@ -85,6 +86,12 @@ class CostGrid:
 
     def save(self, path: str) -> None:
         jsonfile.write(path, self.to_dict())
+
+
+def acceptance_curve(node_p: np.ndarray) -> np.ndarray:
+    """[M+1] expected tokens per step with the m most likely of M nodes (m = 0..M; the bonus token included),
+    from each node's chance of lying on the accepted path."""
+    return 1.0 + np.concatenate([[0.0], np.cumsum(np.sort(np.asarray(node_p, dtype=np.float64))[::-1])])
 
 
 def nodes_per_row(acc: np.ndarray, rows: int, grid: CostGrid) -> int:

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .budget import CostGrid, measure_grid
+from .budget import CostGrid, acceptance_curve, interpolate, measure_grid
 from .errors import StandError
-from .templates import TreeTemplate, large_template
+from .templates import TreeTemplate, large_template, most_valuable
 
 
 @dataclass
@@ -61,8 +61,7 @@ def top_m(template: TreeTemplate, hits: np.ndarray, m: int) -> tuple[TreeTemplat
     """The m most-counted nodes as a template (connected), and the large-template id of each node."""
     if not 1 <= m <= len(template):
         raise StandError(f"tree size M must be in 1..{len(template)}, got {m}")
-    order = np.lexsort((np.arange(len(template)), -hits))[:m]  # by count, then by id (parents first)
-    keep = set(order.tolist())
+    keep = set(most_valuable(hits, m).tolist())
     if any(template.parents[j] >= 0 and template.parents[j] not in keep for j in keep):
         raise StandError("calibration counts increase from a parent to a child; they cannot come from accepted paths")
     return template.subset(keep)
@@ -70,18 +69,7 @@ def top_m(template: TreeTemplate, hits: np.ndarray, m: int) -> tuple[TreeTemplat
 
 def expected_accepted(hits: np.ndarray, steps: int, max_m: int) -> np.ndarray:
     """[max_m + 1] expected tokens per step of the top-M tree, M = 0..max_m (the bonus token included)."""
-    s = np.sort(hits)[::-1][:max_m].astype(np.float64)
-    return 1.0 + np.concatenate([[0.0], np.cumsum(s)]) / max(steps, 1)
-
-
-def interpolate_cost(cost_ms: dict[int, float], size: int) -> float:
-    """Verify ms for a tree of `size` tokens: linear between measured sizes, extended from the last two."""
-    xs = np.array(sorted(cost_ms), dtype=np.float64)
-    ys = np.array([cost_ms[int(x)] for x in xs])
-    if size <= xs[-1] or len(xs) < 2:
-        return float(np.interp(size, xs, ys))
-    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-    return float(ys[-1] + slope * (size - xs[-1]))
+    return acceptance_curve(np.asarray(hits, dtype=np.float64) / max(steps, 1))[: max_m + 1]
 
 
 def choose_m(hits: np.ndarray, steps: int, cost_ms: dict[int, float], draft_ms_per_node: float,
@@ -89,7 +77,7 @@ def choose_m(hits: np.ndarray, steps: int, cost_ms: dict[int, float], draft_ms_p
     """The M with the most expected tokens per second, and the curves over M = 1..max_m."""
     max_m = min(max_m, len(hits))
     acc = expected_accepted(hits, steps, max_m)[1:]  # [max_m], M = 1..max_m
-    ms = np.array([interpolate_cost(cost_ms, m + 1) + draft_ms_per_node * m for m in range(1, max_m + 1)])
+    ms = np.array([interpolate(cost_ms, m + 1) + draft_ms_per_node * m for m in range(1, max_m + 1)])
     tps = 1000.0 * acc / ms
     best = int(np.argmax(tps)) + 1
     return best, {"m": list(range(1, max_m + 1)), "accepted": acc.tolist(), "step_ms": ms.tolist(),

@@ -90,7 +90,7 @@ class Engine:
         grid: what a pass costs here; with it, a drafter that knows its acceptance curve gets the tree size
         per row that maximises tokens per second for the number of live rows (budget.py)."""
         self.target, self.drafter, self.step_tokens, self.grid = target, drafter, step_tokens, grid
-        self._budgets: dict[int, int | None] = {}
+        self._budgets: dict[int, tuple[int | None, float, int | None]] = {}  # rows -> _budget(rows)
 
     @torch.inference_mode()
     def run(self, rows: list[Row], on_commit: OnCommit | None = None, finish: bool = True) -> list[Row]:
@@ -186,15 +186,15 @@ class Engine:
         return self._budgets[rows]
 
     def _draft(self, r: Row, budget: tuple[int | None, float, int | None]) -> DraftTree:
-        """The drafter's tree, cut to the row's room (tokens left, context left) and its share of the pass."""
+        """The drafter's tree (asked for `nodes` nodes worth at least `floor`), cut to the row's room (tokens
+        left, context left) and its hard share of the pass."""
         nodes, floor, cap = budget
         t = time.perf_counter()
         tree = self.drafter.propose(r, nodes, floor)
         r.stats.draft_seconds += time.perf_counter() - t
         room = min(r.params.max_new_tokens - r.stats.new_tokens, self.target.max_len - len(r.tokens)) - 1
         tree = tree.clip(max(room, 0))
-        limit = [k for k in (nodes if floor == 0.0 else None, cap) if k is not None]
-        return tree.prefix(min(limit)) if limit else tree
+        return tree if cap is None else tree.prefix(cap)
 
     def _commit(self, r: Row, new: list[int]) -> list[int]:
         """Appends the step's tokens up to the first stop condition; returns those kept."""

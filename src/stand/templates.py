@@ -125,6 +125,12 @@ def normalise(parents: list[int], ranks: list[int], meta: dict) -> tuple[TreeTem
     return TreeTemplate(tuple(new_parents), tuple(new_ranks), meta), order
 
 
+def most_valuable(values, m: int) -> np.ndarray:
+    """Ids of the m highest values, ties to the lower id. Where a node is worth no more than its parent (an
+    earlier id), these form a connected tree."""
+    return np.lexsort((np.arange(len(values)), -np.asarray(values)))[:m]
+
+
 def heuristic(size: int = DEFAULT_SIZE, prior=DEFAULT_PRIOR, max_children: int | None = None) -> TreeTemplate:
     """The `size` nodes of highest prior path value, grown best-first from the root."""
     prior = list(prior)

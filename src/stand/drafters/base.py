@@ -33,8 +33,9 @@ class Drafter:
         """A row enters. prompt_probs: [P-1, V], the distribution after each prompt token but the last."""
 
     def propose(self, row: "Row", max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
-        """The draft for the next step; the root is row.tokens[-1]. max_nodes: the row's share of the pass
-        (a drafter may use it to pick its best nodes; the engine cuts any longer tree to its first max_nodes).
+        """The draft for the next step; the root is row.tokens[-1]. max_nodes: the nodes the pass asks of this
+        row (a drafter may use it to pick its best nodes; the engine cuts any tree to the row's hard share of
+        step_tokens, which is at least max_nodes).
         min_value: a node whose estimated chance of acceptance is below this costs more than it brings in this
         pass; a drafter that estimates the chance may leave such nodes out."""
         return DraftTree()

@@ -24,7 +24,8 @@ import torch
 
 from ..errors import StandError
 from ..ngram_table import NGramTable, tails_of
-from ..templates import DEFAULT_PRIOR, TreeTemplate, check_vocab, heuristic, shipped_tree_path
+from ..budget import acceptance_curve
+from ..templates import DEFAULT_PRIOR, TreeTemplate, check_vocab, heuristic, most_valuable, shipped_tree_path
 from ..tree import DraftTree, SparseDist
 from .base import Drafter
 
@@ -190,12 +191,12 @@ class StandDrafter(Drafter):
 
     def acceptance_curve(self) -> np.ndarray:
         """[M+1] expected tokens per step with the template's m most valuable nodes, m = 0..M."""
-        return 1.0 + np.concatenate([[0.0], np.cumsum(np.sort(self.node_p)[::-1])])
+        return acceptance_curve(self.node_p)
 
     def _cut(self, m: int) -> list[list[int]]:
         """Children lists of the template's m most valuable nodes (a connected subtree; ids unchanged)."""
         if m not in self._cuts:
-            keep = set(np.lexsort((np.arange(len(self.node_p)), -self.node_p))[:m].tolist())
+            keep = set(most_valuable(self.node_p, m).tolist())
             self._cuts[m] = [[c for c in kids if c in keep] for kids in self.kids]
         return self._cuts[m]
 
