@@ -16,6 +16,6 @@ def tiny():
 @pytest.fixture(scope="session")
 def real_f32():
     """The real default model in float32 (slow: about 30 s to load)."""
-    from stand.models import load_model
+    from stand.backends.load import load_model
 
-    return load_model(None, "float32")
+    return load_model(None, "float32", backend="torch")

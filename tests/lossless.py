@@ -12,12 +12,13 @@ import numpy as np
 import torch
 from scipy.stats import chisquare
 
-from stand.drafters import make_drafter
-from stand.engine import Engine, Row
-from stand.models import Target
+from stand.drafters.registry import make_drafter
+from stand.core.sequence import Row
+from stand.engine import Engine
+from stand.backends.torch import Target
 from stand.params import SamplingParams, SpecConfig
 from stand.testing import tiny_model
-from stand.verify import sampler_probs
+from stand.core.verify import sampler_probs
 
 V, K = 8, 3  # vocabulary, generated tokens
 PROMPT = [1, 2, 3, 1, 2, 3, 1, 2, 4, 5, 1, 2]  # repeats, so lookup drafters have matches

@@ -5,9 +5,9 @@ import struct
 
 import pytest
 
-from stand.bench import COLUMNS, BenchConfig, bench, read_json, rich_table, summarise, write_json
+from stand.lab.bench import COLUMNS, BenchConfig, bench, read_json, rich_table, summarise, write_json
 from stand.errors import StandError
-from stand.plots import plot_all
+from stand.lab.plots import plot_all
 
 METHODS = ["none", "pld", "stand", "hf", "hf-pld", "hf-batched"]
 
@@ -126,10 +126,10 @@ def test_config_errors_name_what_was_wrong():
 def test_cli_bench_writes_json_and_plots(tiny, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import stand.models
+    import stand.backends.load
     from stand.cli import app
 
-    monkeypatch.setattr(stand.models, "load_model", lambda *a, **k: tiny)
+    monkeypatch.setattr(stand.backends.load, "load_model", lambda *a, **k: tiny)
     out = tmp_path / "r.json"
     res = CliRunner().invoke(app, ["bench", "--methods", "none,pld,hf,hf-batched", "--problems", "1", "--n", "1,2",
                                    "--max-new-tokens", "8", "-t", "0.6", "--no-warmup", "--json", str(out),
@@ -144,7 +144,7 @@ def test_cli_bench_writes_json_and_plots(tiny, tmp_path, monkeypatch):
 
 
 def test_markdown_table_has_a_line_per_row(rows):
-    from stand.bench import markdown_table
+    from stand.lab.bench import markdown_table
 
     lines = markdown_table(rows).splitlines()
     assert len(lines) == 2 + len(rows) and all(line.count("|") == lines[0].count("|") for line in lines)
@@ -158,12 +158,12 @@ def test_cli_interrupted_still_writes_the_finished_rows(tiny, tmp_path, monkeypa
 
     from typer.testing import CliRunner
 
-    import stand.bench
-    import stand.models
+    import stand.lab.bench
+    import stand.backends.load
     from stand.cli import app
 
-    monkeypatch.setattr(stand.models, "load_model", lambda *a, **k: tiny)
-    real, calls = stand.bench.run_variant, []
+    monkeypatch.setattr(stand.backends.load, "load_model", lambda *a, **k: tiny)
+    real, calls = stand.lab.bench.run_variant, []
 
     def run_variant(*a, **k):
         calls.append(1)
@@ -171,7 +171,7 @@ def test_cli_interrupted_still_writes_the_finished_rows(tiny, tmp_path, monkeypa
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **k)
 
-    monkeypatch.setattr(stand.bench, "run_variant", run_variant)
+    monkeypatch.setattr(stand.lab.bench, "run_variant", run_variant)
     handler = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "r.json"
     res = CliRunner().invoke(app, ["bench", "--methods", "none,pld", "--problems", "2", "--max-new-tokens", "8",
@@ -185,8 +185,8 @@ def test_cli_interrupted_still_writes_the_finished_rows(tiny, tmp_path, monkeypa
 def test_greedy_anchors_at_n2_match_plain_decoding(tiny):
     """Greedy: hf-batched (a hand-built batch, as HF refuses num_return_sequences there) runs, and every row
     produces as many tokens as plain decoding (the same greedy text, or EOS at the same place)."""
-    from stand.bench import hf_generate, run_variant
-    from stand.datasets import champ
+    from stand.lab.bench import hf_generate, run_variant
+    from stand.tts.problems import champ
 
     problem = champ(1)[0]
     ids = tiny.encode(problem.prompt)

@@ -3,12 +3,14 @@
 import numpy as np
 import pytest
 
-from stand.budget import CostGrid, measure_grid, nodes_per_row, resolve_grid
+from stand.core.budget import CostGrid, nodes_per_row, resolve_grid
+from stand.lab.profile import measure_grid
 from stand.drafters.stand import StandDrafter, node_acceptance
-from stand.engine import Engine, Row
+from stand.core.sequence import Row
+from stand.engine import Engine
 from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
-from stand.templates import heuristic
+from stand.drafters.templates import heuristic
 
 ACC = np.array([1.0, 1.6, 2.0, 2.3, 2.5, 2.6, 2.65, 2.7])  # expected tokens per step with m nodes
 
@@ -63,8 +65,8 @@ def test_engine_sizes_rows_by_the_grid(tiny):
     d = StandDrafter(spec, tiny.vocab_size)
     cpu = CostGrid({1: {1: 50.0, 4: 60.0, 16: 90.0, 32: 150.0}, 8: {1: 100.0, 2: 180.0, 4: 340.0}})
     e = Engine(tiny, d, step_tokens=None, grid=cpu)
-    assert e.row_budget(1) > e.row_budget(8)
-    assert Engine(tiny, d, step_tokens=64).row_budget(8) == 7  # no grid: the share of the pass
+    assert e.budget(1)[0] > e.budget(8)[0]
+    assert Engine(tiny, d, step_tokens=64).budget(8)[0] == 7  # no grid: the share of the pass
     prompt = tiny.encode("one two three, one two three, one two")
     rows = e.run([Row(prompt, SamplingParams(0.0, max_new_tokens=30), index=j) for j in range(8)])
     alone = Engine(tiny, StandDrafter(spec, tiny.vocab_size)).run([Row(prompt, SamplingParams(0.0, max_new_tokens=30))])

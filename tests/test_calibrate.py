@@ -3,12 +3,12 @@ import json
 import numpy as np
 import pytest
 
-from stand.budget import CostGrid, interpolate
-from stand.calibrate import CalibrateConfig, calibrate, choose_m, expected_accepted, save, top_m
+from stand.core.budget import CostGrid, interpolate
+from stand.lab.calibrate import CalibrateConfig, calibrate, choose_m, expected_accepted, save, top_m
 from stand.drafters.stand import StandDrafter
 from stand.errors import StandError
 from stand.params import SpecConfig
-from stand.templates import TreeTemplate, heuristic, large_template
+from stand.drafters.templates import TreeTemplate, heuristic, large_template
 
 TEXTS = ["the cat sat on the mat. the cat sat on the hat.", "one two three, one two three, one two"]
 

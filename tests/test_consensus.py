@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stand.drafters import make_drafter
+from stand.drafters.registry import make_drafter
 from stand.drafters.consensus import (PROMPT, ConsensusDrafter, GroupIndex, best_path, best_tree, build_dag,
                                       edit_distance_many)
-from stand.engine import Engine, Row
+from stand.core.sequence import Row
+from stand.engine import Engine
 from stand.params import SamplingParams, SpecConfig
 from stand.testing import tiny_target
 
@@ -167,7 +168,7 @@ def test_rows_of_a_group_draft_for_each_other():
 
 def test_graft_adds_only_new_paths():
     from stand.drafters.combined import GRAFT, graft
-    from stand.tree import DraftTree, SparseDist
+    from stand.core.tree import DraftTree, SparseDist
 
     q = SparseDist([1, 2, 3], [0.5, 0.3, 0.2])
     base = DraftTree()

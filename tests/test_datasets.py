@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stand.cli import app
-from stand.datasets import CODE_INSTRUCTION, MATH_INSTRUCTION, champ, humaneval, jsonl, load_dataset, question
+from stand.tts.problems import CODE_INSTRUCTION, MATH_INSTRUCTION, champ, humaneval, jsonl, load_dataset, question
 from stand.errors import StandError
 
 

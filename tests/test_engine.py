@@ -5,11 +5,12 @@ import pytest
 import torch
 
 import stand
-from stand.drafters import make_drafter
-from stand.engine import Engine, Row
-from stand.kv import prefill_batch, tree_batch
+from stand.drafters.registry import make_drafter
+from stand.core.sequence import Row
+from stand.engine import Engine
+from stand.backends.kv import prefill_batch, tree_batch
 from stand.params import SamplingParams, SpecConfig
-from stand.tree import DraftTree
+from stand.core.tree import DraftTree
 
 
 def fresh_logits(target, ids):
@@ -31,7 +32,7 @@ def branchy_tree(tokens):
 
 def test_compaction_matches_fresh_forward_batched(tiny):
     prompts = [[10, 20, 30, 40, 50, 60, 70], [11, 21, 31]]  # ragged
-    cache = tiny.new_cache()
+    cache = tiny.inner_cache()
     prefixes = [p[:-1] for p in prompts]
     with torch.inference_mode():
         tiny.forward(cache, prefill_batch(prefixes), all_logits=False)
@@ -134,9 +135,9 @@ def greedy_fixed(target, prompts, method, n):
 
 @pytest.mark.slow
 def test_real_model_bfloat16_pld_diverges_only_at_near_ties():
-    from stand.models import load_model
+    from stand.backends.load import load_model
 
-    target = load_model(None, "bfloat16")
+    target = load_model(None, "bfloat16", backend="torch")
     ids = [target.encode("Explain how to compute the greatest common divisor of 84 and 36, step by step.")]
     a = greedy_fixed(target, ids, "none", 128)[0]
     b = greedy_fixed(target, ids, "pld", 128)[0]

@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from stand.drafters import make_drafter
-from stand.engine import Engine, Row
+from stand.drafters.registry import make_drafter
+from stand.core.sequence import Row
+from stand.engine import Engine
 from stand.errors import StandError
-from stand.kv import prefill_batch, tree_batch
-from stand.lean import CACHE_CHUNK, LeanCache, LeanTarget
+from stand.backends.kv import prefill_batch, tree_batch
+from stand.backends.lean import CACHE_CHUNK, LeanCache, LeanTarget
 from stand.params import SamplingParams, SpecConfig
 from stand.testing import tiny_target
-from stand.tree import DraftTree
+from stand.core.tree import DraftTree
 
 
 def branching_tree(tokens: list[int]) -> DraftTree:
@@ -28,7 +29,7 @@ def drive(target, prompts, steps):
     steps: list of (trees per row, accepted paths per row). Returns every forward's logits (float32).
     """
     out = []
-    cache = target.new_cache()
+    cache = target.inner_cache()
     out.append(target.forward(cache, prefill_batch(prompts)).float())
     lengths = [len(p) for p in prompts]
     keep = [0, 1, 1]  # row 1 twice, as the engine replicates one prompt for N samples
@@ -90,7 +91,7 @@ def test_lean_logits_close_bfloat16(linear):
 def test_lean_qwen2_with_qkv_bias_equal_hf():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from stand.models import Target
+    from stand.backends.torch import Target
 
     torch.manual_seed(3)
     cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -110,7 +111,7 @@ def test_lean_qwen2_with_qkv_bias_equal_hf():
 def test_single_row_one_token_uses_no_mask_and_matches():
     hf, lean = both(seed=4)
     with torch.inference_mode():
-        caches = [t.new_cache() for t in (hf, lean)]
+        caches = [t.inner_cache() for t in (hf, lean)]
         for t, c in zip((hf, lean), caches):
             t.forward(c, prefill_batch([[1, 2, 3, 4]]))
         for tok in (5, 6, 7):
@@ -125,8 +126,8 @@ def test_cache_grows_past_a_chunk_and_keeps_content():
     prompt = list(range(CACHE_CHUNK + 10))
     prompt = [t % 250 for t in prompt]
     with torch.inference_mode():
-        ref = hf.forward(hf.new_cache(), prefill_batch([prompt]))
-        cache = lean.new_cache()
+        ref = hf.forward(hf.inner_cache(), prefill_batch([prompt]))
+        cache = lean.inner_cache()
         lean.forward(cache, prefill_batch([prompt[:100]]))
         for start in range(100, len(prompt), 50):  # chunks of a causal prefill through tree steps
             chunk = prompt[start:start + 50]
@@ -182,7 +183,7 @@ def test_greedy_decoding_lean_equals_hf(method):
 def test_unsupported_architecture_raises():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from stand.models import Target
+    from stand.backends.torch import Target
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval()
     with pytest.raises(StandError, match="architecture 'gpt2'"):
@@ -191,10 +192,10 @@ def test_unsupported_architecture_raises():
 
 @pytest.mark.slow
 def test_real_model_greedy_lean_equals_hf_float32():
-    from stand.models import load_model
+    from stand.backends.load import load_model
 
-    hf = load_model(None, "float32", backend="hf")
-    lean = load_model(None, "float32", backend="lean")
+    hf = load_model(None, "float32", backend="torch", forward="hf")
+    lean = load_model(None, "float32", backend="torch", forward="lean")
     assert isinstance(lean, LeanTarget) and not isinstance(hf, LeanTarget)
     params = SamplingParams(max_new_tokens=48, temperature=0.0)
     prompt = hf.encode("What is 12 times 7? Answer briefly.")
@@ -207,19 +208,21 @@ def test_real_model_greedy_lean_equals_hf_float32():
 
 
 def test_load_model_backends(tmp_path):
-    from stand.models import load_model
+    from stand.backends.load import load_model
     from stand.testing import save_tiny
 
     path = save_tiny(str(tmp_path / "tiny"))
     assert isinstance(load_model(path, "float32"), LeanTarget)
-    assert isinstance(load_model(path, "float32", backend="lean"), LeanTarget)
-    assert not isinstance(load_model(path, "float32", backend="hf"), LeanTarget)
+    assert isinstance(load_model(path, "float32", forward="lean"), LeanTarget)
+    assert not isinstance(load_model(path, "float32", forward="hf"), LeanTarget)
+    with pytest.raises(StandError, match="forward"):
+        load_model(path, "float32", forward="fast")
     with pytest.raises(StandError, match="backend"):
         load_model(path, "float32", backend="fast")
 
 
 def test_profile_curves_and_json(tmp_path):
-    from stand.profile import ProfileConfig, as_json, cost_curves, profile_targets, table_lines
+    from stand.lab.profile import ProfileConfig, as_json, cost_curves, profile_targets, table_lines
 
     hf = tiny_target(seed=7)
     curves = cost_curves(profile_targets(hf), ProfileConfig(tokens=(1, 4), batches=(2,), cache_len=20, reps=2))
@@ -252,7 +255,7 @@ def test_profile_cli_writes_json(tmp_path):
 def test_lean_llama_with_attention_bias_equal_hf():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stand.models import Target
+    from stand.backends.torch import Target
 
     torch.manual_seed(8)
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -3,8 +3,8 @@
 import pytest
 
 from lossless import K, engine_samples, exact_joint, marginal_pvalues, small_target
-from stand.budget import CostGrid
-from stand.drafters import DRAFTERS, make_drafter
+from stand.core.budget import CostGrid
+from stand.drafters.registry import DRAFTERS, make_drafter
 from stand.engine import Engine
 from stand.params import SamplingParams, SpecConfig
 
@@ -54,7 +54,7 @@ def test_trees_cut_by_the_cost_grid_stay_exact(target):
     """STAND trees cut to the few best nodes a pass can afford (siblings included) keep the distribution."""
     grid = CostGrid({1: {1: 10.0, 64: 20.0}, 256: {1: 100.0, 2: 101.0, 3: 102.0, 4: 103.0, 5: 104.0, 6: 400.0}})
     spec = SpecConfig(method="stand")
-    assert Engine(target, make_drafter(spec, target.vocab_size), grid=grid).row_budget(250) == 4
+    assert Engine(target, make_drafter(spec, target.vocab_size), grid=grid).budget(250)[0] == 4
     samples, per_step = engine_samples(target, spec, PLAIN, n=2000, grid=grid)
     pvals = marginal_pvalues(samples, exact_joint(target, PLAIN))
     assert min(pvals.values()) > 1e-4, pvals
@@ -65,7 +65,7 @@ def test_best_first_trees_under_a_pass_floor_stay_exact(target):
     """stand-dynamic with the floor a cost grid sets: tree shapes follow the table's confidence, draw by draw."""
     grid = CostGrid({1: {1: 10.0, 64: 20.0}, 256: {1: 100.0, 2: 101.0, 3: 102.0, 4: 103.0, 5: 104.0, 6: 110.0}})
     spec = SpecConfig(method="stand-dynamic")
-    nodes, floor, _ = Engine(target, make_drafter(spec, target.vocab_size), grid=grid)._budget(250)
+    nodes, floor, _ = Engine(target, make_drafter(spec, target.vocab_size), grid=grid).budget(250)
     assert 0.05 < floor < 0.5, floor
     samples, per_step = engine_samples(target, spec, PLAIN, n=2000, grid=grid)
     pvals = marginal_pvalues(samples, exact_joint(target, PLAIN))

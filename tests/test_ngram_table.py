@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from stand.errors import StandError
-from stand.ngram_table import NGramTable, merge_topk, tails_of
+from stand.drafters.ngram_table import NGramTable, merge_topk, tails_of
 
 BOB, MARY, TOM, SUE = 11, 12, 13, 14
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from stand.drafters import make_drafter
+from stand.drafters.registry import make_drafter
 from stand.drafters.ngrammys import (ModelTables, NGrammys, build_tables, context_drafts, mix_drafts,
-                                     model_fingerprint, model_tables, table_path, trie)
-from stand.engine import Engine, Row
+                                     model_tables, table_path, trie)
+from stand.core.sequence import Row
+from stand.engine import Engine
 from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
 from stand.testing import tiny_target
@@ -51,7 +52,7 @@ def test_tables_are_cached_on_disk_by_model_identity(target, tmp_path, monkeypat
     loaded = model_tables(target, k=4, progress=False)
     assert np.array_equal(built.bigram, loaded.bigram) and np.array_equal(built.unigram, loaded.unigram)
     other = tiny_target(seed=1)
-    assert model_fingerprint(other) != model_fingerprint(target)  # other weights: another file
+    assert other.fingerprint() != target.fingerprint()  # other weights: another file
     (tmp_path / path.split("/")[-1]).write_bytes(b"not a table")
     with pytest.raises(StandError, match="delete it to rebuild"):
         model_tables(target, k=4, progress=False)

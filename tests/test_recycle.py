@@ -2,11 +2,11 @@ import numpy as np
 import torch
 
 from stand.drafters.recycle import TokenRecycling
-from stand.engine import Row
+from stand.core.sequence import Row
 from stand.params import SamplingParams, SpecConfig
-from stand.templates import TreeTemplate
-from stand.tree import DraftTree
-from stand.verify import Verdict
+from stand.drafters.templates import TreeTemplate
+from stand.core.tree import DraftTree
+from stand.core.verify import Verdict
 
 
 def _probs(rows: dict[int, list[int]], n: int, V: int = 50) -> torch.Tensor:

@@ -17,8 +17,8 @@ import pytest
 import uvicorn
 
 from stand.api import generate
-from stand.models import load_model
-from stand.server import ServerConfig, TextStream, create_app
+from stand.backends.load import load_model
+from stand.server.app import ServerConfig, TextStream, create_app
 from stand.testing import byte_tokenizer, save_tiny
 
 KEY = "test-key"

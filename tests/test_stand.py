@@ -3,12 +3,13 @@ import logging
 import numpy as np
 import pytest
 
-from stand.drafters import make_drafter
+from stand.drafters.registry import make_drafter
 from stand.drafters.stand import GumbelNoise, HeuristicStandDrafter, StandDrafter
-from stand.engine import Engine, Row
-from stand.ngram_table import NGramTable
+from stand.core.sequence import Row
+from stand.engine import Engine
+from stand.drafters.ngram_table import NGramTable
 from stand.params import SamplingParams, SpecConfig
-from stand.templates import TreeTemplate, heuristic
+from stand.drafters.templates import TreeTemplate, heuristic
 
 PROMPT_TEXT = "the cat sat on the mat. the cat sat on the hat. the cat"
 

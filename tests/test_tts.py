@@ -9,14 +9,15 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency, chisquare
 
-from stand import tts
+from stand.tts import solve as tts
 from stand.api import run_group
-from stand.datasets import Problem, champ
-from stand.drafters import make_drafter
-from stand.engine import Engine, Row
+from stand.tts.problems import Problem, champ
+from stand.drafters.registry import make_drafter
+from stand.core.sequence import Row
+from stand.engine import Engine
 from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
-from stand.tts import answer_key, extract_answer, is_correct, majority_vote, solve
+from stand.tts.solve import answer_key, extract_answer, is_correct, majority_vote, solve
 
 DRAFTED = ["pld", "stand"]
 
@@ -301,7 +302,7 @@ def test_real_model_sequential_later_samples_draft_better(real_f32):
 
 
 def test_bench_rows_name_n_and_schedule():
-    from stand.bench import BenchConfig
+    from stand.lab.bench import BenchConfig
 
     cfg = BenchConfig(["none", "stand", "hf"], n=[1, 8], schedule=["batched", "sequential"])
     assert cfg.variants() == [("none", 1, "batched"), ("stand", 1, "batched"), ("hf", 1, "hf"),

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lossless import pvalue
-from stand import verify as V
+from stand.core import verify as V
 from stand.params import SamplingParams
-from stand.tree import DraftTree, SparseDist, dedupe_children
+from stand.core.tree import DraftTree, SparseDist, dedupe_children
 
 VOCAB = 6
 TRIALS = 8000

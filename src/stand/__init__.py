@@ -1,10 +1,12 @@
 """stand: lossless model-free speculative decoding for test-time scaling."""
 
-from .api import Sample, generate
-from .errors import StandError
-from .models import Target, load_model
-from .params import SamplingParams, SpecConfig
-from .tts import solve
+from stand.api import Sample, generate
+from stand.errors import StandError
+from stand.backends.load import load_model
+from stand.backends.protocol import Backend
+from stand.backends.torch import Target
+from stand.params import SamplingParams, SpecConfig
+from stand.tts.solve import solve
 
-__all__ = ["generate", "solve", "Sample", "StandError", "Target", "load_model", "SamplingParams", "SpecConfig"]
+__all__ = ["generate", "solve", "Sample", "StandError", "Target", "Backend", "load_model", "SamplingParams", "SpecConfig"]
 __version__ = "0.1.0"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .budget import resolve_grid
-from .drafters import make_drafter
-from .drafters.base import Drafter
-from .engine import Engine, OnCommit, Row
-from .errors import StandError
-from .models import Target, load_model
-from .params import SamplingParams, SpecConfig
+from stand.core.budget import resolve_grid
+from stand.drafters.registry import make_drafter
+from stand.core.drafter import Drafter
+from stand.core.sequence import OnCommit, Row
+from stand.engine import Engine
+from stand.errors import StandError
+from stand.backends.load import load_model
+from stand.backends.protocol import Backend as Target
+from stand.params import SamplingParams, SpecConfig
 
 SCHEDULES = ("batched", "sequential")
 
@@ -26,7 +28,7 @@ class Sample:
 
 
 def resolve_target(model: Target | str | None, dtype: str = "auto") -> Target:
-    return model if isinstance(model, Target) else load_model(model, dtype)
+    return load_model(model, dtype) if model is None or isinstance(model, str) else model
 
 
 def encode_prompts(target: Target, prompts: list[str] | list[list[int]], chat: bool = True) -> list[list[int]]:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .errors import StandError
+from stand.errors import StandError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Lossless model-free speculative decoding for test-time scaling.")
@@ -52,8 +52,8 @@ def generate_cmd(
     cost: Optional[str] = CostOpt,
 ):
     """Generate text and print one line of stats."""
-    from .api import generate
-    from .params import SamplingParams, SpecConfig
+    from stand.api import generate
+    from stand.params import SamplingParams, SpecConfig
 
     SamplingParams(temperature, top_p, top_k, max_new_tokens, seed).validate()  # fail before loading the model
     samples = generate(prompt, model=model, n=n, method=method, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -96,9 +96,9 @@ def bench_cmd(
     """Methods and Hugging Face anchors side by side on the same problems, interleaved; a table, JSON, plots."""
     from rich.console import Console
 
-    from .bench import BenchConfig, rich_table, write_json
-    from .models import load_model
-    from .params import SamplingParams
+    from stand.lab.bench import BenchConfig, rich_table, write_json
+    from stand.backends.load import load_model
+    from stand.params import SamplingParams
 
     cfg = BenchConfig([m.strip() for m in methods.split(",") if m.strip()], dataset, problems, _int_list(n, "--n"),
                       temperature, max_new_tokens, seed, [s.strip() for s in schedules.split(",") if s.strip()],
@@ -109,7 +109,7 @@ def bench_cmd(
     if json_path:  # files first: a Ctrl-C may also have closed the pipe behind stdout
         write_json(rows, json_path)
     if plot:
-        from .plots import plot_all
+        from stand.lab.plots import plot_all
 
         for path in plot_all(rows, plot):
             typer.echo(f"wrote {path}", err=True)
@@ -124,7 +124,7 @@ def _bench_with_bar(target, cfg) -> list[dict]:
 
     from tqdm import tqdm
 
-    from .bench import bench
+    from stand.lab.bench import bench
 
     def stop(*_):
         raise KeyboardInterrupt  # a `kill` or `timeout` keeps the finished rows, as a Ctrl-C does
@@ -156,14 +156,14 @@ def profile_cmd(
     """Milliseconds per forward by new tokens (1..64) and by batch (4, 8, 16 rows), ours beside Hugging Face."""
     import torch
 
-    from .profile import ProfileConfig, as_json, cost_curves, profile_targets, table_lines
-    from .models import load_model
+    from stand.lab.profile import ProfileConfig, as_json, cost_curves, profile_targets, table_lines
+    from stand.backends.load import load_model
 
     if cache_len < 1 or reps < 1 or (threads is not None and threads < 1):
         raise StandError("--cache-len, --reps and --threads must be at least 1")
     if threads:
         torch.set_num_threads(threads)
-    target = load_model(model, dtype, backend="hf")
+    target = load_model(model, dtype, backend="torch", forward="hf")
     curves = cost_curves(profile_targets(target), ProfileConfig(cache_len=cache_len, reps=reps),
                          progress=lambda msg: typer.echo(f"  {msg}", err=True))
     typer.echo(f"ms per forward, {target.name}, {target.dtype}, cache {cache_len}, median of {reps}, "
@@ -174,10 +174,10 @@ def profile_cmd(
         with open(json_path, "w") as f:
             json.dump(as_json(curves), f, indent=2)
     if grid_path:
-        from .budget import measure_grid
-        from .lean import with_backend
+        from stand.backends.lean import with_forward
+        from stand.lab.profile import measure_grid
 
-        grid = measure_grid(with_backend(target, "auto"), reps=reps, progress=lambda msg: typer.echo(f"  grid: {msg}", err=True))
+        grid = measure_grid(with_forward(target, "auto"), reps=reps, progress=lambda msg: typer.echo(f"  grid: {msg}", err=True))
         grid.save(grid_path)
         typer.echo(f"ms per forward, rows x tokens per row (wrote {grid_path}):")
         for rows, curve in sorted(grid.ms.items()):
@@ -203,17 +203,18 @@ def calibrate_cmd(
     """Calibrate STAND's draft tree: count accepted nodes of a 600-node template, keep the best M for this machine."""
     from tqdm import tqdm
 
-    from .calibrate import CalibrateConfig, calibrate, calibration_prompts, save
-    from .models import load_model
-    from .params import SamplingParams
+    from stand.lab.calibrate import CalibrateConfig, calibrate, calibration_prompts, save
+    from stand.backends.load import load_model
+    from stand.params import SamplingParams
 
     SamplingParams(temperature, max_new_tokens=max_new_tokens).validate()
     cfg = CalibrateConfig(dataset, problems, first, temperature=temperature, max_new_tokens=max_new_tokens,
                           max_m=max_m, cost_curve=cost)
     target = load_model(model, dtype)
     if counts:
-        from .budget import CostGrid, measure_grid
-        from .calibrate import recount
+        from stand.core.budget import CostGrid
+        from stand.lab.profile import measure_grid
+        from stand.lab.calibrate import recount
 
         cal, cfg = recount(counts, CostGrid.load(cost) if cost else measure_grid(target))
     else:
@@ -242,7 +243,7 @@ def serve_cmd(
     dtype: str = DtypeOpt,
 ):
     """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
-    from .server import ServerConfig, serve
+    from stand.server.app import ServerConfig, serve
 
     serve(ServerConfig(model=model, method=method, dtype=dtype, host=host, port=port, api_key=api_key, table=table,
                        share_table=share_table, max_queue=max_queue, batch_window_ms=batch_window_ms,
@@ -273,8 +274,8 @@ def solve_cmd(
     """N samples per question; the voted (or best-scored) answer, checked against the reference."""
     from tqdm import tqdm
 
-    from . import tts
-    from .params import SamplingParams
+    from stand.tts import solve as tts
+    from stand.params import SamplingParams
 
     items = _solve_problems(question, dataset, jsonl, problems, answer, instruction)
     tts.SolveConfig(n, strategy, schedule).validate()
@@ -302,8 +303,8 @@ def solve_cmd(
 
 
 def _solve_problems(question, dataset, jsonl, problems, answer, instruction) -> list:
-    from .datasets import MATH_INSTRUCTION, jsonl as jsonl_problems, load_dataset
-    from .datasets import question as one_question
+    from stand.tts.problems import MATH_INSTRUCTION, jsonl as jsonl_problems, load_dataset
+    from stand.tts.problems import question as one_question
 
     if sum(x is not None for x in (question, dataset, jsonl)) != 1:
         raise StandError("give exactly one of: a QUESTION, --dataset NAME, --jsonl FILE")

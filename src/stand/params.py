@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import StandError
+from stand.errors import StandError
+
+
+# every --method; drafters/registry.py maps each to its drafter class
+METHODS = ("none", "pld", "stand", "stand-heuristic", "stand-dynamic", "recycle", "consensus", "ngrammys",
+           "stand+consensus")
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise StandError(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
+    return method
 
 
 @dataclass
@@ -72,10 +83,7 @@ class SpecConfig:
     ngrammys_len: int = 6
 
     def validate(self) -> "SpecConfig":
-        from .drafters import DRAFTERS
-
-        if self.method not in DRAFTERS:
-            raise StandError(f"unknown method {self.method!r}; choose from {', '.join(sorted(DRAFTERS))}")
+        check_method(self.method)
         if self.step_tokens is not None and self.step_tokens < 1:
             raise StandError(f"step_tokens must be >= 1, got {self.step_tokens}")
         if self.max_n < 1:

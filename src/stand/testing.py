@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .models import Target
+from stand.backends.torch import Target
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

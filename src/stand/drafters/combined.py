@@ -10,10 +10,10 @@ left after the stochastic siblings, whatever they were. Both drafters observe th
 
 from __future__ import annotations
 
-from ..tree import DraftTree
-from .base import Drafter
-from .consensus import ConsensusDrafter
-from .stand import StandDrafter
+from stand.core.tree import DraftTree
+from stand.core.drafter import Drafter
+from stand.drafters.consensus import ConsensusDrafter
+from stand.drafters.stand import StandDrafter
 
 GRAFT = -2  # tag of grafted nodes (STAND counts template hits only for tags >= 0)
 

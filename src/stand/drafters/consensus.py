@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..tree import DraftTree
-from .base import Drafter
+from stand.core.tree import DraftTree
+from stand.core.drafter import Drafter
 
 MAX_MATCHES = 64  # most recent continuations merged per draft: bounds the cost as N grows
 

@@ -11,7 +11,6 @@ Drafts are deterministic (one-hot q).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..errors import StandError
-from ..tree import DraftTree
-from .base import Drafter
+from stand.errors import StandError
+from stand.core.tree import DraftTree
+from stand.core.drafter import Drafter
 
 BIGRAM_K = 16  # successors kept per token
 CHUNK = 512  # tokens per forward pass when building the table
@@ -47,20 +46,9 @@ def cache_dir() -> str:
     return os.environ.get("STAND_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "stand")
 
 
-def model_fingerprint(target) -> str:
-    """A short hash of the model's name, vocabulary size, dtype and some of its weights."""
-    h = hashlib.sha256(f"{target.name}|{target.vocab_size}|{target.dtype}".encode())
-    for w in (target.model.get_input_embeddings().weight, target.model.get_output_embeddings().weight):
-        h.update(w.detach()[:: max(1, w.shape[0] // 64)].float().contiguous().numpy().tobytes())  # 64 rows spread out
-    layers = [p for n, p in target.model.named_parameters() if p.ndim == 2][:4]
-    for p in layers:
-        h.update(p.detach()[:8].float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def table_path(target, k: int) -> str:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", target.name)[:60]
-    return os.path.join(cache_dir(), f"bigram-{name}-v{target.vocab_size}-k{k}-{model_fingerprint(target)}.npz")
+    return os.path.join(cache_dir(), f"bigram-{name}-v{target.vocab_size}-k{k}-{target.fingerprint()}.npz")
 
 
 @torch.inference_mode()
@@ -75,8 +63,7 @@ def build_tables(target, k: int = BIGRAM_K, chunk: int = CHUNK, progress: bool =
     mean = torch.zeros(V, dtype=torch.float64)
     for lo in tqdm(range(0, V, chunk), desc="N-Grammys bigram table", unit="chunk", disable=not progress):
         hi = min(lo + chunk, V)
-        x = torch.arange(lo, hi).unsqueeze(1)  # [C, 1]
-        logits = target.model(input_ids=x, use_cache=False).logits[:, -1].float()  # [C, V]
+        logits = target.next_logits([[t] for t in range(lo, hi)])  # [C, V]
         p = torch.softmax(logits, dim=-1)
         top = torch.topk(p, k, dim=-1)
         ids[lo:hi], probs[lo:hi] = top.indices.numpy(), top.values.numpy()

@@ -1,6 +1,6 @@
 """Plain autoregressive decoding: an empty draft, one token per step."""
 
-from .base import Drafter
+from stand.core.drafter import Drafter
 
 
 class NoDrafter(Drafter):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..tree import DraftTree
-from .base import Drafter
+from stand.core.tree import DraftTree
+from stand.core.drafter import Drafter
 
 
 def lookup(tokens: np.ndarray, max_ngram: int, num_tokens: int) -> list[int]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..templates import DEFAULT_SIZE, heuristic
-from ..tree import DraftTree
-from .base import Drafter
+from stand.drafters.templates import DEFAULT_SIZE, heuristic
+from stand.core.tree import DraftTree
+from stand.core.drafter import Drafter
 
 
 class TokenRecycling(Drafter):

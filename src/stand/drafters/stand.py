@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import StandError
-from ..ngram_table import NGramTable, tails_of
-from ..budget import acceptance_curve
-from ..templates import DEFAULT_PRIOR, TreeTemplate, check_vocab, heuristic, most_valuable, shipped_tree_path
-from ..tree import DraftTree, SparseDist
-from .base import Drafter
+from stand.errors import StandError
+from stand.drafters.ngram_table import NGramTable, tails_of
+from stand.core.budget import acceptance_curve
+from stand.drafters.templates import DEFAULT_PRIOR, TreeTemplate, check_vocab, heuristic, most_valuable, shipped_tree_path
+from stand.core.tree import DraftTree, SparseDist
+from stand.core.drafter import Drafter
 
 log = logging.getLogger(__name__)
 NOISE_BLOCK = 1 << 14

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import StandError
+from stand.errors import StandError
 
 
 def read(path: str, what: str):

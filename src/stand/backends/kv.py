@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .tree import DraftTree
+from stand.core.tree import DraftTree
 
 
 @dataclass

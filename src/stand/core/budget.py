@@ -14,11 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from . import jsonfile
-from .errors import StandError
-from .profile import Probe, ProfileConfig, interleaved
+from stand.core import jsonfile
+from stand.errors import StandError
 
 GRID_FORMAT = "stand-cost-grid"
 GRID_ROWS = (1, 2, 4, 8, 16)
@@ -99,21 +97,6 @@ def nodes_per_row(acc: np.ndarray, rows: int, grid: CostGrid) -> int:
     m = np.arange(len(acc))
     ms = np.array([grid(rows, k + 1) for k in m])
     return int(np.argmax(rows * np.asarray(acc) / ms))
-
-
-@torch.inference_mode()
-def measure_grid(target, rows=GRID_ROWS, tokens=GRID_TOKENS, reps: int = 3, cache_len: int = 300,
-                 progress=None) -> CostGrid:
-    """Median ms per forward for every (rows, tokens per row) with rows x tokens <= GRID_MAX_TOKENS."""
-    cfg = ProfileConfig(reps=reps, warmup=1)
-    ms: dict[int, dict[int, float]] = {}
-    for b in rows:
-        probe = {"ours": Probe(target, b, cache_len)}
-        ms[b] = {t: interleaved(probe, t, cfg)["ours"] for t in tokens if b * t <= GRID_MAX_TOKENS}
-        if progress:
-            progress(f"{b} rows")
-    return CostGrid(ms, {"model": target.name, "dtype": str(target.dtype).replace("torch.", ""),
-                         "cache_len": cache_len, "threads": torch.get_num_threads()})
 
 
 def resolve_grid(path: str | None, drafter) -> CostGrid | None:

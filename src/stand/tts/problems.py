@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .errors import StandError
+from stand.errors import StandError
 
 MATH_INSTRUCTION = "Solve the following math problem step by step. Put the final answer in \\boxed{}.\n\n"
 CODE_INSTRUCTION = "Complete the following Python function. Answer with the whole function in one ```python block.\n\n"

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import StandError
-from .kv import TreeBatch, path_moves
-from .models import Target
+from stand.errors import StandError
+from stand.backends.kv import TreeBatch, path_moves
+from stand.backends.torch import Target
 
 LEAN_ARCHS = {"llama", "qwen2"}
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # rope types whose table does not depend on the length
@@ -320,7 +320,7 @@ class LeanTarget(Target):
         lean = LeanModel(target.model, linear=linear)
         return cls(target.model, target.tokenizer, target.name, target.dtype, lean=lean)
 
-    def new_cache(self) -> LeanCache:
+    def inner_cache(self) -> LeanCache:
         return self.lean.new_cache()
 
     @torch.inference_mode()
@@ -332,13 +332,13 @@ class LeanTarget(Target):
         return self.lean.forward(cache, batch.input_ids, batch.position_ids, mask, keep_last=0 if all_logits else 1)
 
 
-def with_backend(target: Target, backend: str = "auto", linear: str = "auto") -> Target:
+def with_forward(target: Target, forward: str = "auto", linear: str = "auto") -> Target:
     """The target behind the chosen forward: lean, Hugging Face, or (auto) lean where supported."""
-    if backend == "hf" or isinstance(target, LeanTarget):
+    if forward == "hf" or isinstance(target, LeanTarget):
         return target
     reason = unsupported_reason(target.model)
     if reason is None:
         return LeanTarget.from_target(target, linear)
-    if backend == "lean":
-        raise StandError(f"backend 'lean' does not support this model: {reason}; use backend 'hf'")
+    if forward == "lean":
+        raise StandError(f"the lean forward does not support this model: {reason}; use forward 'hf'")
     return target

@@ -20,8 +20,8 @@ from importlib import resources
 
 import numpy as np
 
-from . import jsonfile
-from .errors import StandError
+from stand.core import jsonfile
+from stand.errors import StandError
 
 # Acceptance prior per rank for the default tree: rank 0 is right about 60% of the time.
 DEFAULT_PRIOR = (0.6, 0.15, 0.07, 0.04, 0.025, 0.015, 0.01, 0.007, 0.005, 0.004)

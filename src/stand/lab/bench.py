@@ -20,11 +20,11 @@ from typing import Callable
 
 import torch
 
-from .api import generate
-from .datasets import Problem, load_dataset
-from .errors import StandError
-from .models import Target
-from .params import SpecConfig
+from stand.api import generate
+from stand.tts.problems import Problem, load_dataset
+from stand.errors import StandError
+from stand.backends.protocol import Backend as Target
+from stand.params import SpecConfig
 
 HF_METHODS = ("hf", "hf-pld", "hf-batched")
 MEMORY_EVERY = 16  # sample the drafter's table memory every this many commits
@@ -101,7 +101,7 @@ def label(v: Variant) -> str:
 def _majority_correct(texts: list[str], reference: str | None) -> bool | None:
     if reference is None:
         return None
-    from .tts import extract_answer, is_correct, majority_vote
+    from stand.tts.solve import extract_answer, is_correct, majority_vote
 
     return bool(is_correct(majority_vote([extract_answer(t) for t in texts]).answer, reference))
 
@@ -123,7 +123,7 @@ class _Memory:
 def run_ours(target: Target, method: str, n: int, schedule: str, problem: Problem, cfg: BenchConfig,
              seed: int) -> Run:
     """stand.generate as a user would call it for one problem (a fresh drafter, built with the target)."""
-    from .drafters import make_drafter
+    from stand.drafters.registry import make_drafter
 
     t = time.perf_counter()
     spec = SpecConfig(method=method, table_path=cfg.table, cost_grid=cfg.cost).validate()
@@ -328,7 +328,7 @@ COLUMNS = ("method", "schedule", "dtype", "n", "temperature", "new_tokens", "sec
 
 
 def check_methods(methods: list[str]) -> None:
-    from .drafters import DRAFTERS
+    from stand.drafters.registry import DRAFTERS
 
     bad = [m for m in methods if m not in DRAFTERS and m not in HF_METHODS]
     if bad:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import StandError
+from stand.errors import StandError
 
 MAGIC = b"STANDNGT"
 FORMAT_VERSION = 1

@@ -82,6 +82,22 @@ class DraftTree:
             return self
         return DraftTree(self.tokens[:k], self.parents[:k], self.qs[:k], self.tags[:k])
 
+    def leaves(self) -> list[int]:
+        """Indices of the nodes without children."""
+        has_child = set(self.parents)
+        return [i for i in range(len(self)) if i not in has_child]
+
+    def max_leaves(self, k: int) -> "DraftTree":
+        """The longest prefix with at most k >= 1 leaves (a prefix is still a tree)."""
+        has_child, leaves = set(), 0
+        for i, p in enumerate(self.parents):
+            grows = p < 0 or p in has_child  # a new branch, not the extension of a leaf
+            if grows and leaves + 1 > k and leaves > 0:
+                return self.prefix(i)
+            leaves += grows
+            has_child.add(p)
+        return self
+
     def children(self) -> list[list[int]]:
         """Children of every node in root-0 indexing: children()[0] are the root's."""
         kids: list[list[int]] = [[] for _ in range(len(self.tokens) + 1)]

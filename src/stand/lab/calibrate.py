@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .budget import CostGrid, acceptance_curve, interpolate, measure_grid
-from .errors import StandError
-from .templates import TreeTemplate, large_template, most_valuable
+from stand.core.budget import CostGrid, acceptance_curve, interpolate
+from stand.lab.profile import measure_grid
+from stand.errors import StandError
+from stand.drafters.templates import TreeTemplate, large_template, most_valuable
 
 
 @dataclass
@@ -87,9 +88,10 @@ def choose_m(hits: np.ndarray, steps: int, cost_ms: dict[int, float], draft_ms_p
 def count_hits(target, prompts: list[list[int]], template: TreeTemplate, cfg: CalibrateConfig,
                progress=None) -> tuple[np.ndarray, int, float]:
     """Decodes the prompts with the large template: (hits per node, steps, drafting ms per node per step)."""
-    from .drafters.stand import StandDrafter
-    from .engine import Engine, Row
-    from .params import SamplingParams, SpecConfig
+    from stand.drafters.stand import StandDrafter
+    from stand.core.sequence import Row
+    from stand.engine import Engine
+    from stand.params import SamplingParams, SpecConfig
 
     drafter = StandDrafter(SpecConfig(method="stand"), target.vocab_size)
     drafter.use_template(template)
@@ -189,7 +191,7 @@ def save_plot(cal: Calibration, path: str) -> None:
 
 def calibration_prompts(target, cfg: CalibrateConfig) -> list[list[int]]:
     """Token ids of dataset problems [first_problem, first_problem + problems)."""
-    from .datasets import load_dataset
+    from stand.tts.problems import load_dataset
 
     if cfg.problems < 1 or cfg.first_problem < 0:
         raise StandError(f"calibration needs problems >= 1 and a first problem >= 0 (got {cfg.problems}, "

@@ -6,17 +6,13 @@ whatever a drafter learns.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
-from ..params import SpecConfig
-from ..tree import DraftTree
-from ..verify import Verdict
-
-if TYPE_CHECKING:
-    from ..engine import Row
+from stand.params import SpecConfig
+from stand.core.tree import DraftTree
+from stand.core.sequence import Row
+from stand.core.verify import Verdict
 
 
 class Drafter:
@@ -29,10 +25,10 @@ class Drafter:
         self.config = config
         self.vocab_size = vocab_size
 
-    def start(self, row: "Row", prompt_probs: torch.Tensor | None) -> None:
+    def start(self, row: Row, prompt_probs: torch.Tensor | None) -> None:
         """A row enters. prompt_probs: [P-1, V], the distribution after each prompt token but the last."""
 
-    def propose(self, row: "Row", max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
+    def propose(self, row: Row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         """The draft for the next step; the root is row.tokens[-1]. max_nodes: the nodes the pass asks of this
         row (a drafter may use it to pick its best nodes; the engine cuts any tree to the row's hard share of
         step_tokens, which is at least max_nodes).
@@ -45,10 +41,10 @@ class Drafter:
         then sizes each row's tree by the cost of a pass (budget.py)."""
         return None
 
-    def observe(self, row: "Row", tree: DraftTree, probs: torch.Tensor | None, verdict: Verdict) -> None:
+    def observe(self, row: Row, tree: DraftTree, probs: torch.Tensor | None, verdict: Verdict) -> None:
         """After verification. row.tokens does not hold the new tokens yet; probs: [len(tree)+1, V]."""
 
-    def finish(self, row: "Row") -> None:
+    def finish(self, row: Row) -> None:
         """A row left the batch."""
 
     def memory_bytes(self) -> int:

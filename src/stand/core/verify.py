@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .params import SamplingParams
-from .tree import DraftTree, SparseDist
+from stand.params import SamplingParams
+from stand.core.tree import DraftTree, SparseDist
 
 
 @dataclass

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kv import prefill_batch, tree_batch
-from .models import Target
-from .tree import DraftTree
+from stand.backends.protocol import Backend
+from stand.backends.torch import Target
+from stand.core.budget import GRID_MAX_TOKENS, GRID_ROWS, GRID_TOKENS, CostGrid
+from stand.core.tree import DraftTree
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64)
 BATCHES = (4, 8, 16)
@@ -50,22 +51,19 @@ def binary_tree(nodes: int) -> DraftTree:
 class Probe:
     """A cache of cache_len tokens in `rows` rows, and one timed forward of a tree per row on top of it."""
 
-    def __init__(self, target: Target, rows: int, cache_len: int):
-        self.target = target
+    def __init__(self, target: Backend, rows: int, cache_len: int):
+        self.rows = rows
         self.cache = target.new_cache()
         prompt = [(7 * i + 3) % max(target.vocab_size - 1, 2) for i in range(cache_len)]
-        target.forward(self.cache, prefill_batch([prompt]), all_logits=False)
-        self.cache.keep_rows([0] * rows, cache_len)
-        self.lengths = [cache_len] * rows
+        self.cache.prefill([prompt] * rows, all_logits=False)
 
+    @torch.inference_mode()
     def time_ms(self, nodes: int) -> float:
         """One forward of `nodes` new tokens per row; the cache keeps the root only, so it grows by one."""
-        S = len(self.cache)
-        batch = tree_batch([binary_tree(nodes)] * len(self.lengths), [11] * len(self.lengths), self.lengths, S)
         t = time.perf_counter()
-        self.target.forward(self.cache, batch)
+        self.cache.step([binary_tree(nodes)] * self.rows, [11] * self.rows)
         ms = 1000 * (time.perf_counter() - t)
-        self.lengths = self.cache.commit([[0]] * len(self.lengths), self.lengths, S)
+        self.cache.commit([[0]] * self.rows)
         return ms
 
 
@@ -125,8 +123,23 @@ def table_lines(curves: dict[str, Curve]) -> list[str]:
 
 def profile_targets(target: Target) -> dict[str, Target]:
     """Ours (the lean forward where the model supports it) and the Hugging Face forward of the same weights."""
-    from .lean import with_backend
+    from stand.backends.lean import with_forward
 
-    ours = with_backend(target, "auto")
+    ours = with_forward(target, "auto")
     hf = Target(target.model, target.tokenizer, target.name, target.dtype)  # the plain Hugging Face forward
     return {"ours": ours, "hf": hf}
+
+
+@torch.inference_mode()
+def measure_grid(target: Backend, rows=GRID_ROWS, tokens=GRID_TOKENS, reps: int = 3, cache_len: int = 300,
+                 progress=None) -> CostGrid:
+    """Median ms per forward for every (rows, tokens per row) with rows x tokens <= GRID_MAX_TOKENS."""
+    cfg = ProfileConfig(reps=reps, warmup=1)
+    ms: dict[int, dict[int, float]] = {}
+    for b in rows:
+        probe = {"ours": Probe(target, b, cache_len)}
+        ms[b] = {t: interleaved(probe, t, cfg)["ours"] for t in tokens if b * t <= GRID_MAX_TOKENS}
+        if progress:
+            progress(f"{b} rows")
+    return CostGrid(ms, {"model": target.name, "dtype": str(target.dtype).replace("torch.", ""),
+                         "cache_len": cache_len, "threads": torch.get_num_threads()})

@@ -33,12 +33,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from .api import Sample, encode_prompts, make_engine, resolve_target, run_group, to_sample
-from .datasets import Problem
-from .engine import Engine, Row
-from .errors import StandError
-from .models import Target
-from .params import SamplingParams, SpecConfig
+from stand.api import Sample, encode_prompts, make_engine, resolve_target, run_group, to_sample
+from stand.tts.problems import Problem
+from stand.core.sequence import Row
+from stand.engine import Engine
+from stand.errors import StandError
+from stand.backends.protocol import Backend as Target
+from stand.params import SamplingParams, SpecConfig
 
 Extractor = Callable[[str], "str | None"]
 

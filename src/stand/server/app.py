@@ -33,12 +33,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api import build_rows, make_engine
-from .drafters import DRAFTERS, make_drafter
-from .engine import Engine, Row
-from .errors import StandError
-from .models import Target, load_model
-from .params import SamplingParams, SpecConfig
+from stand.api import build_rows, make_engine
+from stand.drafters.registry import DRAFTERS, make_drafter
+from stand.core.sequence import Row
+from stand.engine import Engine
+from stand.errors import StandError
+from stand.backends.load import load_model
+from stand.backends.protocol import Backend as Target
+from stand.params import SamplingParams, SpecConfig
 
 log = logging.getLogger("stand.server")
 MAX_STOP = 4  # as OpenAI

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import StandError
+from stand.errors import StandError
 
 SWEEP_NS = (1, 2, 4, 8, 16)
 
@@ -136,7 +136,7 @@ def plot_all(rows: list[dict], out_dir: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .bench import read_json
+    from stand.lab.bench import read_json
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 2:

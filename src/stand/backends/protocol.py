@@ -1,0 +1,64 @@
+"""What the engine needs from a model: the backend protocol.
+
+A backend computes the target's logits; it knows nothing of drafters or verification. The engine
+drives a Cache, which holds the committed tokens of every live row, in three moves per step:
+`step` (one verification pass: each row's draft tree after its committed tokens -> logits at every
+node), `commit` (keep only each row's accepted path) and `keep` (rows that finished leave).
+Implementations: backends/torch.py (Hugging Face + lean forward), backends/llamacpp.py (llama.cpp).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+from stand.core.tree import DraftTree
+
+
+class Cache(Protocol):
+    def prefill(self, prefixes: list[list[int]], all_logits: bool) -> list[torch.Tensor] | None:
+        """Starts one row per prefix (a prompt less its last token; equal prefixes may share their cells).
+        all_logits: returns row b's logits [len(prefixes[b]), V] after every prefix token (else None)."""
+
+    def step(self, trees: list[DraftTree], roots: list[int]) -> Sequence[torch.Tensor]:
+        """One verification pass. roots[b]: row b's last committed token, not yet in the cache; its tree hangs
+        below it. Returns row b's logits [len(trees[b]) + 1, V] at the root and every node (root-0 indexing).
+        The tensors may be views of the backend's buffers: valid until the next call."""
+
+    def commit(self, paths: list[list[int]]) -> None:
+        """After step: row b keeps nodes paths[b] (root-0 indices, root first, each the child of the one before)."""
+
+    def keep(self, rows: list[int]) -> None:
+        """Only rows `rows` (indices in the current order, ascending) stay; the others are dropped."""
+
+
+class Backend(Protocol):
+    kind: str  # "torch", "llama.cpp"
+    name: str  # the model's name
+    dtype: object  # what the weights compute in (a torch dtype, or a GGUF type name)
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def max_len(self) -> int: ...
+
+    @property
+    def eos_ids(self) -> set[int]: ...
+
+    @property
+    def max_sequences(self) -> int | None:
+        """Most sequences (rows plus tree leaves beyond one per row) one pass may hold (None: no bound)."""
+
+    def encode(self, prompt: str, chat: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def new_cache(self) -> Cache: ...
+
+    def next_logits(self, contexts: list[list[int]]) -> torch.Tensor:
+        """[N, V] float32 logits of the next token after each context (contexts of equal length)."""
+
+    def fingerprint(self) -> str:
+        """A short string that changes when the weights change (for caches of model-derived tables)."""

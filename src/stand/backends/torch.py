@@ -1,0 +1,182 @@
+"""The PyTorch backend: a Hugging Face model (any architecture that takes a 4D attention mask), whose
+forward runs through transformers or, for llama/qwen2, through our lean forward (lean.py)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from stand.backends.kv import HFCache, TreeBatch, additive_mask, prefill_batch, tree_batch
+from stand.core.tree import DraftTree
+from stand.errors import StandError
+
+# Architectures whose Hugging Face attention takes a 4D float mask with explicit position ids.
+TREE_MASK_ARCHS = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite"}
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of messages through the tokenizer's chat template, with the assistant's turn opened."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+@dataclass
+class Target:
+    """The model being sped up, with its tokenizer and the facts the engine needs (the torch Backend)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    dtype: torch.dtype
+    kind = "torch"
+    max_sequences = None
+
+    @functools.cached_property
+    def max_len(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @functools.cached_property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @functools.cached_property
+    def eos_ids(self) -> set[int]:
+        ids = set()
+        for src in (self.model.config.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None),
+                    getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(int(x) for x in src)
+        return ids
+
+    def new_cache(self) -> "TorchCache":
+        return TorchCache(self)
+
+    def inner_cache(self) -> HFCache:
+        return HFCache()
+
+    @torch.inference_mode()
+    def forward(self, cache: HFCache, batch: TreeBatch, all_logits: bool = True) -> torch.Tensor:
+        """Writes the batch's KV after the cache's slots; returns logits [B, T, V] (or [B, 1, V])."""
+        mask = additive_mask(batch.allowed, self.dtype)  # [B, 1, T, S + T]
+        out = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
+                         past_key_values=cache.cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+        return out.logits
+
+    @torch.inference_mode()
+    def next_logits(self, contexts: list[list[int]]) -> torch.Tensor:
+        x = torch.tensor(contexts, dtype=torch.long)  # [N, L]
+        return self.model(input_ids=x, use_cache=False).logits[:, -1].float()  # [N, V]
+
+    def fingerprint(self) -> str:
+        """A short hash of the name, vocabulary size, dtype and some of the weights."""
+        h = hashlib.sha256(f"{self.name}|{self.vocab_size}|{self.dtype}".encode())
+        for w in (self.model.get_input_embeddings().weight, self.model.get_output_embeddings().weight):
+            h.update(w.detach()[:: max(1, w.shape[0] // 64)].float().contiguous().numpy().tobytes())
+        for p in [p for _, p in self.model.named_parameters() if p.ndim == 2][:4]:
+            h.update(p.detach()[:8].float().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids of a prompt, through the chat template when the tokenizer has one."""
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            return chat_ids(self.tokenizer, [{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+
+class TorchCache:
+    """Rows of one batch with ragged lengths in a padded cache (kv.py): row b's committed KV in slots [0, L_b)."""
+
+    def __init__(self, target: Target):
+        self.target, self.inner, self.lengths = target, target.inner_cache(), []
+
+    @torch.inference_mode()
+    def prefill(self, prefixes: list[list[int]], all_logits: bool) -> list[torch.Tensor] | None:
+        """Equal prefixes run once; their rows are copies."""
+        uniq: dict[tuple, int] = {}
+        which = [uniq.setdefault(tuple(p), len(uniq)) for p in prefixes]
+        self.lengths = [len(p) for p in prefixes]
+        if max(self.lengths) == 0:
+            return [torch.zeros(0, self.target.vocab_size)] * len(prefixes) if all_logits else None
+        logits = self.target.forward(self.inner, prefill_batch([list(p) for p in uniq]), all_logits)  # [U, P, V]
+        self.inner.keep_rows(which, max(self.lengths))
+        return [logits[u, :L] for u, L in zip(which, self.lengths)] if all_logits else None
+
+    @torch.inference_mode()
+    def step(self, trees: list[DraftTree], roots: list[int]) -> torch.Tensor:
+        self._S = max(self.lengths)
+        return self.target.forward(self.inner, tree_batch(trees, roots, self.lengths, self._S))  # [B, T, V]
+
+    def commit(self, paths: list[list[int]]) -> None:
+        self.lengths = self.inner.commit(paths, self.lengths, self._S)
+
+    def keep(self, rows: list[int]) -> None:
+        self.lengths = [self.lengths[i] for i in rows]
+        if rows:
+            self.inner.keep_rows(rows, max(self.lengths))
+
+
+def _check_arch(model) -> None:
+    arch = getattr(model.config, "model_type", "?")
+    if arch not in TREE_MASK_ARCHS:
+        raise StandError(f"architecture {arch!r} has no tree-attention support in stand "
+                         f"(supported: {', '.join(sorted(TREE_MASK_ARCHS))})")
+
+
+def quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a Hugging Face directory or a .gguf file."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    directory, kwargs = _where(path)
+    try:
+        return AutoTokenizer.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise StandError(f"could not load the tokenizer of {path}: {e}") from e
+
+
+def _where(path: str) -> tuple[str, dict]:
+    if os.path.isfile(path):
+        directory, name = os.path.split(os.path.abspath(path))
+        return directory, {"gguf_file": name}
+    return path, {}
+
+
+@functools.lru_cache(maxsize=4)
+def load_hf(path: str, torch_dtype: torch.dtype) -> Target:
+    """A Target from a Hugging Face model directory or a .gguf file (de-quantised on load)."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    directory, kwargs = _where(path)
+    if "gguf_file" in kwargs:
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    try:
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise StandError(f"could not load model from {path}: {e}") from e
+    _check_arch(model)
+    model.eval()
+    return Target(model, tokenizer, os.path.basename(path.rstrip("/")), torch_dtype)
