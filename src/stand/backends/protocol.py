@@ -51,7 +51,11 @@ class Backend(Protocol):
     def max_sequences(self) -> int | None:
         """Most sequences (rows plus tree leaves beyond one per row) one pass may hold (None: no bound)."""
 
-    def encode(self, prompt: str, chat: bool = True) -> list[int]: ...
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids of a prompt, through the chat template (one user message) when chat and the model has one."""
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Token ids of chat messages [{"role", "content"}] through the chat template, the assistant's turn opened."""
 
     def decode(self, ids: list[int]) -> str: ...
 

@@ -19,12 +19,22 @@ from stand.errors import StandError
 TREE_MASK_ARCHS = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite"}
 
 
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of messages through the tokenizer's chat template, with the assistant's turn opened."""
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of messages through the tokenizer's chat template, with the assistant's turn opened
+    (without a template: "role: content" lines, then "assistant:")."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer.encode("\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)
+
+
+def encode(tokenizer, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids of a prompt, through the chat template (one user message) when chat and the tokenizer has one."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return encode_messages(tokenizer, [{"role": "user", "content": prompt}])
+    return tokenizer.encode(prompt)
 
 
 @dataclass
@@ -86,10 +96,10 @@ class Target:
         return h.hexdigest()[:16]
 
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
-        """Token ids of a prompt, through the chat template when the tokenizer has one."""
-        if chat and getattr(self.tokenizer, "chat_template", None):
-            return chat_ids(self.tokenizer, [{"role": "user", "content": prompt}])
-        return self.tokenizer.encode(prompt)
+        return encode(self.tokenizer, prompt, chat)
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        return encode_messages(self.tokenizer, messages)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stand.core import jsonfile
+from stand.core.files import read_json, write_json
 from stand.errors import StandError
 
 GRID_FORMAT = "stand-cost-grid"
@@ -77,13 +77,13 @@ class CostGrid:
 
     @classmethod
     def load(cls, path: str) -> "CostGrid":
-        doc = jsonfile.read(path, "cost grid")
+        doc = read_json(path, "cost grid")
         if not isinstance(doc, dict):
             raise StandError(f"{path} is not a cost grid")
         return cls.from_dict(doc, path)
 
     def save(self, path: str) -> None:
-        jsonfile.write(path, self.to_dict())
+        write_json(path, self.to_dict())
 
 
 def acceptance_curve(node_p: np.ndarray) -> np.ndarray:

@@ -22,11 +22,11 @@ import json
 import os
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
+from stand.core.files import atomic_path
 from stand.errors import StandError
 
 MAGIC = b"STANDNGT"
@@ -231,18 +231,10 @@ class NGramTable:
         for a in (self.keys[order], self.ids[order], self.probs[order], self.counts[order]):
             body.write(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes())
         data = body.getvalue()
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".ngt-", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data + hashlib.sha256(data).digest())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(data + hashlib.sha256(data).digest())
+            f.flush()
+            os.fsync(f.fileno())
 
     @classmethod
     def load(cls, path: str, capacity: int | None = None) -> tuple["NGramTable", dict]:

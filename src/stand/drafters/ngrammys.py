@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
+from stand.core.files import atomic_path, cache_dir
 from stand.errors import StandError
 from stand.core.tree import DraftTree
 from stand.core.drafter import Drafter
@@ -40,10 +41,6 @@ class ModelTables:
 
 # ---------------------------------------------------------------------------------------------
 # Building and caching the model tables
-
-
-def cache_dir() -> str:
-    return os.environ.get("STAND_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "stand")
 
 
 def table_path(target, k: int) -> str:
@@ -73,10 +70,8 @@ def build_tables(target, k: int = BIGRAM_K, chunk: int = CHUNK, progress: bool =
 
 
 def save_tables(tables: ModelTables, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}.npz"
-    np.savez(tmp, bigram=tables.bigram, bigram_probs=tables.bigram_probs, unigram=tables.unigram)
-    os.replace(tmp, path)  # atomic: concurrent builders never see half a file
+    with atomic_path(path, ".npz") as tmp:  # concurrent builders never see half a file
+        np.savez(tmp, bigram=tables.bigram, bigram_probs=tables.bigram_probs, unigram=tables.unigram)
 
 
 def load_tables(path: str) -> ModelTables:

@@ -20,7 +20,7 @@ from importlib import resources
 
 import numpy as np
 
-from stand.core import jsonfile
+from stand.core.files import read_json, write_json
 from stand.errors import StandError
 
 # Acceptance prior per rank for the default tree: rank 0 is right about 60% of the time.
@@ -88,11 +88,11 @@ class TreeTemplate:
     def to_json(self, path: str, provenance: dict | None = None) -> None:
         doc = {"format": TREE_FORMAT, "version": 1, "nodes": [[p, r] for p, r in zip(self.parents, self.ranks)],
                "size": len(self), "depth": self.depth, "provenance": provenance or self.meta}
-        jsonfile.write(path, doc)
+        write_json(path, doc)
 
     @classmethod
     def load(cls, path: str) -> "TreeTemplate":
-        doc = jsonfile.read(path, "tree file")
+        doc = read_json(path, "tree file")
         if not isinstance(doc, dict) or doc.get("format") != TREE_FORMAT or not isinstance(doc.get("nodes"), list):
             raise StandError(f"{path} is not a stand tree file (expected format {TREE_FORMAT!r} with a node list)")
         try:

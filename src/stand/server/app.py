@@ -251,15 +251,7 @@ def chat_prompt(messages: list[ChatMessage], target: Target) -> list[int]:
     if not messages:
         raise bad_param("messages", "messages is empty")
     msgs = [{"role": m.role, "content": message_text(m.content)} for m in messages]
-    tok = target.tokenizer
-    if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        ids = list(ids)
-    else:
-        ids = tok.encode("\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:")
-    return check_context(ids, target)
+    return check_context(target.encode_messages(msgs), target)
 
 
 # ---- incremental text ------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from stand.api import Sample, encode_prompts, make_engine, resolve_target, run_g
 from stand.tts.problems import Problem
 from stand.core.sequence import Row
 from stand.engine import Engine
+from stand.core import files
 from stand.errors import StandError
 from stand.backends.protocol import Backend as Target
 from stand.params import SamplingParams, SpecConfig
@@ -351,10 +352,6 @@ SCHEDULE_CHOICES = ("batched", "sequential", "auto")
 PROBE_TOKENS = 48
 
 
-def cache_dir() -> str:
-    return os.environ.get("STAND_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "stand")
-
-
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -395,7 +392,7 @@ def choose_schedule(target: Target, spec: SpecConfig, n: int, params: SamplingPa
     """The faster of batched and sequential here, measured once and cached in cache_dir()/schedule.json."""
     if n == 1:
         return "batched"  # one sample: the two are the same
-    path = os.path.join(cache_dir(), "schedule.json")
+    path = os.path.join(files.cache_dir(), "schedule.json")
     key = schedule_key(target, spec.method, n, params)
     known = _load_choices(path)
     if key in known and known[key].get("schedule") in ("batched", "sequential"):
@@ -404,11 +401,7 @@ def choose_schedule(target: Target, spec: SpecConfig, n: int, params: SamplingPa
     speed = {s: probe(target, spec, n, params, prompt_ids, s, tokens) for s in ("batched", "sequential")}
     choice = max(speed, key=speed.get)
     known[key] = {"schedule": choice, "tok_per_s": speed, "probe_tokens": tokens, "measured": time.time()}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + f".{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(known, f, indent=1)
-    os.replace(tmp, path)
+    files.write_json(path, known)
     return choice
 
 
