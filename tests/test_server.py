@@ -18,7 +18,8 @@ import uvicorn
 
 from stand.api import generate
 from stand.backends.load import load_model
-from stand.server.app import ServerConfig, TextStream, create_app
+from stand.params import SamplingParams, SpecConfig
+from stand.server import ServerConfig, TextStream, create_app
 from stand.testing import byte_tokenizer, save_tiny
 
 KEY = "test-key"
@@ -127,8 +128,9 @@ def test_greedy_text_equals_generate(server, client, model_dir):
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
                                           temperature=0, max_tokens=12)
     plain = client.completions.create(model="tiny", prompt=PROMPT, temperature=0, max_tokens=12)
-    want_chat = generate(PROMPT, model=target, method="none", max_new_tokens=12)[0][0]
-    want_plain = generate(PROMPT, model=target, method="none", max_new_tokens=12, chat=False)[0][0]
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    want_chat = generate(PROMPT, model=target, params=greedy, spec=SpecConfig(method="none"))[0][0]
+    want_plain = generate(PROMPT, model=target, params=greedy, spec=SpecConfig(method="none"), chat=False)[0][0]
     assert chat.choices[0].message.content == want_chat.text
     assert plain.choices[0].text == want_plain.text
     assert chat.usage.completion_tokens == len(want_chat.token_ids)
