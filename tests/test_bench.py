@@ -5,16 +5,18 @@ import struct
 
 import pytest
 
-from stand.lab.bench import COLUMNS, BenchConfig, bench, read_json, rich_table, summarise, write_json
+from stand.lab.bench import COLUMNS, BenchConfig, bench, summarise
+from stand.lab.report import read_rows, rich_table, write_rows
 from stand.errors import StandError
 from stand.lab.plots import plot_all
+from stand.params import SamplingParams, SpecConfig
 
 METHODS = ["none", "pld", "stand", "hf", "hf-pld", "hf-batched"]
 
 
 @pytest.fixture(scope="module")
 def rows(tiny):
-    cfg = BenchConfig(METHODS, "champ", 2, 1, temperature=0.6, max_new_tokens=32, seed=0, warmup=False)
+    cfg = BenchConfig(METHODS, "champ", 2, 1, params=SamplingParams(0.6, max_new_tokens=32, seed=0), warmup=False)
     return bench(tiny, cfg)
 
 
@@ -64,8 +66,8 @@ def test_ours_report_drafting_memory_and_acceptance(rows):
 
 def test_json_and_pngs(rows, tmp_path):
     path = tmp_path / "rows.json"
-    write_json(rows, str(path))
-    assert json.loads(path.read_text()) == rows and read_json(str(path)) == rows
+    write_rows(rows, str(path))
+    assert json.loads(path.read_text()) == rows and read_rows(str(path)) == rows
     pngs = plot_all(rows, str(tmp_path / "plots"))
     assert {p.rsplit("/", 1)[-1] for p in pngs} == {"tok_per_s.png", "accepted.png", "speedup_vs_n.png",
                                                    "acceptance.png"}
@@ -86,7 +88,7 @@ def test_rich_table_renders_every_row(rows):
 
 def test_ctrl_c_keeps_the_problems_every_variant_finished(tiny):
     """KeyboardInterrupt in the middle of problem 2: rows cover problem 1 only, flagged interrupted."""
-    cfg = BenchConfig(["none", "pld", "hf"], "champ", 2, 1, max_new_tokens=8, warmup=False)
+    cfg = BenchConfig(["none", "pld", "hf"], "champ", 2, 1, params=SamplingParams(max_new_tokens=8, seed=0), warmup=False)
     finished = []
 
     def progress(label: str, done: bool) -> None:
@@ -105,7 +107,8 @@ def test_interrupt_before_any_common_problem_gives_no_rows(tiny):
 
 
 def test_repeats_give_median_and_spread(tiny):
-    cfg = BenchConfig(["none", "hf"], "champ", 1, 1, max_new_tokens=8, repeats=3, warmup=True)
+    cfg = BenchConfig(["none", "hf"], "champ", 1, 1, params=SamplingParams(max_new_tokens=8, seed=0), repeats=3,
+                      warmup=True)
     rows = bench(tiny, cfg)
     for r in rows:
         assert r["repeats"] == 3 and r["problems"] == 1
@@ -144,7 +147,7 @@ def test_cli_bench_writes_json_and_plots(tiny, tmp_path, monkeypatch):
 
 
 def test_markdown_table_has_a_line_per_row(rows):
-    from stand.lab.bench import markdown_table
+    from stand.lab.report import markdown_table
 
     lines = markdown_table(rows).splitlines()
     assert len(lines) == 2 + len(rows) and all(line.count("|") == lines[0].count("|") for line in lines)
@@ -190,19 +193,20 @@ def test_greedy_anchors_at_n2_match_plain_decoding(tiny):
 
     problem = champ(1)[0]
     ids = tiny.encode(problem.prompt)
-    seqs = {m: hf_generate(tiny, ids, m, 2, 0.0, 12, 0)[0] for m in ("hf", "hf-batched")}
+    params = SamplingParams(0.0, max_new_tokens=12, seed=0)
+    seqs = {m: hf_generate(tiny, ids, m, 2, params)[0] for m in ("hf", "hf-batched")}
     assert seqs["hf"] == seqs["hf-batched"] and seqs["hf"][0] == seqs["hf"][1]
-    ours = run_variant(tiny, ("none", 2, "batched"), problem, BenchConfig(max_new_tokens=12), 0)
+    ours = run_variant(tiny, ("none", 2, "batched"), problem, BenchConfig(params=params), 0)
     assert ours.new_tokens == sum(map(len, seqs["hf"]))
     from stand.api import generate
 
-    assert generate(problem.prompt, model=tiny, max_new_tokens=12)[0][0].token_ids == seqs["hf"][0]
+    assert generate(problem.prompt, model=tiny, params=params)[0][0].token_ids == seqs["hf"][0]
 
 
 def test_table_warm_start_and_first_problem(tiny, tmp_path):
     table = tmp_path / "t.ngram"
-    cfg = BenchConfig(["stand"], "champ", 1, 1, temperature=0.0, max_new_tokens=16, warmup=False,
-                      table=str(table), first=3)
+    cfg = BenchConfig(["stand"], "champ", 1, 1, params=SamplingParams(0.0, max_new_tokens=16, seed=0),
+                      spec=SpecConfig(table_path=str(table)), warmup=False, first=3)
     cold = bench(tiny, cfg)[0]
     assert table.exists() and cold["problems"] == 1  # the table was saved at the end of the run
     warm = bench(tiny, cfg)[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency, chisquare
 
-from stand.tts import solve as tts
+from stand.tts import answers, report, schedule as tts_schedule, solve as tts, vote
 from stand.api import run_group
 from stand.tts.problems import Problem, champ
 from stand.drafters.registry import make_drafter
@@ -17,7 +17,9 @@ from stand.core.sequence import Row
 from stand.engine import Engine
 from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
-from stand.tts.solve import answer_key, extract_answer, is_correct, majority_vote, solve
+from stand.tts.answers import answer_key, extract_answer, is_correct
+from stand.tts.solve import solve
+from stand.tts.vote import majority_vote
 
 DRAFTED = ["pld", "stand"]
 
@@ -84,12 +86,12 @@ def test_extraction_and_matching_on_champ(text, reference, expected):
 
 
 def test_extract_rules():
-    assert tts.boxed(r"\boxed{\frac{1}{\sqrt{2}}} and later \boxed{\{1, 2\}}") == r"\{1, 2\}"
-    assert tts.boxed(r"so \boxed 7 is it") == "7"
-    assert tts.boxed("no box here") is None
-    assert tts.answer_is("Thus the answer is 0.5. Done") == "0.5"
-    assert tts.answer_is("**Final Answer:** $12$\nmore text") == "12"
-    assert tts.last_number("from 3 to 7/8 apples") == "7/8"
+    assert answers.boxed(r"\boxed{\frac{1}{\sqrt{2}}} and later \boxed{\{1, 2\}}") == r"\{1, 2\}"
+    assert answers.boxed(r"so \boxed 7 is it") == "7"
+    assert answers.boxed("no box here") is None
+    assert answers.answer_is("Thus the answer is 0.5. Done") == "0.5"
+    assert answers.answer_is("**Final Answer:** $12$\nmore text") == "12"
+    assert answers.last_number("from 3 to 7/8 apples") == "7/8"
     assert extract_answer(r"the answer is 5, i.e. \boxed{6}") == "6"  # boxed wins over the phrase
 
 
@@ -114,7 +116,7 @@ def test_majority_vote_and_tie_break():
     assert majority_vote([None, "5", "7", "7", "5"]).answer == "5"
     none = majority_vote([None, None])
     assert (none.answer, none.votes, none.share, none.first) == (None, 0, 0.0, None)
-    assert tts.best_of_n([0.1, 0.3, 0.3]) == 1
+    assert vote.best_of_n([0.1, 0.3, 0.3]) == 1
     exact = majority_vote(["A", "a", "b", "b"], key=str)  # a pluggable normaliser: case now matters
     assert (exact.answer, exact.votes) == ("b", 2)
 
@@ -129,11 +131,12 @@ def first_chars(text: str) -> str | None:
 
 
 def test_solve_greedy_same_samples_with_and_without_drafts(tiny):
-    kw = dict(model=tiny, n=2, temperature=0.0, max_new_tokens=24, seed=5, extractor=first_chars, chat=False)
-    base = solve(PROMPTS, method="none", **kw)
+    kw = dict(model=tiny, n=2, params=SamplingParams(0.0, max_new_tokens=24, seed=5), extractor=first_chars,
+              chat=False)
+    base = solve(PROMPTS, spec=SpecConfig("none"), schedule="batched", **kw)
     for method in DRAFTED:
         for schedule in ("batched", "sequential"):
-            got = solve(PROMPTS, method=method, schedule=schedule, **kw)
+            got = solve(PROMPTS, spec=SpecConfig(method), schedule=schedule, **kw)
             assert [[s.token_ids for s in sol.samples] for sol in got] == \
                    [[s.token_ids for s in sol.samples] for sol in base], (method, schedule)
             assert [sol.answer for sol in got] == [sol.answer for sol in base]
@@ -175,8 +178,8 @@ def _answers(tiny, method: str, seeds: range, n: int = 8):
 def _sample_answers(tiny, method: str, seeds: range, n: int):
     answers, first, drafted = [], [], 0
     for seed in seeds:
-        sols = solve(["abcabcabc 12 12 12"], model=tiny, n=n, method=method, temperature=0.6, max_new_tokens=5,
-                     seed=seed, extractor=coarse, chat=False)
+        sols = solve(["abcabcabc 12 12 12"], model=tiny, n=n, spec=SpecConfig(method), schedule="batched",
+                     params=SamplingParams(0.6, max_new_tokens=5, seed=seed), extractor=coarse, chat=False)
         for s in sols[0].samples:
             answers.append(s.answer)
             first.append(s.token_ids[0])
@@ -214,20 +217,29 @@ def test_sampled_answer_distribution_matches_plain(tiny, method):
 
 def test_sequential_samples_draft_from_earlier_ones(tiny):
     """At T=0 sample 2 repeats sample 1: with the group's table kept, it is drafted almost entirely."""
-    sol = solve(PROMPTS[:1], model=tiny, n=2, method="stand", schedule="sequential", temperature=0.0,
-                max_new_tokens=40, extractor=first_chars, chat=False)[0]
+    sol = solve(PROMPTS[:1], model=tiny, n=2, spec=SpecConfig("stand"), schedule="sequential",
+                params=SamplingParams(0.0, max_new_tokens=40, seed=0), extractor=first_chars, chat=False)[0]
     first, second = (s.stats["mean_accepted"] for s in sol.samples)
     assert second > first + 1.0, (first, second)
     assert tts.acceptance_by_index([sol]) == [first, second]
 
 
+@torch.inference_mode()
+def sequence_logprobs(target, prompt_ids: list[int], token_ids: list[int]) -> list[float]:
+    """Log-probability (T=1) of each of token_ids after prompt_ids, from one forward pass."""
+    ids = torch.tensor([prompt_ids + token_ids])  # [1, P+G]
+    logits = target.model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1].float()  # [G, V]
+    lp = torch.log_softmax(logits, dim=-1)
+    return lp.gather(-1, torch.tensor(token_ids)[:, None])[:, 0].tolist()
+
+
 @pytest.mark.parametrize("method", ["none", "pld", "stand"])
 def test_recorded_logprobs_equal_one_forward_pass(tiny, method):
-    sol = solve(PROMPTS[:1], model=tiny, n=2, method=method, temperature=0.6, max_new_tokens=20, seed=1,
-                extractor=first_chars, chat=False)[0]
+    sol = solve(PROMPTS[:1], model=tiny, n=2, spec=SpecConfig(method), schedule="batched",
+                params=SamplingParams(0.6, max_new_tokens=20, seed=1), extractor=first_chars, chat=False)[0]
     ids = tiny.encode(PROMPTS[0], chat=False)
     for s in sol.samples:
-        ref = tts.sequence_logprobs(tiny, ids, s.token_ids)
+        ref = sequence_logprobs(tiny, ids, s.token_ids)
         assert len(s.logprobs) == len(s.token_ids)
         assert np.allclose(s.logprobs, ref, atol=1e-4)
         assert s.score == pytest.approx(np.mean(ref), abs=1e-4)
@@ -238,10 +250,11 @@ def test_best_of_n_with_a_user_scorer(tiny):
         assert question == PROMPTS[1]
         return 1.0 if sample.index == 2 else 0.0
 
-    sol = solve(PROMPTS[1], model=tiny, n=4, strategy="best-of-n", scorer=prefer_index_2, temperature=1.0,
-                max_new_tokens=6, extractor=first_chars, chat=False)[0]
+    params = SamplingParams(1.0, max_new_tokens=6, seed=0)
+    sol = solve(PROMPTS[1], model=tiny, n=4, strategy="best-of-n", scorer=prefer_index_2, params=params,
+                schedule="batched", extractor=first_chars, chat=False)[0]
     assert sol.chosen == 2 and sol.answer == sol.samples[2].answer
-    default = solve(PROMPTS[1], model=tiny, n=4, strategy="best-of-n", temperature=1.0, max_new_tokens=6,
+    default = solve(PROMPTS[1], model=tiny, n=4, strategy="best-of-n", params=params, schedule="batched",
                     extractor=first_chars, chat=False)[0]
     scores = [s.score for s in default.samples]
     assert default.chosen == int(np.argmax(scores))
@@ -249,9 +262,10 @@ def test_best_of_n_with_a_user_scorer(tiny):
 
 def test_reference_checked_and_samples_written(tiny, tmp_path):
     problem = Problem("p1", PROMPTS[0], answer="zz")
-    sols = solve([problem], model=tiny, n=3, max_new_tokens=4, extractor=lambda t: "zz", chat=False)
+    sols = solve([problem], model=tiny, n=3, params=SamplingParams(0.6, max_new_tokens=4, seed=0), schedule="batched",
+                 extractor=lambda t: "zz", chat=False)
     assert sols[0].correct is True and sols[0].vote_share == 1.0
-    tts.write_json(sols, tmp_path / "out.json")
+    report.write_json(sols, tmp_path / "out.json")
     data = json.loads((tmp_path / "out.json").read_text())
     assert data["accuracy"]["correct"] == 1 and len(data["solutions"][0]["samples"]) == 3
 
@@ -264,8 +278,9 @@ def test_auto_schedule_is_measured_once_and_cached(tiny, tmp_path, monkeypatch):
         calls.append(schedule)
         return {"batched": 10.0, "sequential": 20.0}[schedule]
 
-    monkeypatch.setattr(tts, "probe", fake_probe)
-    kw = dict(model=tiny, n=2, schedule="auto", max_new_tokens=3, extractor=first_chars, chat=False)
+    monkeypatch.setattr(tts_schedule, "probe", fake_probe)
+    kw = dict(model=tiny, n=2, schedule="auto", params=SamplingParams(0.6, max_new_tokens=3, seed=0),
+              extractor=first_chars, chat=False)
     assert solve(PROMPTS[0], **kw)[0].schedule == "sequential"
     assert solve(PROMPTS[0], **kw)[0].schedule == "sequential"
     assert calls.count("sequential") == 1  # the second solve read the cache
@@ -276,14 +291,14 @@ def test_auto_schedule_is_measured_once_and_cached(tiny, tmp_path, monkeypatch):
 def test_real_probe_runs(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("STAND_CACHE", str(tmp_path))
     ids = tiny.encode(PROMPTS[0], chat=False)
-    choice = tts.choose_schedule(tiny, SpecConfig("pld"), 2, SamplingParams(0.6, seed=0), ids, tokens=4)
+    choice = tts_schedule.choose_schedule(tiny, SpecConfig("pld"), 2, SamplingParams(0.6, seed=0), ids, tokens=4)
     assert choice in ("batched", "sequential")
-    assert tts.choose_schedule(tiny, SpecConfig("pld"), 1, SamplingParams(0.6), ids) == "batched"
+    assert tts_schedule.choose_schedule(tiny, SpecConfig("pld"), 1, SamplingParams(0.6), ids) == "batched"
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(n=0), "n must be"), (dict(strategy="vote"), "strategy"),
                                     (dict(schedule="parallel"), "schedule"), (dict(scorer=3), "scorer"),
-                                    (dict(method="nope"), "unknown method")])
+                                    (dict(spec=SpecConfig("nope")), "unknown method")])
 def test_solve_user_errors(tiny, kw, msg):
     with pytest.raises(StandError, match=msg):
         solve("question", model=tiny, **kw)
@@ -295,8 +310,8 @@ def test_solve_user_errors(tiny, kw, msg):
 def test_real_model_sequential_later_samples_draft_better(real_f32):
     """SmolLM2 on a CHAMP problem, STAND, sequential: the last sample accepts more per step than the first."""
     problem = champ(1)[0]
-    sol = solve([problem], model=real_f32, n=4, method="stand", schedule="sequential", temperature=0.6,
-                max_new_tokens=96, seed=0)[0]
+    sol = solve([problem], model=real_f32, n=4, spec=SpecConfig("stand"), schedule="sequential",
+                params=SamplingParams(0.6, max_new_tokens=96, seed=0))[0]
     acc = tts.acceptance_by_index([sol])
     assert acc[-1] > acc[0], acc
 

@@ -1,20 +1,29 @@
-"""The Python API: stand.generate."""
+"""The Python API: stand.generate, and the pieces solve and the server build on (targets, rows, engines)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stand.core.budget import resolve_grid
-from stand.drafters.registry import make_drafter
-from stand.core.drafter import Drafter
-from stand.core.sequence import OnCommit, Row
-from stand.engine import Engine
-from stand.errors import StandError
 from stand.backends.load import load_model
 from stand.backends.protocol import Backend as Target
+from stand.core.budget import resolve_grid
+from stand.core.drafter import Drafter
+from stand.core.sequence import OnCommit, Row
+from stand.drafters.registry import make_drafter
+from stand.engine import Engine
+from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
 
-SCHEDULES = ("batched", "sequential")
+SCHEDULES = ("batched", "sequential")  # how the n samples of a prompt run
+AUTO = "auto"  # solve only: the faster of SCHEDULES, measured once (tts/schedule.py)
+
+
+def check_schedule(schedule: str, auto: bool = False) -> str:
+    """The one check of a schedule name; auto: "auto" is allowed too."""
+    choices = SCHEDULES + ((AUTO,) if auto else ())
+    if schedule not in choices:
+        raise StandError(f"schedule must be one of {', '.join(choices)}, got {schedule!r}")
+    return schedule
 
 
 @dataclass
@@ -27,8 +36,9 @@ class Sample:
     index: int = 0
 
 
-def resolve_target(model: Target | str | None, dtype: str = "auto") -> Target:
-    return load_model(model, dtype) if model is None or isinstance(model, str) else model
+def resolve_target(model: Target | str | None, backend: str = "auto", dtype: str = "auto") -> Target:
+    """A loaded backend: `model` itself, or the model at that path (None: the embedded default) loaded."""
+    return load_model(model, dtype, backend) if model is None or isinstance(model, str) else model
 
 
 def encode_prompts(target: Target, prompts: list[str] | list[list[int]], chat: bool = True) -> list[list[int]]:
@@ -64,9 +74,7 @@ def make_engine(target: Target, spec: SpecConfig, drafter: Drafter | None = None
 
 def run_group(engine: Engine, rows: list[Row], schedule: str, on_commit: OnCommit | None = None) -> None:
     """The N samples of one prompt: together as one batch, or one after another (later ones draft from earlier)."""
-    if schedule not in SCHEDULES:
-        raise StandError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    if schedule == "batched":
+    if check_schedule(schedule) == "batched":
         engine.run(rows, on_commit)
     else:
         for r in rows:
@@ -79,24 +87,23 @@ def to_sample(row: Row) -> Sample:
     return Sample(row.text, row.generated, row.finish_reason or "", row.stats.as_dict(), row.group, row.index)
 
 
-def generate(prompts: str | list[str], model: Target | str | None = None, n: int = 1, method: str = "none",
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
-             seed: int | None = None, stop: list[str] | None = None, dtype: str = "auto", chat: bool = True,
-             schedule: str = "batched", spec: SpecConfig | None = None, drafter: Drafter | None = None,
-             on_commit: OnCommit | None = None) -> list[list[Sample]]:
+def generate(prompts: str | list[str], model: Target | str | None = None, *,
+             params: SamplingParams = SamplingParams(), spec: SpecConfig = SpecConfig(), n: int = 1,
+             schedule: str = "batched", chat: bool = True, backend: str = "auto", dtype: str = "auto",
+             drafter: Drafter | None = None, on_commit: OnCommit | None = None) -> list[list[Sample]]:
     """Generate n samples per prompt; returns result[prompt][sample] with text, token ids and stats.
 
-    The output is what plain decoding of `model` would give (token for token at temperature 0, the
-    same distribution when sampling); `method` only changes how fast it comes.
+    model: a path (None: the embedded default), loaded with `backend` and `dtype`, or a loaded Backend.
+    The output is what plain decoding of the model would give (token for token at temperature 0, the
+    same distribution when sampling); spec.method only changes how fast it comes.
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
+    prompts = [prompts] if isinstance(prompts, str) else prompts
     if not prompts:
         raise StandError("no prompts given")
     check_prompts(prompts, n)
-    params = SamplingParams(temperature, top_p, top_k, max_new_tokens, seed, list(stop or [])).validate()
-    spec = (spec or SpecConfig(method=method)).validate()
-    target = resolve_target(model, dtype)
+    check_schedule(schedule)
+    params, spec = params.validate(), spec.validate()
+    target = resolve_target(model, backend, dtype)
     groups = build_rows(encode_prompts(target, prompts, chat), n, params)
     engine = make_engine(target, spec, drafter)
     for rows in groups:

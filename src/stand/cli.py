@@ -1,22 +1,56 @@
-"""The `stand` command (typer). User mistakes print one line and exit 2."""
+"""The `stand` command (typer). User mistakes print one line and exit 2.
+
+Flags that several commands share are declared once below (each command gives its own default) and
+mapped onto SamplingParams by `sampling` and onto SpecConfig by `speculation`.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import sys
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from stand.errors import StandError
+from stand.params import METHODS, SamplingParams, SpecConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Lossless model-free speculative decoding for test-time scaling.")
 
-ModelOpt = typer.Option(None, "--model", "-m", help="Hugging Face model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-CostOpt = typer.Option(None, "--cost", help="Cost grid JSON (`stand profile --grid`) that sizes each row's tree; default: the tree's own; off: a fixed share of each pass")
-DtypeOpt = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32 (auto: bfloat16 where the CPU has native bf16)")
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="auto | torch | llama.cpp (auto: llama.cpp for a .gguf file when llama-cpp-python is installed, else torch)")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="torch backend: auto | bfloat16 | float32 (auto: bfloat16 where the CPU has native bf16)")]
+MethodOpt = Annotated[str, typer.Option("--method", help=" | ".join(METHODS))]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy")]
+TopPOpt = Annotated[float, typer.Option("--top-p")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="0 = off")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
+TreeOpt = Annotated[Optional[str], typer.Option("--tree", help="STAND: a draft tree JSON from `stand calibrate` (default: the shipped one)")]
+TableOpt = Annotated[Optional[str], typer.Option("--table", help="STAND: n-gram table file, loaded at start and saved at the end (a warm start for the next run)")]
+CostOpt = Annotated[Optional[str], typer.Option("--cost", help="Cost grid JSON (`stand profile --grid`) that sizes each row's tree; default: the tree's own; off: a fixed share of each pass")]
+JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write the results to this JSON file")]
+
+
+def sampling(temperature: float, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
+             seed: int | None = None) -> SamplingParams:
+    """The sampling flags as SamplingParams, checked (before any model is loaded)."""
+    return SamplingParams(temperature, top_p, top_k, max_new_tokens, seed).validate()
+
+
+def speculation(method: str = "none", tree: str | None = None, table: str | None = None,
+                cost: str | None = None) -> SpecConfig:
+    """The drafting flags as a SpecConfig, checked (before any model is loaded)."""
+    return SpecConfig(method=method, tree=tree, table_path=table, cost_grid=cost).validate()
+
+
+def load(model: str | None, backend: str, dtype: str, forward: str = "auto"):
+    """The model on the chosen backend."""
+    from stand.backends.load import load_model
+
+    return load_model(model, dtype, backend, forward)
 
 
 def user_errors(fn):
@@ -37,28 +71,28 @@ def user_errors(fn):
 @user_errors
 def generate_cmd(
     prompt: str = typer.Argument(..., help="The prompt (wrapped in the model's chat template)"),
-    model: Optional[str] = ModelOpt,
-    method: str = typer.Option("none", "--method", help="none | pld | stand | recycle | consensus | ngrammys | ..."),
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    method: MethodOpt = "none",
     n: int = typer.Option(1, "--n", help="Samples per prompt"),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    top_k: int = typer.Option(0, "--top-k", help="0 = off"),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    dtype: str = DtypeOpt,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    max_new_tokens: MaxNewOpt = 256,
+    seed: SeedOpt = None,
+    tree: TreeOpt = None,
+    table: TableOpt = None,
+    cost: CostOpt = None,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text"),
-    tree: Optional[str] = typer.Option(None, "--tree", help="STAND: a draft tree JSON from `stand calibrate` (default: the shipped one)"),
-    table: Optional[str] = typer.Option(None, "--table", help="STAND: n-gram table file, loaded at start and saved at the end"),
-    cost: Optional[str] = CostOpt,
 ):
     """Generate text and print one line of stats."""
-    from stand.api import generate
-    from stand.params import SamplingParams, SpecConfig
+    from stand.api import check_prompts, generate
 
-    SamplingParams(temperature, top_p, top_k, max_new_tokens, seed).validate()  # fail before loading the model
-    samples = generate(prompt, model=model, n=n, method=method, temperature=temperature, top_p=top_p, top_k=top_k,
-                       max_new_tokens=max_new_tokens, seed=seed, dtype=dtype,
-                       spec=SpecConfig(method=method, tree=tree, table_path=table, cost_grid=cost))[0]
+    check_prompts([prompt], n)
+    params, spec = sampling(temperature, top_p, top_k, max_new_tokens, seed), speculation(method, tree, table, cost)
+    target = load(model, backend, dtype)
+    samples = generate(prompt, target, params=params, spec=spec, n=n)[0]
     if as_json:
         typer.echo(json.dumps([s.__dict__ for s in samples], indent=2))
         return
@@ -67,7 +101,7 @@ def generate_cmd(
             typer.echo(f"--- sample {s.index}")
         typer.echo(s.text)
         st = s.stats
-        typer.echo(f"[{method}] {st['new_tokens']} tokens in {st['seconds']:.2f}s "
+        typer.echo(f"[{spec.method} on {target.kind}] {st['new_tokens']} tokens in {st['seconds']:.2f}s "
                    f"({st['new_tokens'] / max(st['seconds'], 1e-9):.1f} tok/s), {st['forward_passes']} forward passes, "
                    f"{st['mean_accepted']:.2f} tokens/step, drafting {st['draft_seconds']:.3f}s", err=True)
 
@@ -81,33 +115,34 @@ def bench_cmd(
     first: int = typer.Option(0, "--first", help="Index of the first problem"),
     n: str = typer.Option("1", "--n", help="Samples per problem; comma-separated for several, e.g. 1,8"),
     schedules: str = typer.Option("batched", "--schedule", help="For n > 1: batched, sequential or both (comma-separated)"),
-    temperature: float = typer.Option(0.0, "--temperature", "-t"),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
-    seed: int = typer.Option(0, "--seed"),
-    model: Optional[str] = ModelOpt,
-    dtype: str = DtypeOpt,
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the rows as JSON"),
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    max_new_tokens: MaxNewOpt = 256,
+    seed: SeedOpt = 0,
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    tree: TreeOpt = None,
+    table: TableOpt = None,
+    cost: CostOpt = None,
+    json_path: JsonOpt = None,
     repeats: int = typer.Option(1, "--repeats", help="Run every problem R times: median tok/s and its min-max"),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write PNG figures into this directory"),
     warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="One short untimed run of every row first"),
-    table: Optional[str] = typer.Option(None, "--table", help="STAND rows: n-gram table file loaded at start, saved at the end (a warm start for the next run)"),
-    cost: Optional[str] = CostOpt,
 ):
     """Methods and Hugging Face anchors side by side on the same problems, interleaved; a table, JSON, plots."""
     from rich.console import Console
 
-    from stand.lab.bench import BenchConfig, rich_table, write_json
-    from stand.backends.load import load_model
-    from stand.params import SamplingParams
+    from stand.lab.bench import BenchConfig
+    from stand.lab.report import rich_table, write_rows
 
-    cfg = BenchConfig([m.strip() for m in methods.split(",") if m.strip()], dataset, problems, _int_list(n, "--n"),
-                      temperature, max_new_tokens, seed, [s.strip() for s in schedules.split(",") if s.strip()],
-                      repeats, warmup, table, cost, first).validate()
-    SamplingParams(temperature, max_new_tokens=max_new_tokens).validate()
-    target = load_model(model, dtype)
-    rows = _bench_with_bar(target, cfg)
+    cfg = BenchConfig(_names(methods), dataset, problems, _int_list(n, "--n"),
+                      sampling(temperature, top_p, top_k, max_new_tokens, seed), speculation("none", tree, table, cost),
+                      _names(schedules), repeats, warmup, first).validate()
+    rows = _bench_with_bar(load(model, backend, dtype), cfg)
     if json_path:  # files first: a Ctrl-C may also have closed the pipe behind stdout
-        write_json(rows, json_path)
+        write_rows(rows, json_path)
     if plot:
         from stand.lab.plots import plot_all
 
@@ -145,39 +180,36 @@ def _bench_with_bar(target, cfg) -> list[dict]:
 @app.command("profile")
 @user_errors
 def profile_cmd(
-    model: Optional[str] = ModelOpt,
-    dtype: str = DtypeOpt,
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
+    dtype: DtypeOpt = "auto",
     cache_len: int = typer.Option(500, "--cache-len", help="Tokens already in the cache"),
     reps: int = typer.Option(10, "--reps", help="Timed forwards per size (median reported)"),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the curves as JSON"),
+    json_path: JsonOpt = None,
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
     grid_path: Optional[str] = typer.Option(None, "--grid", help="Also measure ours over rows x tokens per row and write that cost grid (JSON) here"),
 ):
     """Milliseconds per forward by new tokens (1..64) and by batch (4, 8, 16 rows), ours beside Hugging Face."""
     import torch
 
-    from stand.lab.profile import ProfileConfig, as_json, cost_curves, profile_targets, table_lines
-    from stand.backends.load import load_model
+    from stand.core.files import write_json
+    from stand.lab.profile import ProfileConfig, as_json, cost_curves, measure_grid, ours, profile_targets, table_lines
 
     if cache_len < 1 or reps < 1 or (threads is not None and threads < 1):
         raise StandError("--cache-len, --reps and --threads must be at least 1")
     if threads:
         torch.set_num_threads(threads)
-    target = load_model(model, dtype, backend="torch", forward="hf")
+    target = load(model, backend, dtype, forward="hf")
     curves = cost_curves(profile_targets(target), ProfileConfig(cache_len=cache_len, reps=reps),
                          progress=lambda msg: typer.echo(f"  {msg}", err=True))
-    typer.echo(f"ms per forward, {target.name}, {target.dtype}, cache {cache_len}, median of {reps}, "
+    typer.echo(f"ms per forward, {target.name} on {target.kind}, {target.dtype}, cache {cache_len}, median of {reps}, "
                f"{torch.get_num_threads()} threads")
     for line in table_lines(curves):
         typer.echo(line)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(as_json(curves), f, indent=2)
+        write_json(json_path, as_json(curves), indent=2)
     if grid_path:
-        from stand.backends.lean import with_forward
-        from stand.lab.profile import measure_grid
-
-        grid = measure_grid(with_forward(target, "auto"), reps=reps, progress=lambda msg: typer.echo(f"  grid: {msg}", err=True))
+        grid = measure_grid(ours(target), reps=reps, progress=lambda msg: typer.echo(f"  grid: {msg}", err=True))
         grid.save(grid_path)
         typer.echo(f"ms per forward, rows x tokens per row (wrote {grid_path}):")
         for rows, curve in sorted(grid.ms.items()):
@@ -192,29 +224,28 @@ def calibrate_cmd(
     first: int = typer.Option(0, "--first", help="Index of the first calibration problem"),
     out: str = typer.Option("tree.json", "--out", help="Where to write the tree JSON"),
     plot: Optional[str] = typer.Option(None, "--plot", help="PNG of accepted tokens and tok/s against M (default: OUT with .png)"),
-    temperature: float = typer.Option(0.6, "--temperature", "-t"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    temperature: TemperatureOpt = 0.6,
+    max_new_tokens: MaxNewOpt = 128,
     cost: Optional[str] = typer.Option(None, "--cost", help="Cost grid from `stand profile --grid` or curve from `--json` (default: measure now)"),
     max_m: int = typer.Option(160, "--max-m", help="Largest tree size considered"),
     counts: Optional[str] = typer.Option(None, "--counts", help="Decode nothing: choose M again from the counts in this calibrated tree file (with --cost)"),
-    model: Optional[str] = ModelOpt,
-    dtype: str = DtypeOpt,
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ):
     """Calibrate STAND's draft tree: count accepted nodes of a 600-node template, keep the best M for this machine."""
     from tqdm import tqdm
 
     from stand.lab.calibrate import CalibrateConfig, calibrate, calibration_prompts, save
-    from stand.backends.load import load_model
-    from stand.params import SamplingParams
 
-    SamplingParams(temperature, max_new_tokens=max_new_tokens).validate()
-    cfg = CalibrateConfig(dataset, problems, first, temperature=temperature, max_new_tokens=max_new_tokens,
-                          max_m=max_m, cost_curve=cost)
-    target = load_model(model, dtype)
+    params = sampling(temperature, max_new_tokens=max_new_tokens)
+    cfg = CalibrateConfig(dataset, problems, first, temperature=params.temperature,
+                          max_new_tokens=params.max_new_tokens, max_m=max_m, cost_curve=cost)
+    target = load(model, backend, dtype)
     if counts:
         from stand.core.budget import CostGrid
-        from stand.lab.profile import measure_grid
         from stand.lab.calibrate import recount
+        from stand.lab.profile import measure_grid
 
         cal, cfg = recount(counts, CostGrid.load(cost) if cost else measure_grid(target))
     else:
@@ -230,8 +261,10 @@ def calibrate_cmd(
 @app.command("serve")
 @user_errors
 def serve_cmd(
-    model: Optional[str] = ModelOpt,
-    method: str = typer.Option("stand", "--method", help="Drafter: none | pld | stand | recycle | consensus | ..."),
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    method: MethodOpt = "stand",
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="STAND_API_KEY", help="Every request must send Authorization: Bearer KEY (/health excepted)"),
@@ -240,14 +273,13 @@ def serve_cmd(
     max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting beyond this get 429"),
     batch_window_ms: float = typer.Option(50.0, "--batch-window-ms", help="Wait this long for requests to batch together"),
     max_n: int = typer.Option(16, "--max-n", help="Largest n a request may ask for"),
-    dtype: str = DtypeOpt,
 ):
     """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
     from stand.server.app import ServerConfig, serve
 
-    serve(ServerConfig(model=model, method=method, dtype=dtype, host=host, port=port, api_key=api_key, table=table,
-                       share_table=share_table, max_queue=max_queue, batch_window_ms=batch_window_ms,
-                       max_n=max_n).validate())
+    serve(ServerConfig(model=model, method=method, backend=backend, dtype=dtype, host=host, port=port,
+                       api_key=api_key, table=table, share_table=share_table, max_queue=max_queue,
+                       batch_window_ms=batch_window_ms, max_n=max_n).validate())
 
 
 @app.command("solve")
@@ -261,45 +293,65 @@ def solve_cmd(
     instruction: Optional[str] = typer.Option(None, "--instruction", help="Put before each prompt (default per dataset)"),
     n: int = typer.Option(8, "--n", help="Samples per question"),
     strategy: str = typer.Option("self-consistency", "--strategy", help="self-consistency | best-of-n"),
-    method: str = typer.Option("none", "--method"),
     schedule: str = typer.Option("auto", "--schedule", help="batched | sequential | auto (measured once, cached)"),
-    temperature: float = typer.Option(0.6, "--temperature", "-t"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
-    seed: int = typer.Option(0, "--seed"),
-    model: Optional[str] = ModelOpt,
-    dtype: str = DtypeOpt,
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write every sample as JSON"),
+    method: MethodOpt = "none",
+    temperature: TemperatureOpt = 0.6,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    max_new_tokens: MaxNewOpt = 512,
+    seed: SeedOpt = 0,
+    tree: TreeOpt = None,
+    table: TableOpt = None,
+    cost: CostOpt = None,
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_path: JsonOpt = None,
 ):
     """N samples per question; the voted (or best-scored) answer, checked against the reference."""
-    from tqdm import tqdm
-
-    from stand.tts import solve as tts
-    from stand.params import SamplingParams
+    from stand.tts.report import solution_line, summary_lines, write_json
+    from stand.tts.solve import SolveConfig, iter_solve
 
     items = _solve_problems(question, dataset, jsonl, problems, answer, instruction)
-    tts.SolveConfig(n, strategy, schedule).validate()
-    SamplingParams(temperature, top_p, 0, max_new_tokens, seed).validate()
-    bar, done = None, []
-
-    def progress(i: int, k: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=n * max_new_tokens, desc=f"{i + 1}/{len(items)}", unit="tok", file=sys.stderr, leave=False)
-        bar.update(k)
-
-    for i, sol in enumerate(tts.iter_solve(items, model, n, strategy, method, None, None, schedule, temperature,
-                                           top_p, 0, max_new_tokens, seed, dtype, progress=progress)):
-        if bar is not None:
+    config = SolveConfig(n, strategy, schedule).validate()
+    params, spec = sampling(temperature, top_p, top_k, max_new_tokens, seed), speculation(method, tree, table, cost)
+    done = []
+    with _TokenBar(len(items), n * max_new_tokens) as bar:
+        for i, sol in enumerate(iter_solve(items, model, params=params, spec=spec, config=config, backend=backend,
+                                           dtype=dtype, progress=bar.update)):
             bar.close()
-            bar = None
-        done.append(sol)
-        typer.echo(tts.solution_line(i, len(items), sol))
-    for line in tts.summary_lines(done, method):
+            done.append(sol)
+            typer.echo(solution_line(i, len(items), sol))
+    for line in summary_lines(done, method):
         typer.echo(line)
     if json_path:
-        tts.write_json(done, json_path, {"method": method, "n": n, "strategy": strategy, "temperature": temperature,
-                                         "max_new_tokens": max_new_tokens, "seed": seed})
+        write_json(done, json_path, {"method": method, "n": n, "strategy": strategy, "temperature": temperature,
+                                     "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed})
+
+
+class _TokenBar:
+    """A progress bar of tokens for the question being solved, opened at its first token."""
+
+    def __init__(self, questions: int, tokens: int):
+        self.questions, self.tokens, self.bar = questions, tokens, None
+
+    def update(self, i: int, k: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=self.tokens, desc=f"{i + 1}/{self.questions}", unit="tok", file=sys.stderr, leave=False)
+        self.bar.update(k)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _solve_problems(question, dataset, jsonl, problems, answer, instruction) -> list:
@@ -314,6 +366,10 @@ def _solve_problems(question, dataset, jsonl, problems, answer, instruction) -> 
     if jsonl is not None:
         return jsonl_problems(jsonl, problems, **kw)  # prompts as written unless --instruction
     return load_dataset(dataset, problems, **kw)
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _int_list(text: str, name: str) -> list[int]:

@@ -5,26 +5,27 @@ the variants rotates from one problem to the next, so drift of the machine (anot
 state) hits every variant alike. The Hugging Face anchors (`hf`, `hf-pld`, `hf-batched`) call
 `model.generate` on the very model our rows use, so they run in the same dtype.
 
-A Ctrl-C ends the loop; the rows then cover the problems that every variant finished (so the
+The anchors need the torch backend. A Ctrl-C ends the loop; the rows then cover the problems that every variant finished (so the
 comparison stays fair) and say `interrupted: true`.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
-from stand.api import generate
-from stand.tts.problems import Problem, load_dataset
+from stand.api import Target, check_schedule, generate
+from stand.core.sequence import mean_accepted
 from stand.errors import StandError
-from stand.backends.protocol import Backend as Target
-from stand.params import SpecConfig
+from stand.params import SamplingParams, SpecConfig, check_method
+from stand.tts.answers import extract_answer, is_correct
+from stand.tts.problems import Problem, load_dataset
+from stand.tts.vote import majority_vote
 
 HF_METHODS = ("hf", "hf-pld", "hf-batched")
 MEMORY_EVERY = 16  # sample the drafter's table memory every this many commits
@@ -39,14 +40,11 @@ class BenchConfig:
     dataset: str = "champ"
     problems: int = 4
     n: int | list[int] = 1  # several values: a row per (method, n, schedule)
-    temperature: float = 0.0
-    max_new_tokens: int = 256
-    seed: int = 0  # repeat r samples with seed + r
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(seed=0))  # repeat r: seed + r
+    spec: SpecConfig = field(default_factory=SpecConfig)  # every row's drafter knobs (tree, table, cost); method per row
     schedule: str | list[str] = "batched"  # for n > 1; several: a row per schedule
     repeats: int = 1  # every problem this many times; rows give the median and the spread of tok/s
     warmup: bool = True  # one short untimed run of every variant first (lazy init, kernel packing, disk caches)
-    table: str | None = None  # STAND rows load this n-gram table at start and save it at the end (warm starts)
-    cost: str | None = None  # cost grid for tree sizes (None: the tree's own; "off": fixed shares of the pass)
     first: int = 0  # problems [first, first + problems) of the dataset
 
     def __post_init__(self):
@@ -61,10 +59,15 @@ class BenchConfig:
             raise StandError(f"repeats must be an integer >= 1, got {self.repeats}")
         if not self.ns or min(self.ns) < 1:
             raise StandError(f"n must be integers >= 1, got {self.ns}")
-        bad = [s for s in self.schedules if s not in ("batched", "sequential")]
-        if bad or not self.schedules:
-            raise StandError(f"schedule must be batched and/or sequential, got {', '.join(bad) or 'none'}")
+        if not self.schedules:
+            raise StandError("no schedule given")
+        for s in self.schedules:
+            check_schedule(s)
+        self.params.validate()
         return self
+
+    def seed(self, repeat: int) -> int:
+        return (self.params.seed or 0) + repeat
 
     def variants(self) -> list[Variant]:
         """(method, n, schedule) of every row; n=1 and Hugging Face methods have one schedule."""
@@ -101,8 +104,6 @@ def label(v: Variant) -> str:
 def _majority_correct(texts: list[str], reference: str | None) -> bool | None:
     if reference is None:
         return None
-    from stand.tts.solve import extract_answer, is_correct, majority_vote
-
     return bool(is_correct(majority_vote([extract_answer(t) for t in texts]).answer, reference))
 
 
@@ -126,12 +127,11 @@ def run_ours(target: Target, method: str, n: int, schedule: str, problem: Proble
     from stand.drafters.registry import make_drafter
 
     t = time.perf_counter()
-    spec = SpecConfig(method=method, table_path=cfg.table, cost_grid=cfg.cost).validate()
+    spec = replace(cfg.spec, method=method).validate()
     drafter = make_drafter(spec, target.vocab_size, target)
     hook = _Memory(drafter)
-    samples = generate(problem.prompt, model=target, n=n, temperature=cfg.temperature,
-                       max_new_tokens=cfg.max_new_tokens, seed=seed, schedule=schedule, spec=spec, drafter=drafter,
-                       on_commit=hook)[0]
+    samples = generate(problem.prompt, target, params=replace(cfg.params, seed=seed), spec=spec, n=n,
+                       schedule=schedule, drafter=drafter, on_commit=hook)[0]
     seconds = time.perf_counter() - t
     return Run(sum(s.stats["new_tokens"] for s in samples), seconds, sum(s.stats["steps"] for s in samples),
                sum(s.stats["draft_seconds"] for s in samples), max(hook.peak, drafter.memory_bytes()),
@@ -155,31 +155,32 @@ class _ForwardCount:
         self.handle.remove()
 
 
-def hf_config(target: Target, method: str, temperature: float, max_new_tokens: int, n: int = 1):
+def hf_config(target: Target, method: str, params: SamplingParams, n: int = 1):
     """A clean GenerationConfig: the model's own defaults (repetition penalty, top-k 50, ...) would sample from
-    another distribution than our rows; this one is the plain target distribution at `temperature`."""
+    another distribution than our rows; this one is the target distribution that `params` asks for."""
     from transformers import GenerationConfig
 
-    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
+    sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) \
+        if not params.greedy else dict(do_sample=False)
     extra = dict(prompt_lookup_num_tokens=10) if method == "hf-pld" else {}
-    if method == "hf-batched" and temperature > 0:
+    if method == "hf-batched" and not params.greedy:
         extra["num_return_sequences"] = n
-    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=sorted(target.eos_ids),
+    return GenerationConfig(max_new_tokens=params.max_new_tokens, eos_token_id=sorted(target.eos_ids),
                             pad_token_id=target.tokenizer.pad_token_id or min(target.eos_ids), **sampling, **extra)
 
 
-def hf_generate(target: Target, prompt_ids: list[int], method: str, n: int, temperature: float,
-                max_new_tokens: int, seed: int) -> tuple[list[list[int]], int]:
+def hf_generate(target: Target, prompt_ids: list[int], method: str, n: int,
+                params: SamplingParams) -> tuple[list[list[int]], int]:
     """Hugging Face generate as a user would call it; returns (new ids per sample, forward passes x rows).
 
     hf, hf-pld: n calls, one sample each. hf-batched: one call for all n (num_return_sequences=n; greedy, which
     HF refuses that for, gets the same batch of n copies of the prompt).
     """
-    config = hf_config(target, method, temperature, max_new_tokens, n)
+    config = hf_config(target, method, params, n)
     batched = method == "hf-batched"
-    ids = torch.tensor([prompt_ids] * (n if batched and temperature == 0 else 1))  # [1 or n, P]
+    ids = torch.tensor([prompt_ids] * (n if batched and params.greedy else 1))  # [1 or n, P]
     calls = 1 if batched else n
-    torch.manual_seed(seed)
+    torch.manual_seed(params.seed or 0)
     outs = []
     with torch.inference_mode(), _ForwardCount(target.model) as fc:
         for _ in range(calls):
@@ -200,7 +201,7 @@ def _new_ids(target: Target, out: torch.Tensor, prompt_len: int) -> list[list[in
 def run_hf(target: Target, method: str, n: int, problem: Problem, cfg: BenchConfig, seed: int) -> Run:
     t = time.perf_counter()
     ids = target.encode(problem.prompt)
-    outs, passes = hf_generate(target, ids, method, n, cfg.temperature, cfg.max_new_tokens, seed)
+    outs, passes = hf_generate(target, ids, method, n, replace(cfg.params, seed=seed))
     texts = [target.decode(o) for o in outs]  # timed, as our rows' detokenising is
     seconds = time.perf_counter() - t
     return Run(sum(map(len, outs)), seconds, passes, None, None, _majority_correct(texts, problem.answer))
@@ -220,12 +221,12 @@ def run_variant(target: Target, v: Variant, problem: Problem, cfg: BenchConfig, 
 def warm_up(target: Target, variants: list[Variant], problem: Problem, cfg: BenchConfig,
             progress: Progress | None = None) -> None:
     """Each variant once on a few tokens, untimed: one-off costs do not land on whoever runs first."""
-    short = BenchConfig(cfg.methods, cfg.dataset, 1, cfg.ns, cfg.temperature, min(8, cfg.max_new_tokens), cfg.seed,
-                        cfg.schedules, cost=cfg.cost)
+    short = replace(cfg, problems=1, params=replace(cfg.params, max_new_tokens=min(8, cfg.params.max_new_tokens)),
+                    spec=replace(cfg.spec, table_path=None))
     for v in variants:
         if progress:
             progress(f"warm-up {label(v)}", False)
-        run_variant(target, v, problem, short, cfg.seed)
+        run_variant(target, v, problem, short, cfg.seed(0))
 
 
 def rotated(variants: list[Variant], k: int) -> list[Variant]:
@@ -236,6 +237,9 @@ def rotated(variants: list[Variant], k: int) -> list[Variant]:
 def bench(target: Target, cfg: BenchConfig, progress: Progress | None = None) -> list[dict]:
     """Every variant on every problem, interleaved; one row per variant (see summarise)."""
     cfg.validate()
+    if target.kind != "torch" and any(m in HF_METHODS for m in cfg.methods):
+        raise StandError(f"the Hugging Face anchors ({', '.join(HF_METHODS)}) need the torch backend, "
+                         f"not {target.kind}")
     problems = load_dataset(cfg.dataset, cfg.first + cfg.problems)[cfg.first:]
     if not problems:
         raise StandError(f"dataset {cfg.dataset} has no problems from index {cfg.first}")
@@ -250,7 +254,7 @@ def bench(target: Target, cfg: BenchConfig, progress: Progress | None = None) ->
                 for v in rotated(variants, r * len(problems) + i):
                     if progress:
                         progress(label(v), False)
-                    runs[v][(r, i)] = run_variant(target, v, p, cfg, cfg.seed + r)
+                    runs[v][(r, i)] = run_variant(target, v, p, cfg, cfg.seed(r))
                     if progress:
                         progress(label(v), True)
     except KeyboardInterrupt:
@@ -305,14 +309,15 @@ def variant_row(v: Variant, runs: list[Run], keys: list[tuple[int, int]], cfg: B
     judged = [x.correct for x in runs if x.correct is not None]
     accepted = sum((x.accepted for x in runs), Counter())
     return {
-        "method": method, "schedule": schedule, "dtype": str(target.dtype).split(".")[-1], "n": n,
-        "temperature": cfg.temperature, "model": target.name, "dataset": cfg.dataset,
-        "problems": len({p for _, p in keys}), "repeats": len(tps), "max_new_tokens": cfg.max_new_tokens,
+        "method": method, "schedule": schedule, "backend": target.kind, "dtype": str(target.dtype).split(".")[-1],
+        "n": n, "temperature": cfg.params.temperature, "top_p": cfg.params.top_p, "top_k": cfg.params.top_k,
+        "model": target.name, "dataset": cfg.dataset, "problems": len({p for _, p in keys}), "repeats": len(tps),
+        "max_new_tokens": cfg.params.max_new_tokens,
         "new_tokens": tokens, "seconds": round(seconds, 3),
         "tok_per_s": round(statistics.median(tps), 2), "tok_per_s_min": round(min(tps), 2),
         "tok_per_s_max": round(max(tps), 2),
         "speedup_vs_none": None, "speedup_vs_hf": None,  # filled in by summarise
-        "mean_accepted": round(tokens / steps, 3) if steps else None,
+        "mean_accepted": round(mean_accepted(tokens, steps), 3) if steps else None,
         "draft_seconds": None if draft is None else round(draft, 3),
         "draft_share": None if draft is None or not seconds else round(draft / seconds, 4),
         "table_bytes": max(mems) if mems else None,
@@ -322,105 +327,16 @@ def variant_row(v: Variant, runs: list[Run], keys: list[tuple[int, int]], cfg: B
     }
 
 
-COLUMNS = ("method", "schedule", "dtype", "n", "temperature", "new_tokens", "seconds", "tok_per_s", "tok_per_s_min",
+COLUMNS = ("method", "schedule", "backend", "dtype", "n", "temperature", "new_tokens", "seconds", "tok_per_s", "tok_per_s_min",
            "tok_per_s_max", "speedup_vs_none", "speedup_vs_hf", "mean_accepted", "draft_share", "table_bytes",
            "accuracy")
 
 
 def check_methods(methods: list[str]) -> None:
-    from stand.drafters.registry import DRAFTERS
-
-    bad = [m for m in methods if m not in DRAFTERS and m not in HF_METHODS]
-    if bad:
-        raise StandError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(sorted(DRAFTERS) + list(HF_METHODS))}")
-
-
-def write_json(rows: list[dict], path: str) -> None:
-    """A list of rows, one per variant (each row carries its configuration)."""
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=2)
-
-
-def read_json(path: str) -> list[dict]:
-    try:
-        with open(path) as f:
-            rows = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise StandError(f"could not read bench results {path}: {e}") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "method" in r for r in rows):
-        raise StandError(f"{path} is not a `stand bench --json` file (a list of rows)")
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# On screen
-
-
-def _fmt(r: dict, c: str) -> str:
-    v = r.get(c)
-    if v is None:
-        return "-"
-    if c == "tok_per_s":
-        spread = f" [{r['tok_per_s_min']:.1f}-{r['tok_per_s_max']:.1f}]" if r.get("repeats", 1) > 1 else ""
-        return f"{v:.1f}{spread}"
-    if c.startswith("speedup"):
-        return f"{v:.2f}x"
-    if c == "draft_share":
-        return f"{100 * v:.1f}%"
-    if c == "table_bytes":
-        return f"{v / 2**20:.2f}"
-    if c == "accuracy":
-        return f"{100 * v:.0f}%"
-    return str(v)
-
-
-SCREEN = (("method", "method"), ("n", "n"), ("schedule", "schedule"), ("new_tokens", "tokens"),
-          ("seconds", "s"), ("tok_per_s", "tok/s"), ("speedup_vs_none", "x none"), ("speedup_vs_hf", "x hf"),
-          ("mean_accepted", "tok/step"), ("draft_share", "drafting"), ("table_bytes", "table MiB"),
-          ("accuracy", "accuracy"))
-
-
-def rich_table(rows: list[dict]):
-    """The rows as a rich Table (fastest first within each n)."""
-    from rich.table import Table
-
-    r0 = rows[0] if rows else {}
-    title = (f"{r0.get('dataset')}, {r0.get('problems')} problems x {r0.get('repeats')} repeats, "
-             f"T={r0.get('temperature')}, {r0.get('max_new_tokens')} new tokens, {r0.get('dtype')}, {r0.get('model')}"
-             + (" (INTERRUPTED: partial)" if r0.get("interrupted") else "")) if rows else "no finished rows"
-    table = Table(title=title)
-    for key, head in SCREEN:
-        table.add_column(head, justify="left" if key == "method" else "right")
-    for r in sorted(rows, key=lambda r: (r["n"], -r["tok_per_s"])):
-        table.add_row(*[_fmt(r, key) for key, _ in SCREEN])
-    return table
-
-
-MARKDOWN = (("method", "method"), ("n", "n"), ("schedule", "schedule"), ("tok_per_s", "tok/s"),
-            ("speedup_vs_none", "x none"), ("speedup_vs_hf", "x hf"), ("mean_accepted", "tokens/step"),
-            ("draft_share", "drafting"), ("table_bytes", "table MiB"), ("accuracy", "accuracy"))
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """The rows as a GitHub markdown table (fastest first within each n), for the README."""
-    lines = ["| " + " | ".join(h for _, h in MARKDOWN) + " |", "|" + "---|" * len(MARKDOWN)]
-    for r in sorted(rows, key=lambda r: (r["n"], -r["tok_per_s"])):
-        lines.append("| " + " | ".join(_fmt(r, k) for k, _ in MARKDOWN) + " |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """python -m stand.bench RESULTS.json: the rows as a markdown table."""
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise SystemExit("usage: python -m stand.bench RESULTS.json")
-    try:
-        print(markdown_table(read_json(argv[0])))
-    except StandError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-if __name__ == "__main__":
-    main()
+    """Our methods (params.check_method) or a Hugging Face anchor."""
+    for m in methods:
+        if m not in HF_METHODS:
+            try:
+                check_method(m)
+            except StandError as e:
+                raise StandError(f"{e}; or an anchor: {', '.join(HF_METHODS)}") from None

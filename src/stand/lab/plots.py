@@ -1,6 +1,6 @@
 """PNG figures from `stand bench` rows (matplotlib, Agg backend: no display needed).
 
-    python -m stand.plots results.json [more.json ...] OUT_DIR
+    python -m stand.lab.plots results.json [more.json ...] OUT_DIR
 """
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import sys
 
+from stand.core.sequence import mean_accepted
 from stand.errors import StandError
+from stand.lab.report import read_rows
 
 SWEEP_NS = (1, 2, 4, 8, 16)
 
@@ -105,7 +107,7 @@ def acceptance_cdf(rows: list[dict], path: str) -> str:
                 continue
             total = sum(counts)
             ks = list(range(1, len(counts) + 1))  # the last point (0 steps commit that many) closes the curve
-            mean = sum(k * c for k, c in enumerate(counts)) / total
+            mean = mean_accepted(sum(k * c for k, c in enumerate(counts)), total)
             ax.plot(ks, [sum(counts[k:]) / total for k in ks], marker=".", label=f"{_name(r)} (mean {mean:.2f})")
         ax.set_ylim(0, 1.02)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -136,13 +138,11 @@ def plot_all(rows: list[dict], out_dir: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from stand.lab.bench import read_json
-
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 2:
-        raise SystemExit("usage: python -m stand.plots RESULTS.json [MORE.json ...] OUT_DIR")
+        raise SystemExit("usage: python -m stand.lab.plots RESULTS.json [MORE.json ...] OUT_DIR")
     try:
-        rows = [r for path in argv[:-1] for r in read_json(path)]
+        rows = [r for path in argv[:-1] for r in read_rows(path)]
         for p in plot_all(rows, argv[-1]):
             print(p)
     except StandError as e:

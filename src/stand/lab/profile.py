@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 
 from stand.backends.protocol import Backend
-from stand.backends.torch import Target
 from stand.core.budget import GRID_MAX_TOKENS, GRID_ROWS, GRID_TOKENS, CostGrid
 from stand.core.tree import DraftTree
 
@@ -79,7 +78,7 @@ def interleaved(probes: dict[str, Probe], nodes: int, cfg: ProfileConfig) -> dic
 
 
 @torch.inference_mode()
-def cost_curves(targets: dict[str, Target], cfg: ProfileConfig = ProfileConfig(), progress=None) -> dict[str, Curve]:
+def cost_curves(targets: dict[str, Backend], cfg: ProfileConfig = ProfileConfig(), progress=None) -> dict[str, Curve]:
     """Curves of every target (e.g. {"ours": lean, "hf": hf}), measured side by side."""
     curves = {name: Curve() for name in targets}
     single = {name: Probe(t, 1, cfg.cache_len) for name, t in targets.items()}
@@ -121,13 +120,19 @@ def table_lines(curves: dict[str, Curve]) -> list[str]:
     return lines
 
 
-def profile_targets(target: Target) -> dict[str, Target]:
-    """Ours (the lean forward where the model supports it) and the Hugging Face forward of the same weights."""
+def ours(target: Backend) -> Backend:
+    """The forward stand decodes with: on torch the lean one where the model supports it; else the backend."""
+    if target.kind != "torch":
+        return target
     from stand.backends.lean import with_forward
 
-    ours = with_forward(target, "auto")
-    hf = Target(target.model, target.tokenizer, target.name, target.dtype)  # the plain Hugging Face forward
-    return {"ours": ours, "hf": hf}
+    return with_forward(target, "auto")
+
+
+def profile_targets(target: Backend) -> dict[str, Backend]:
+    """On torch (target loaded with forward="hf"): ours beside the Hugging Face forward of the same weights;
+    on another backend: that backend alone."""
+    return {"ours": ours(target), "hf": target} if target.kind == "torch" else {"ours": target}
 
 
 @torch.inference_mode()
