@@ -131,12 +131,12 @@ def test_fuzzy_match_finds_a_near_copy():
 
 
 def run(target, method, rows_params, prompt, n, **cfg):
-    drafter = make_drafter(SpecConfig(method=method, **cfg), target.vocab_size)
+    drafter = make_drafter(SpecConfig(method=method, options=cfg), target.vocab_size)
     rows = [Row(list(prompt), p, group=0, index=i) for i, p in enumerate(rows_params[:n])]
     return Engine(target, drafter).run(rows)
 
 
-@pytest.mark.parametrize("cfg", [{}, {"consensus_tree": 8}, {"consensus_fuzzy": 1, "consensus_k": 2}])
+@pytest.mark.parametrize("cfg", [{}, {"nodes": 8}, {"fuzzy": 1, "k": 2}])
 def test_greedy_consensus_equals_plain_greedy(cfg):
     target = tiny_target()
     prompt = target.encode("abcabc abc")
@@ -151,7 +151,7 @@ def test_greedy_consensus_equals_plain_greedy(cfg):
 def test_rows_of_a_group_draft_for_each_other():
     """A row that is behind gets the text of a row that is ahead as its draft."""
     target = tiny_target()
-    drafter = ConsensusDrafter(SpecConfig(method="consensus", consensus_k=2), target.vocab_size)
+    drafter = ConsensusDrafter(SpecConfig(method="consensus", options={"k": 2}), target.vocab_size)
     prompt = [5, 6, 7]
     ahead, behind = Row(prompt, SamplingParams(), group=3), Row(prompt, SamplingParams(), group=3)
     other = Row([9, 6, 7], SamplingParams(), group=3)  # another question: not consulted
@@ -167,22 +167,22 @@ def test_rows_of_a_group_draft_for_each_other():
 
 
 def test_graft_adds_only_new_paths():
-    from stand.drafters.combined import GRAFT, graft
-    from stand.core.tree import DraftTree, SparseDist
+    from stand.drafters.combined import GRAFT
+    from stand.core.tree import DraftTree, SparseDist, graft
 
     q = SparseDist([1, 2, 3], [0.5, 0.3, 0.2])
     base = DraftTree()
     a = base.add(1, -1, q, 0)
     base.add(2, -1, q, 1)
     base.add(5, a, None, 2)
-    tree, added = graft(base, DraftTree.chain([1, 5, 7, 8]))  # follows 1 -> 5, then adds 7 -> 8
+    tree, added = graft(base, DraftTree.chain([1, 5, 7, 8]), GRAFT)  # follows 1 -> 5, then adds 7 -> 8
     assert added == 2
     assert tree.tokens == [1, 2, 5, 7, 8] and tree.parents == [-1, -1, 0, 2, 3]
     assert tree.tags[3:] == [GRAFT, GRAFT] and tree.qs[3] is None and tree.qs[0] is q
     assert base.tokens == [1, 2, 5]  # base untouched
-    tree, added = graft(base, DraftTree.chain([3, 1]))  # diverges at the root: a new root child, last
+    tree, added = graft(base, DraftTree.chain([3, 1]), GRAFT)  # diverges at the root: a new root child, last
     assert added == 2 and tree.tokens == [1, 2, 5, 3, 1] and tree.parents == [-1, -1, 0, -1, 3]
-    assert graft(base, DraftTree.chain([1, 5]))[1] == 0  # nothing new
+    assert graft(base, DraftTree.chain([1, 5]), GRAFT)[1] == 0  # nothing new
 
 
 def test_greedy_stand_consensus_equals_plain_greedy():

@@ -8,14 +8,14 @@ from stand.drafters.registry import DRAFTERS, make_drafter
 from stand.engine import Engine
 from stand.params import SamplingParams, SpecConfig
 
-# (method, extra SpecConfig fields); drafters add themselves here as they land
+# (method, the drafter's options); drafters add themselves here as they land
 CASES = [
     ("none", {}),
     ("pld", {}),
-    ("consensus", {"consensus_k": 2}),  # the prompt has 2-gram matches from the first step
-    ("consensus", {"consensus_k": 1, "consensus_tree": 6, "consensus_fuzzy": 1}),
+    ("consensus", {"k": 2}),  # the prompt has 2-gram matches from the first step
+    ("consensus", {"k": 1, "nodes": 6, "fuzzy": 1}),
     ("ngrammys", {}),
-    ("stand+consensus", {"consensus_k": 2}),
+    ("stand+consensus", {"k": 2}),
     ("stand", {}),
     ("stand", {"stochastic": False}),
     ("stand-dynamic", {}),
@@ -42,7 +42,7 @@ def target():
 def test_engine_distribution_is_exact(target, method, extra, params):
     if method not in DRAFTERS:
         pytest.skip(f"{method} not registered")
-    spec = SpecConfig(method=method, **extra)
+    spec = SpecConfig(method=method, options=extra)
     samples, per_step = engine_samples(target, spec, params, n=2000)
     pvals = marginal_pvalues(samples, exact_joint(target, params))
     assert min(pvals.values()) > 1e-4, pvals

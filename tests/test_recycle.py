@@ -19,7 +19,7 @@ def _probs(rows: dict[int, list[int]], n: int, V: int = 50) -> torch.Tensor:
 
 
 def _drafter(k=2):
-    d = TokenRecycling(SpecConfig(method="recycle", recycle_k=k), 50)
+    d = TokenRecycling(SpecConfig(method="recycle", options={"k": k}), 50)
     d.template = TreeTemplate.from_pairs([(-1, 0), (-1, 1), (0, 0), (0, 1), (2, 0)])
     d.kids = d.template.children()
     return d

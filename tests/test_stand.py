@@ -15,7 +15,7 @@ PROMPT_TEXT = "the cat sat on the mat. the cat sat on the hat. the cat"
 
 
 def _drafter(template_pairs, **kw) -> StandDrafter:
-    d = StandDrafter(SpecConfig(method="stand", max_n=2, table_topk=4, table_capacity=256, **kw), 100)
+    d = StandDrafter(SpecConfig(method="stand", options={"max_n": 2, "topk": 4, "capacity": 256, **kw}), 100)
     d.template = TreeTemplate.from_pairs(template_pairs)
     d.kids = d.template.children()
     return d
@@ -84,7 +84,7 @@ def test_greedy_equals_plain(tiny, method, extra):
     params = SamplingParams(max_new_tokens=60)
     plain = Engine(tiny, make_drafter(SpecConfig(method="none"), tiny.vocab_size)).run([Row(prompt, params)])[0]
     rows = [Row(prompt, params, group=0, index=i) for i in range(2)]
-    Engine(tiny, make_drafter(SpecConfig(method=method, **extra), tiny.vocab_size)).run(rows)
+    Engine(tiny, make_drafter(SpecConfig(method=method, options=extra), tiny.vocab_size)).run(rows)
     for r in rows:
         assert r.tokens == plain.tokens
     assert rows[0].stats.steps < plain.stats.steps  # it drafted something
@@ -128,7 +128,7 @@ def test_heuristic_drafter_ignores_shipped_tree():
 def test_persistent_table_warm_start_and_damage(tiny, tmp_path, caplog):
     prompt = tiny.encode(PROMPT_TEXT)
     path = tmp_path / "table.ngt"
-    spec = SpecConfig(method="stand", table_path=str(path), table_capacity=4096)
+    spec = SpecConfig(method="stand", table_path=str(path), options={"capacity": 4096})
 
     def run():
         d = make_drafter(spec, tiny.vocab_size)
@@ -185,7 +185,7 @@ def test_best_first_draft_follows_worth():
     """stand-dynamic: slots by worth v(parent) * q_rank, siblings in draw order, floor and cap respected."""
     from stand.drafters.stand import DynamicStandDrafter
 
-    d = DynamicStandDrafter(SpecConfig(method="stand-dynamic", max_n=2, table_topk=4, table_capacity=256), 100)
+    d = DynamicStandDrafter(SpecConfig(method="stand-dynamic", options={"max_n": 2, "topk": 4, "capacity": 256}), 100)
     noise = GumbelNoise(np.random.default_rng(0))
     tree = d.draft_best_first(_table(), np.array([-1, 5]), noise, True, cap=3, floor=0.0)
     # worths: 10 .4, 11 .3, 10->30 .4 * 2/3, then 12 and 11->31 at .2, ...: the three best, best first

@@ -52,40 +52,24 @@ class SamplingParams:
 
 @dataclass
 class SpecConfig:
-    """Which drafter proposes, and its knobs (each drafter reads the ones it knows)."""
+    """Which drafter proposes, what every drafter shares, and the drafter's own knobs.
+
+    options: the drafter's own knobs by name (each drafter declares them as its Options dataclass, e.g.
+    {"max_ngram": 2} for pld); a name the method's drafter does not declare is an error.
+    """
 
     method: str = "none"
     step_tokens: int | None = 64  # most tokens per verification pass over all rows of a batch (None: no cap)
     cost_grid: str | None = None  # cost grid JSON that sizes trees per pass; None: the one stored with the tree; "off"
-    # prompt lookup
-    pld_max_ngram: int = 3
-    pld_num_tokens: int = 10
-    # STAND
-    max_n: int = 4
-    table_topk: int = 10
-    table_capacity: int = 1 << 18
-    stochastic: bool = True
     tree: str | None = None  # path to a tree JSON, or None for the default
-    table_path: str | None = None  # warm start / persistence
-    share_across_prompts: bool = False
-    dynamic_nodes: int = 32  # stand-dynamic: most draft nodes per row
-    dynamic_floor: float = 0.02  # stand-dynamic: least estimated acceptance of a node (the pass may ask for more)
-    # Token Recycling
-    recycle_k: int = 8
-    # consensus
-    consensus_k: int = 3
-    consensus_len: int = 10
-    consensus_alpha: float = 0.5
-    consensus_tree: int = 0  # 0: draft the best chain; > 0: a tree of this many nodes (best branches)
-    consensus_fuzzy: int = 0  # > 0: when no exact k-gram match, accept token edit distance <= this
-    # N-Grammys
-    ngrammys_slots: int = 8
-    ngrammys_len: int = 6
+    table_path: str | None = None  # warm start / persistence of a drafter's table
+    share_across_prompts: bool = False  # one table for the whole run instead of one per question
+    options: dict = field(default_factory=dict)
 
     def validate(self) -> "SpecConfig":
         check_method(self.method)
         if self.step_tokens is not None and self.step_tokens < 1:
             raise StandError(f"step_tokens must be >= 1, got {self.step_tokens}")
-        if self.max_n < 1:
-            raise StandError(f"max_n must be >= 1, got {self.max_n}")
+        if not isinstance(self.options, dict):
+            raise StandError(f"options must be a dict of the drafter's knobs, got {self.options!r}")
         return self

@@ -6,17 +6,47 @@ whatever a drafter learns.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import numpy as np
 import torch
 
+from stand.errors import StandError
 from stand.params import SpecConfig
 from stand.core.tree import DraftTree
 from stand.core.sequence import Row
 from stand.core.verify import Verdict
 
 
+@dataclass
+class NoOptions:
+    """The options of a drafter without knobs of its own."""
+
+
+def parse_options(options_class: type, given: dict, method: str):
+    """SpecConfig.options as the drafter's options dataclass; StandError naming a knob it does not declare or a
+    value not of its default's type."""
+    known = {f.name: f.default for f in fields(options_class)}
+    for key, value in given.items():
+        if key not in known:
+            raise StandError(f"method {method!r} has no option {key!r}; its options: {', '.join(known) or 'none'}")
+        if not _fits(value, known[key]):
+            raise StandError(f"option {key!r} of method {method!r} must be {type(known[key]).__name__}, got {value!r}")
+    return options_class(**given)
+
+
+def _fits(value, default) -> bool:
+    """value has the type of default: an int fits a float, a bool fits only a bool, anything fits None."""
+    if default is None:
+        return True
+    if isinstance(value, bool) or isinstance(default, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    return isinstance(value, (int, float) if isinstance(default, float) else type(default))
+
+
 class Drafter:
     name = "base"
+    Options: type = NoOptions  # the drafter's own knobs, a dataclass filled from SpecConfig.options
     default_nodes: int | None = None  # tree size the drafter prefers when no cost grid decides (None: its whole tree)
     wants_probs = False  # observe() receives the target's sampler distributions
     wants_prompt_probs = False  # start() receives the distributions over the prompt
@@ -24,6 +54,7 @@ class Drafter:
     def __init__(self, config: SpecConfig, vocab_size: int):
         self.config = config
         self.vocab_size = vocab_size
+        self.options = parse_options(self.Options, config.options, config.method)
 
     def start(self, row: Row, prompt_probs: torch.Tensor | None) -> None:
         """A row enters. prompt_probs: [P-1, V], the distribution after each prompt token but the last."""

@@ -59,28 +59,27 @@ class DraftTree:
 
     def depths(self) -> np.ndarray:
         """[M] depth of each node; children of the root have depth 1."""
-        d = np.zeros(len(self.tokens), dtype=np.int64)
-        for i, p in enumerate(self.parents):
-            d[i] = 1 if p < 0 else d[p] + 1
-        return d
+        return depths_of(self.parents)
 
-    def clip(self, max_depth: int) -> "DraftTree":
-        """The subtree of nodes at depth <= max_depth (0 leaves only the root)."""
-        if len(self) == 0 or max_depth >= int(self.depths().max()):
+    def subtree(self, keep) -> "DraftTree":
+        """The nodes where keep [M] (bool) is True, in order; keep must hold the parent of every kept node."""
+        keep = np.asarray(keep, dtype=bool)
+        if keep.all():
             return self
-        keep = self.depths() <= max_depth
-        remap = np.cumsum(keep) - 1
+        remap = np.cumsum(keep) - 1  # [M] index of each kept node in the subtree
         out = DraftTree()
         for i in np.flatnonzero(keep):
             p = self.parents[i]
             out.add(self.tokens[i], -1 if p < 0 else int(remap[p]), self.qs[i], self.tags[i])
         return out
 
+    def clip(self, max_depth: int) -> "DraftTree":
+        """The nodes at depth <= max_depth (0 leaves only the root)."""
+        return self.subtree(self.depths() <= max_depth)
+
     def prefix(self, k: int) -> "DraftTree":
         """The first k nodes: still a tree (parents come first), siblings still in draw order."""
-        if k >= len(self):
-            return self
-        return DraftTree(self.tokens[:k], self.parents[:k], self.qs[:k], self.tags[:k])
+        return self.subtree(np.arange(len(self)) < k)
 
     def leaves(self) -> list[int]:
         """Indices of the nodes without children."""
@@ -116,19 +115,29 @@ class DraftTree:
         return a
 
 
-def dedupe_children(tree: DraftTree) -> DraftTree:
-    """Merge deterministic siblings with equal tokens (their subtrees join under the first)."""
-    out = DraftTree()
-    index: dict[tuple[int, int], int] = {}
-    remap: list[int] = []
-    for i, (tok, par) in enumerate(zip(tree.tokens, tree.parents)):
-        new_par = -1 if par < 0 else remap[par]
-        key = (new_par, tok)
-        if tree.qs[i] is None and key in index:
-            remap.append(index[key])
-            continue
-        j = out.add(tok, new_par, tree.qs[i], tree.tags[i])
-        if tree.qs[i] is None:
-            index[key] = j
-        remap.append(j)
-    return out
+def depths_of(parents) -> np.ndarray:
+    """[M] depth of each node from its parent [M] (-1 = the root, parents first); the root's children: 1."""
+    d = np.zeros(len(parents), dtype=np.int64)
+    for i, p in enumerate(parents):
+        d[i] = 1 if p < 0 else d[p] + 1
+    return d
+
+
+def graft(base: DraftTree, extra: DraftTree, tag: int | None = None) -> tuple[DraftTree, int]:
+    """base (copied) with extra's paths added where they are new; returns (tree, nodes added).
+
+    Each node of extra is the first node of equal (parent, token) where there is one, else a new node at the end
+    (after the siblings it joins, so the verifier tries it last there), tagged `tag` (default: its own tag).
+    extra's nodes must be deterministic (q=None) and in topological order.
+    """
+    tree = DraftTree(list(base.tokens), list(base.parents), list(base.qs), list(base.tags))
+    nodes: dict[tuple[int, int], int] = {}  # (parent, token) -> node, first occurrence
+    for i, key in enumerate(zip(tree.parents, tree.tokens)):
+        nodes.setdefault(key, i)
+    where: list[int] = []  # extra node -> tree node
+    for tok, par, own in zip(extra.tokens, extra.parents, extra.tags):
+        key = (-1 if par < 0 else where[par], tok)
+        if key not in nodes:
+            nodes[key] = tree.add(tok, key[0], None, own if tag is None else tag)
+        where.append(nodes[key])
+    return tree, len(tree) - len(base)

@@ -1,7 +1,7 @@
 """Lossless verification of a draft tree against the target's distributions.
 
 Greedy: follow the child equal to the target's argmax. Sampling: recursive rejection sampling
-over each visited node's children, in draw order (DESIGN.md section 2); a bonus token ends it.
+over each visited node's children, in draw order (STAND, arXiv 2506.04708); a bonus token ends it.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ left after the stochastic siblings, whatever they were. Both drafters observe th
 
 from __future__ import annotations
 
-from stand.core.tree import DraftTree
+from dataclasses import fields, make_dataclass, replace
+
+from stand.core.tree import DraftTree, graft
 from stand.core.drafter import Drafter
 from stand.drafters.consensus import ConsensusDrafter
 from stand.drafters.stand import StandDrafter
@@ -18,37 +20,30 @@ from stand.drafters.stand import StandDrafter
 GRAFT = -2  # tag of grafted nodes (STAND counts template hits only for tags >= 0)
 
 
-def graft(base: DraftTree, extra: DraftTree) -> tuple[DraftTree, int]:
-    """base with extra's paths added where they are new; returns (tree, nodes added).
+def union_options(name: str, *parts: type[Drafter]) -> type:
+    """One options dataclass with the fields of every part's Options (no name may appear twice)."""
+    specs = [(f.name, f.type, f.default) for part in parts for f in fields(part.Options)]
+    names = [s[0] for s in specs]
+    assert len(set(names)) == len(names), f"options of {name} clash: {names}"
+    return make_dataclass(name, specs)
 
-    base is copied; extra's nodes must be deterministic (q=None) and in topological order.
-    """
-    tree = DraftTree(list(base.tokens), list(base.parents), list(base.qs), list(base.tags))
-    kids: dict[tuple[int, int], int] = {}  # (parent, token) -> node, first occurrence
-    for i, (tok, par) in enumerate(zip(tree.tokens, tree.parents)):
-        kids.setdefault((par, tok), i)
-    where: list[int] = []  # extra node -> tree node
-    added = 0
-    for tok, par in zip(extra.tokens, extra.parents):
-        parent = -1 if par < 0 else where[par]
-        node = kids.get((parent, tok))
-        if node is None:
-            node = tree.add(tok, parent, None, GRAFT)
-            kids[(parent, tok)] = node
-            added += 1
-        where.append(node)
-    return tree, added
+
+def part_config(config, part: type[Drafter]):
+    """config with only the options the part declares."""
+    own = {f.name for f in fields(part.Options)}
+    return replace(config, options={k: v for k, v in config.options.items() if k in own})
 
 
 class StandConsensus(Drafter):
     name = "stand+consensus"
+    Options = union_options("StandConsensusOptions", StandDrafter, ConsensusDrafter)
     wants_probs = True
     wants_prompt_probs = True
 
     def __init__(self, config, vocab_size: int):
         super().__init__(config, vocab_size)
-        self.stand = StandDrafter(config, vocab_size)
-        self.consensus = ConsensusDrafter(config, vocab_size)
+        self.stand = StandDrafter(part_config(config, StandDrafter), vocab_size)
+        self.consensus = ConsensusDrafter(part_config(config, ConsensusDrafter), vocab_size)
         self.grafted = 0  # nodes added to STAND trees
         self.graft_accepted = 0  # of those, nodes that were accepted
 
@@ -60,7 +55,7 @@ class StandConsensus(Drafter):
         self.consensus.start(row, prompt_probs)
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
-        tree, added = graft(self.stand.propose(row, max_nodes), self.consensus.propose(row))
+        tree, added = graft(self.stand.propose(row, max_nodes), self.consensus.propose(row), GRAFT)
         self.grafted += added
         return tree
 

@@ -1,4 +1,4 @@
-"""Consensus drafting: the N samples of one question draft for each other (DESIGN.md section 2).
+"""Consensus drafting: the N samples of one question draft for each other (arXiv 2503.05330).
 
 Every row of a group keeps its tokens and, for each generated token, the probability the target's
 sampler gave it. A hash of k-grams to (row, position) covers all rows of the group and grows as
@@ -13,7 +13,7 @@ token at an equal depth is one node, and each edge gets
 (mean_prob: mean target probability of the edge's token over the continuations that cross the
 edge; frequency: those continuations over all continuations). Reading w as the chance the edge's
 token is accepted, the chain draft is the path that maximises the expected accepted length
-sum_d prod_{j<=d} w_j; the tree draft (consensus_tree > 0 nodes) keeps the nodes with the largest
+sum_d prod_{j<=d} w_j; the tree draft (option nodes > 0) keeps the nodes with the largest
 products prod_{j<=d} w_j, best first. Drafts are deterministic (one-hot q).
 """
 
@@ -30,6 +30,15 @@ from stand.core.tree import DraftTree
 from stand.core.drafter import Drafter
 
 MAX_MATCHES = 64  # most recent continuations merged per draft: bounds the cost as N grows
+
+
+@dataclass
+class ConsensusOptions:
+    k: int = 3  # longest suffix looked up in the group's text (then shorter ones, down to 1)
+    length: int = 10  # most tokens per continuation
+    alpha: float = 0.5  # edge weight: alpha * mean target probability + (1 - alpha) * frequency
+    nodes: int = 0  # 0: draft the best chain; > 0: a tree of this many nodes (the best branches)
+    fuzzy: int = 0  # > 0: without an exact k-gram match, accept a token edit distance up to this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,12 +294,13 @@ def prompt_token_probs(prompt: list[int], prompt_probs) -> list[float] | None:
 
 class ConsensusDrafter(Drafter):
     name = "consensus"
+    Options = ConsensusOptions
     wants_probs = True
     wants_prompt_probs = True  # weights the prompt's continuations by the target's probabilities
 
     def __init__(self, config, vocab_size: int):
         super().__init__(config, vocab_size)
-        self.k = max(1, int(config.consensus_k))
+        self.k = max(1, self.options.k)
         self.min_n = 1  # back off from k-grams to shorter suffixes when the k-gram has no match
         self.groups: dict[tuple[int, int], GroupIndex] = {}
 
@@ -309,21 +319,20 @@ class ConsensusDrafter(Drafter):
     def continuations(self, row) -> list[tuple[np.ndarray, np.ndarray]]:
         group = self._group(row)
         hits = group.matches(row.uid, MAX_MATCHES)  # the k-gram
-        fuzzy = int(self.config.consensus_fuzzy)
+        fuzzy = self.options.fuzzy
         if not hits and fuzzy > 0:
             hits = group.fuzzy_matches(row.uid, fuzzy, MAX_MATCHES)
         if not hits:
             hits = group.matches(row.uid, MAX_MATCHES, self.min_n)  # back off to shorter suffixes
-        return [group.continuation(src, start, self.config.consensus_len) for src, start in hits]
+        return [group.continuation(src, start, self.options.length) for src, start in hits]
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         dag = build_dag(self.continuations(row))
         if dag.paths == 0:
             return DraftTree()
-        budget = int(self.config.consensus_tree)
-        if budget > 0:
-            return best_tree(dag, self.config.consensus_alpha, budget)
-        return DraftTree.chain(best_path(dag, self.config.consensus_alpha))
+        if self.options.nodes > 0:
+            return best_tree(dag, self.options.alpha, self.options.nodes)
+        return DraftTree.chain(best_path(dag, self.options.alpha))
 
     def observe(self, row, tree, probs, verdict) -> None:
         group = self._group(row)

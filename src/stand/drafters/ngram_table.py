@@ -2,7 +2,7 @@
 
 A value is top-k token ids with probabilities and a count c. Inserting distribution d under a
 key seen c times gives `(c*old + d)/(c+1)` over the union of tokens (a missing token counts 0),
-cut back to the top k (DESIGN.md section 2).
+cut back to the top k (STAND, arXiv 2506.04708).
 
 Memory is bounded: fixed-size arrays of `capacity` slots, a dict from the key (a tuple of max_n
 ids, left-padded with -1) to its slot, and least-recently-used eviction in batches of capacity/8
@@ -22,7 +22,6 @@ import json
 import os
 import struct
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -75,14 +74,6 @@ def merge_topk(old_ids: np.ndarray, old_p: np.ndarray, counts: np.ndarray, new_i
     top_w = np.take_along_axis(w, order, 1)
     top_ids = np.where(top_w > 0, np.take_along_axis(ids, order, 1), -1)
     return top_ids, top_w
-
-
-@dataclass
-class Lookup:
-    """Where a batch of contexts matched: slot [B] (-1 = no match) and the order n that matched [B]."""
-
-    slot: np.ndarray
-    order: np.ndarray
 
 
 class NGramTable:
@@ -181,11 +172,6 @@ class NGramTable:
 
     # ---- lookup ---------------------------------------------------------------------------------
 
-    def lookup(self, tails: np.ndarray) -> Lookup:
-        """Longest-match backoff for every context tail [B, max_n]: the longest stored suffix key."""
-        found = [self.longest(t) for t in np.asarray(tails, dtype=np.int64).tolist()]
-        return Lookup(np.array([f[0] for f in found], dtype=np.int64), np.array([f[1] for f in found], dtype=np.int64))
-
     def longest(self, tail) -> tuple[int, int]:
         """(slot, order) of the longest stored suffix of one context tail (max_n ids, left-padded -1); (-1, 0) if none."""
         tail = tuple(tail)
@@ -205,17 +191,6 @@ class NGramTable:
         ids, p = self.ids[slot], self.probs[slot]
         keep = (ids >= 0) & (p > 0)
         return ids[keep].astype(np.int64), p[keep].astype(np.float64)
-
-    def get(self, key) -> tuple[np.ndarray, np.ndarray, int] | None:
-        """Exact lookup of one key (a sequence of 1..max_n tokens): (ids, probs, count) or None."""
-        key = list(key)
-        if not 1 <= len(key) <= self.max_n:
-            raise StandError(f"a key has 1..{self.max_n} tokens, got {len(key)}")
-        s = self.index.get(tuple([-1] * (self.max_n - len(key)) + [int(x) for x in key]))
-        if s is None:
-            return None
-        ids, p = self.dist(s)
-        return ids, p, int(self.counts[s])
 
     # ---- persistence ----------------------------------------------------------------------------
 

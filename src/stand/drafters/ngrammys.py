@@ -1,4 +1,4 @@
-"""The N-Grammys: learning-free drafts from the model's weights and from the context (DESIGN.md section 2).
+"""The N-Grammys: learning-free drafts from the model's weights and from the context (arXiv 2411.03786).
 
 Model tables (built once per model, cached on disk): the bigram table holds, for every token v, the
 top-k next tokens of the model given v alone; the unigram is the model's mean next-token
@@ -17,15 +17,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 
 from stand.core.files import atomic_path, cache_dir
 from stand.errors import StandError
-from stand.core.tree import DraftTree
+from stand.core.tree import DraftTree, graft
 from stand.core.drafter import Drafter
+from stand.drafters.pld import earlier_matches
 
 BIGRAM_K = 16  # successors kept per token
 CHUNK = 512  # tokens per forward pass when building the table
+
+
+@dataclass
+class NGrammysOptions:
+    slots: int = 8  # drafts verified together per step
+    length: int = 6  # tokens per draft
+    max_n: int = 4  # longest context suffix looked up
 
 
 @dataclass
@@ -101,20 +108,16 @@ def model_tables(target, k: int = BIGRAM_K, progress: bool = True) -> ModelTable
 
 
 def context_drafts(tokens: np.ndarray, max_n: int, length: int, limit: int) -> list[list[int]]:
-    """Continuations after earlier occurrences of the last n tokens (longest n first, then most recent)."""
-    L = len(tokens)
+    """Distinct continuations after earlier occurrences of the last n tokens (longest n first, then most recent)."""
     out: list[list[int]] = []
     seen: set[tuple[int, ...]] = set()
-    for n in range(min(max_n, L - 1), 0, -1):
-        windows = sliding_window_view(tokens[: L - 1], n)  # [L-n, n]: n-grams with a successor
-        hits = np.flatnonzero((windows == tokens[L - n:]).all(axis=1))
-        for h in hits[::-1]:
-            cont = tuple(tokens[h + n: h + n + length].tolist())
-            if cont not in seen:
-                seen.add(cont)
-                out.append(list(cont))
-                if len(out) == limit:
-                    return out
+    for start in earlier_matches(tokens, max_n):
+        cont = tuple(tokens[start:start + length].tolist())
+        if cont not in seen:
+            seen.add(cont)
+            out.append(list(cont))
+            if len(out) == limit:
+                break
     return out
 
 
@@ -160,14 +163,8 @@ def mix_drafts(tokens: np.ndarray, tables: ModelTables | None, slots: int, lengt
 def trie(drafts: list[list[int]]) -> DraftTree:
     """One tree with shared prefixes; siblings keep the order of the drafts that introduced them."""
     tree = DraftTree()
-    nodes: dict[tuple[int, int], int] = {}  # (parent, token) -> node
     for d in drafts:
-        parent = -1
-        for t in d:
-            key = (parent, int(t))
-            if key not in nodes:
-                nodes[key] = tree.add(t, parent)
-            parent = nodes[key]
+        tree, _ = graft(tree, DraftTree.chain(d))
     return tree
 
 
@@ -177,6 +174,7 @@ def trie(drafts: list[list[int]]) -> DraftTree:
 
 class NGrammys(Drafter):
     name = "ngrammys"
+    Options = NGrammysOptions
 
     def __init__(self, config, vocab_size: int, tables: ModelTables | None = None):
         super().__init__(config, vocab_size)
@@ -197,8 +195,8 @@ class NGrammys(Drafter):
         tokens = np.asarray(row.tokens, dtype=np.int64)
         if len(tokens) == 0:
             return DraftTree()
-        c = self.config
-        return trie(mix_drafts(tokens, self.tables, c.ngrammys_slots, c.ngrammys_len, c.max_n))
+        o = self.options
+        return trie(mix_drafts(tokens, self.tables, o.slots, o.length, o.max_n))
 
     def memory_bytes(self) -> int:
         t = self.tables

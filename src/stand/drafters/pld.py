@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Iterator
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -9,21 +12,29 @@ from stand.core.tree import DraftTree
 from stand.core.drafter import Drafter
 
 
-def lookup(tokens: np.ndarray, max_ngram: int, num_tokens: int) -> list[int]:
-    """The continuation after the most recent earlier match of the longest suffix (max_ngram..1)."""
+@dataclass
+class PLDOptions:
+    max_ngram: int = 3  # longest suffix looked up (then shorter ones, down to 1)
+    num_tokens: int = 10  # most tokens copied
+
+
+def earlier_matches(tokens: np.ndarray, max_n: int) -> Iterator[int]:
+    """Where the continuation starts after every earlier occurrence of the last n tokens [L], for n = max_n down
+    to 1, the most recent occurrence first."""
     L = len(tokens)
-    for n in range(min(max_ngram, L - 1), 0, -1):
+    for n in range(min(max_n, L - 1), 0, -1):
         windows = sliding_window_view(tokens[: L - 1], n)  # [L-n, n]: every n-gram that has a successor
         hits = np.flatnonzero((windows == tokens[L - n:]).all(axis=1))
-        if len(hits):
-            start = int(hits[-1]) + n
-            return tokens[start:start + num_tokens].tolist()
-    return []
+        for h in hits[::-1].tolist():
+            yield h + n
 
 
 class PromptLookup(Drafter):
     name = "pld"
+    Options = PLDOptions
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
+        """The continuation after the most recent earlier match of the longest suffix, as a chain."""
         tokens = np.asarray(row.tokens, dtype=np.int64)
-        return DraftTree.chain(lookup(tokens, self.config.pld_max_ngram, self.config.pld_num_tokens))
+        start = next(earlier_matches(tokens, self.options.max_ngram), None)
+        return DraftTree.chain([] if start is None else tokens[start:start + self.options.num_tokens].tolist())

@@ -9,22 +9,30 @@ are deterministic (one-hot q).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from stand.drafters.templates import DEFAULT_SIZE, heuristic
+from stand.drafters.templates import DEFAULT_SIZE, fill, heuristic
 from stand.core.tree import DraftTree
 from stand.core.drafter import Drafter
 
 
+@dataclass
+class RecycleOptions:
+    k: int = 8  # next tokens kept per token (and most children of a tree node)
+
+
 class TokenRecycling(Drafter):
     name = "recycle"
+    Options = RecycleOptions
     wants_probs = True
     wants_prompt_probs = True
 
     def __init__(self, config, vocab_size: int):
         super().__init__(config, vocab_size)
-        self.k = config.recycle_k
+        self.k = self.options.k
         self.adj = np.full((vocab_size, self.k), -1, dtype=np.int32)  # [V, k] next tokens, best first
         self.template = heuristic(DEFAULT_SIZE, max_children=self.k)
         self.kids = self.template.children()
@@ -45,18 +53,11 @@ class TokenRecycling(Drafter):
             self._update([row.tokens[-1]] + tree.tokens, probs[: len(tree) + 1])
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
-        tree = DraftTree()
-        frontier = [(-1, -1, row.tokens[-1])]  # (template node, tree node, token)
-        while frontier:
-            nxt = []
-            for tnode, node, tok in frontier:
-                row_ids = self.adj[tok]
-                for child in self.kids[tnode + 1]:
-                    cand = int(row_ids[self.template.ranks[child]])
-                    if cand >= 0:
-                        nxt.append((child, tree.add(cand, node, None, child), cand))
-            frontier = nxt
-        return tree
+        return fill(self.kids, row.tokens[-1], self._next)
+
+    def _next(self, token: int, n: int) -> list[tuple[int, None, int]]:
+        """The n likeliest next tokens of `token` (none before its row is written), each drafted with one-hot q."""
+        return [(t, None, t) for t in self.adj[token][:n].tolist() if t >= 0]
 
     def memory_bytes(self) -> int:
         return self.adj.nbytes

@@ -1,4 +1,4 @@
-"""One drafter per file behind one interface (base.Drafter); DRAFTERS maps --method to a class."""
+"""One drafter per file behind one interface (core/drafter.py); DRAFTERS maps --method to a class."""
 
 from __future__ import annotations
 

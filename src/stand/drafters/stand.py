@@ -4,7 +4,7 @@ Drafting fills a tree template level by level: every frontier node looks up the 
 of its context (the row's tokens plus the path to it) in the table, and draws its children from
 the stored top-k, renormalised (q), without replacement by Gumbel-Top-K on fresh noise. Siblings
 share one SparseDist q, in draw order, which is what the recursive rejection verifier needs.
-Deterministic mode (stochastic=False, and greedy rows) takes the top-ranked tokens with q=None.
+Deterministic mode (option stochastic=False, and greedy rows) takes the top-ranked tokens with q=None.
 
 One table per row group (the N samples of a question), or one for the whole run with
 `share_across_prompts`, or a persistent one with `table_path` (loaded at the first row, saved when
@@ -25,13 +25,32 @@ import torch
 from stand.errors import StandError
 from stand.drafters.ngram_table import NGramTable, tails_of
 from stand.core.budget import acceptance_curve
-from stand.drafters.templates import DEFAULT_PRIOR, TreeTemplate, check_vocab, heuristic, most_valuable, shipped_tree_path
+from stand.drafters.templates import (DEFAULT_PRIOR, TreeTemplate, check_vocab, fill, heuristic, most_valuable,
+                                      shipped_tree_path)
 from stand.core.tree import DraftTree, SparseDist
 from stand.core.drafter import Drafter
 
 log = logging.getLogger(__name__)
 NOISE_BLOCK = 1 << 14
 SHARED = "shared"
+
+
+@dataclass
+class StandOptions:
+    max_n: int = 4  # longest context suffix the n-gram table keys
+    topk: int = 10  # next tokens kept per table entry
+    capacity: int = 1 << 18  # table slots (the least recently used are evicted beyond)
+    stochastic: bool = True  # Gumbel-Top-K drafts; False: the top-ranked tokens with one-hot q
+
+    def __post_init__(self):
+        if self.max_n < 1:
+            raise StandError(f"max_n must be >= 1, got {self.max_n}")
+
+
+@dataclass
+class DynamicStandOptions(StandOptions):
+    nodes: int = 32  # most draft nodes per row
+    floor: float = 0.02  # least estimated acceptance of a node (the pass may ask for more)
 
 
 class GumbelNoise:
@@ -59,6 +78,29 @@ class GumbelNoise:
 class RowState:
     table_key: object
     noise: GumbelNoise
+
+
+@dataclass
+class Draw:
+    """A node's children drawn from the table: every stored token in draw order [K'], and the q drawn from."""
+
+    tokens: np.ndarray  # [K'] int64
+    q: np.ndarray  # [K'] float64, in the table's order
+    dist: SparseDist | None  # q as recorded on the drawn nodes (None for deterministic drafts: one-hot q)
+
+
+def draw(table: NGramTable, tail: tuple, noise: GumbelNoise, deterministic: bool) -> Draw | None:
+    """Draws from the table's top-k after the longest stored suffix of tail (None without one): without
+    replacement by Gumbel-Top-K on fresh noise, or by rank when deterministic."""
+    slot, _ = table.longest(tail)
+    if slot < 0:
+        return None
+    ids, p = table.dist(slot)
+    if len(ids) == 0:
+        return None
+    q = p / p.sum()  # [K'] the distribution sampled from, recorded exactly
+    keys = -q if deterministic else -(np.log(q) + noise.take(len(q)))
+    return Draw(ids[np.argsort(keys, kind="stable")], q, None if deterministic else SparseDist(ids, q))
 
 
 def top_dist(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,6 +135,7 @@ def node_acceptance(template: TreeTemplate) -> np.ndarray:
 
 class StandDrafter(Drafter):
     name = "stand"
+    Options = StandOptions
     wants_probs = True
     wants_prompt_probs = True
 
@@ -133,8 +176,8 @@ class StandDrafter(Drafter):
             log.warning("tree calibrated for %s is used with %s", want, target.name)
 
     def _new_table(self) -> NGramTable:
-        c = self.config
-        return NGramTable(c.max_n, c.table_topk, c.table_capacity)
+        o = self.options
+        return NGramTable(o.max_n, o.topk, o.capacity)
 
     def _open_persistent(self) -> NGramTable:
         """The table at config.table_path; an empty one (and a logged error) if it cannot be used."""
@@ -142,13 +185,13 @@ class StandDrafter(Drafter):
         if not os.path.exists(path):
             return self._new_table()
         try:
-            table, meta = NGramTable.load(path, self.config.table_capacity)
+            table, meta = NGramTable.load(path, self.options.capacity)
             if meta.get("vocab_size") not in (None, self.vocab_size):
                 raise StandError(f"n-gram table {path} was built for a vocabulary of {meta['vocab_size']} "
                                  f"tokens, this model has {self.vocab_size}")
-            if table.max_n != self.config.max_n or table.topk != self.config.table_topk:
+            if table.max_n != self.options.max_n or table.topk != self.options.topk:
                 raise StandError(f"n-gram table {path} has max_n={table.max_n}, topk={table.topk}; this run "
-                                 f"uses max_n={self.config.max_n}, topk={self.config.table_topk}")
+                                 f"uses max_n={self.options.max_n}, topk={self.options.topk}")
             return table
         except StandError as e:
             self.table_error = str(e)
@@ -178,13 +221,13 @@ class StandDrafter(Drafter):
         seed = int(row.rng.integers(2**63))
         self.rows[row.uid] = RowState(key, GumbelNoise(np.random.default_rng(seed)))
         if prompt_probs is not None and len(prompt_probs):
-            ids, probs = top_dist(prompt_probs, self.config.table_topk)
-            tails = tails_of(np.asarray(row.prompt[: len(prompt_probs)]), self.config.max_n)  # [P-1, max_n]
+            ids, probs = top_dist(prompt_probs, self.options.topk)
+            tails = tails_of(np.asarray(row.prompt[: len(prompt_probs)]), self.options.max_n)  # [P-1, max_n]
             self.tables[key].insert(tails, ids, probs)
         self._track_memory()
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
-        deterministic = (not self.config.stochastic) or row.params.greedy
+        deterministic = (not self.options.stochastic) or row.params.greedy
         m = self.default_nodes if max_nodes is None else max_nodes
         kids = self.kids if m >= len(self.template) else self._cut(m)
         return self.draft(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise, deterministic, kids)
@@ -196,14 +239,13 @@ class StandDrafter(Drafter):
     def _cut(self, m: int) -> list[list[int]]:
         """Children lists of the template's m most valuable nodes (a connected subtree; ids unchanged)."""
         if m not in self._cuts:
-            keep = set(most_valuable(self.node_p, m).tolist())
-            self._cuts[m] = [[c for c in kids if c in keep] for kids in self.kids]
+            self._cuts[m] = self.template.children(most_valuable(self.node_p, m))
         return self._cuts[m]
 
     def observe(self, row, tree: DraftTree, probs: torch.Tensor | None, verdict) -> None:
         if probs is None:
             return
-        ids, p = top_dist(probs[: len(tree) + 1], self.config.table_topk)  # [M+1, k]
+        ids, p = top_dist(probs[: len(tree) + 1], self.options.topk)  # [M+1, k]
         self.table_for(row).insert(node_tails(self._root_tail(row), tree), ids, p)
         for node in verdict.accepted:
             tag = tree.tags[node - 1]
@@ -236,46 +278,19 @@ class StandDrafter(Drafter):
     # ---- drafting -------------------------------------------------------------------------------
 
     def _root_tail(self, row) -> np.ndarray:
-        n = self.config.max_n
+        n = self.options.max_n
         tail = np.asarray(row.tokens[-n:], dtype=np.int64)
         return np.concatenate([np.full(n - len(tail), -1, dtype=np.int64), tail])
 
     def draft(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool,
               kids: list[list[int]] | None = None) -> DraftTree:
         """Fills the template (or its cut `kids`) breadth-first; a node without a table match loses its subtree."""
-        kids_of = self.kids if kids is None else kids
-        tree = DraftTree()
-        frontier = [(-1, -1, tuple(root_tail.tolist()))]  # (template node, tree node, context tail)
-        while frontier:
-            nxt = []
-            for tnode, node, tail in frontier:
-                kids = kids_of[tnode + 1]
-                if not kids:
-                    continue
-                slot, _ = table.longest(tail)
-                if slot < 0:
-                    continue
-                for child, idx in self._children(table, slot, kids, noise, deterministic, tree, node):
-                    nxt.append((child, idx, tail[1:] + (tree.tokens[idx],)))
-            frontier = nxt
-        return tree
 
-    @staticmethod
-    def _children(table, slot, kids, noise, deterministic, tree, parent) -> list[tuple[int, int]]:
-        """Draws up to len(kids) children of tree node `parent` from the slot's top-k, in draw order.
+        def children(tail: tuple, n: int) -> list[tuple[int, SparseDist | None, tuple]]:
+            d = draw(table, tail, noise, deterministic)
+            return [] if d is None else [(t, d.dist, tail[1:] + (t,)) for t in d.tokens[:n].tolist()]
 
-        Returns (template node, tree index) of each; the r-th drawn token goes to the rank-r template child.
-        """
-        ids, p = table.dist(slot)
-        if len(ids) == 0:
-            return []
-        q = p / p.sum()  # [K'] the distribution sampled from, recorded exactly
-        if deterministic:
-            order, dist = np.argsort(-q, kind="stable")[: len(kids)], None
-        else:
-            order = np.argsort(-(np.log(q) + noise.take(len(q))), kind="stable")[: len(kids)]
-            dist = SparseDist(ids, q)
-        return [(tag, tree.add(int(ids[o]), parent, dist, tag)) for o, tag in zip(order, kids)]
+        return fill(self.kids if kids is None else kids, tuple(root_tail.tolist()), children)
 
 
 class DynamicStandDrafter(StandDrafter):
@@ -284,21 +299,22 @@ class DynamicStandDrafter(StandDrafter):
     The slot for the r-th draw at a node is worth v(node) * q_r, where q_r is the r-th largest probability of
     the node's table distribution and v(root) = 1: an estimate of the chance the draw is accepted, known before
     the draw is made. Slots are filled best-first while worth at least the pass's min_value (the engine sets it
-    from the cost grid) and dynamic_floor, up to dynamic_nodes (and max_nodes when there is no min_value).
+    from the cost grid) and the option floor, up to the option nodes (and max_nodes when there is no min_value).
     Lossless: whether a draw is made depends on the path to its node, on earlier draws and on other branches,
     never on the draw itself or later ones (a slot's worth never exceeds its parent's or an earlier sibling's,
     and ties go to the node created first), which is all the recursive rejection verifier needs.
     """
 
     name = "stand-dynamic"
+    Options = DynamicStandOptions
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
-        deterministic = (not self.config.stochastic) or row.params.greedy
-        cap = self.config.dynamic_nodes  # with a floor from the pass (min_value > 0) the size follows worth
+        deterministic = (not self.options.stochastic) or row.params.greedy
+        cap = self.options.nodes  # with a floor from the pass (min_value > 0) the size follows worth
         if max_nodes is not None and min_value == 0.0:
             cap = min(cap, max_nodes)
         return self.draft_best_first(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise,
-                                     deterministic, cap, max(min_value, self.config.dynamic_floor))
+                                     deterministic, cap, max(min_value, self.options.floor))
 
     def draft_best_first(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool,
                          cap: int, floor: float) -> DraftTree:
@@ -308,17 +324,10 @@ class DynamicStandDrafter(StandDrafter):
         tick = itertools.count()
 
         def open_node(node: int, tail: tuple, worth: float) -> None:
-            slot, _ = table.longest(tail)
-            if slot < 0:
-                return
-            ids, p = table.dist(slot)
-            if len(ids) == 0:
-                return
-            q = p / p.sum()  # [K'] the distribution sampled from, recorded exactly
-            keys = -q if deterministic else -(np.log(q) + noise.take(len(q)))
-            drawn = ids[np.argsort(keys, kind="stable")]
-            opened[node] = (drawn, None if deterministic else SparseDist(ids, q), np.sort(q)[::-1], worth, tail)
-            heapq.heappush(heap, (-worth * opened[node][2][0], next(tick), node, 0))
+            d = draw(table, tail, noise, deterministic)
+            if d is not None:
+                opened[node] = (d.tokens, d.dist, np.sort(d.q)[::-1], worth, tail)
+                heapq.heappush(heap, (-worth * opened[node][2][0], next(tick), node, 0))
 
         open_node(-1, tuple(root_tail.tolist()), 1.0)
         while heap and len(tree) < cap:

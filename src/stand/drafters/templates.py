@@ -21,6 +21,7 @@ from importlib import resources
 import numpy as np
 
 from stand.core.files import read_json, write_json
+from stand.core.tree import DraftTree, depths_of
 from stand.errors import StandError
 
 # Acceptance prior per rank for the default tree: rank 0 is right about 60% of the time.
@@ -56,18 +57,18 @@ class TreeTemplate:
         ranks = [int(r) for _, r in pairs]
         return normalise(parents, ranks, meta or {})[0]
 
-    def children(self) -> list[list[int]]:
-        """children()[0]: the root's children, children()[j + 1]: node j's, each in rank order."""
+    def children(self, keep=None) -> list[list[int]]:
+        """children()[0]: the root's children, children()[j + 1]: node j's, each in rank order; with `keep`
+        (node ids closed under parents), only the kept nodes, ids unchanged."""
+        kept = None if keep is None else {int(k) for k in keep}
         kids: list[list[int]] = [[] for _ in range(len(self) + 1)]
         for j, p in enumerate(self.parents):
-            kids[p + 1].append(j)
+            if kept is None or j in kept:
+                kids[p + 1].append(j)
         return [sorted(k, key=lambda j: self.ranks[j]) for k in kids]
 
     def depths(self) -> np.ndarray:
-        d = np.zeros(len(self), dtype=np.int64)
-        for j, p in enumerate(self.parents):
-            d[j] = 1 if p < 0 else d[p] + 1
-        return d
+        return depths_of(self.parents)
 
     @property
     def depth(self) -> int:
@@ -104,11 +105,10 @@ class TreeTemplate:
 def normalise(parents: list[int], ranks: list[int], meta: dict) -> tuple[TreeTemplate, list[int]]:
     """Reorders by (depth, parent, rank) and re-ranks each sibling set to 0..m-1; returns the old id per new node."""
     n = len(parents)
-    depth = [0] * n
     for j, p in enumerate(parents):
         if not -1 <= p < j:
             raise StandError(f"tree template node {j}: parent {p} must come before it")
-        depth[j] = 1 if p < 0 else depth[p] + 1
+    depth = depths_of(parents).tolist()
     new_of: dict[int, int] = {}
     order: list[int] = []
     for d in range(1, max(depth, default=0) + 1):
@@ -129,6 +129,26 @@ def most_valuable(values, m: int) -> np.ndarray:
     """Ids of the m highest values, ties to the lower id. Where a node is worth no more than its parent (an
     earlier id), these form a connected tree."""
     return np.lexsort((np.arange(len(values)), -np.asarray(values)))[:m]
+
+
+def fill(kids: list[list[int]], root, expand) -> DraftTree:
+    """A draft over a template (its children lists, possibly cut), filled breadth-first from the root.
+
+    expand(state, n) gives up to n (token, q, state) for a node's children in draw order: the r-th becomes the
+    node's rank-r template child, tagged with that child's template id. Nodes the template gives no children are
+    not expanded; a node that gets no children loses its subtree.
+    """
+    tree = DraftTree()
+    frontier = [(-1, -1, root)]  # (template node, tree node, state)
+    while frontier:
+        nxt = []
+        for tnode, node, state in frontier:
+            here = kids[tnode + 1]
+            if here:
+                for child, (token, q, after) in zip(here, expand(state, len(here))):
+                    nxt.append((child, tree.add(token, node, q, child), after))
+        frontier = nxt
+    return tree
 
 
 def heuristic(size: int = DEFAULT_SIZE, prior=DEFAULT_PRIOR, max_children: int | None = None) -> TreeTemplate:
