@@ -89,7 +89,7 @@ def test_rows_alone_equal_rows_batched(tiny):
 
 
 def test_seeded_sampling_is_reproducible(tiny):
-    kw = dict(model=tiny, n=3, temperature=0.8, max_new_tokens=24, seed=7, method="pld")
+    kw = dict(model=tiny, n=3, params=SamplingParams(0.8, max_new_tokens=24, seed=7), spec=SpecConfig(method="pld"))
     a = stand.generate(["abc abc abc"], **kw)[0]
     b = stand.generate(["abc abc abc"], **kw)[0]
     assert [s.token_ids for s in a] == [s.token_ids for s in b]
@@ -97,10 +97,10 @@ def test_seeded_sampling_is_reproducible(tiny):
 
 
 def test_stop_string_and_stats(tiny):
-    out = stand.generate("hello", model=tiny, max_new_tokens=60)[0][0]
+    out = stand.generate("hello", model=tiny, params=SamplingParams(max_new_tokens=60))[0][0]
     assert out.stats["new_tokens"] == len(out.token_ids) == 60 and out.finish_reason == "length"
     stop = out.text[10:12]
-    cut = stand.generate("hello", model=tiny, max_new_tokens=60, stop=[stop])[0][0]
+    cut = stand.generate("hello", model=tiny, params=SamplingParams(max_new_tokens=60, stop=[stop]))[0][0]
     assert cut.finish_reason == "stop" and cut.text == out.text[: out.text.find(stop)]
     assert cut.stats["forward_passes"] == cut.stats["steps"] + 1
 
