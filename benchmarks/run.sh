@@ -35,7 +35,7 @@ run_main() {  # the README's main table: CHAMP, 10 problems, 512 new tokens, T=0
   stand bench --methods "$MAIN_METHODS" --dataset champ --problems "${PROBLEMS:-10}" --n 1,8 \
     --temperature 0.6 --max-new-tokens "${TOKENS:-512}" --seed 0 --repeats "$REPEATS" --dtype "$DTYPE" \
     --json "$OUT/main.json" --plot "$OUT/main" | tee -i "$OUT/main.txt"
-  python3 -m stand.bench "$OUT/main.json" > "$OUT/main.md"
+  python3 -m stand.lab.report "$OUT/main.json" > "$OUT/main.md"
 }
 
 run_sweep() {  # speed-up against N: fewer problems and tokens, since n=16 costs 16 samples per problem
@@ -43,14 +43,14 @@ run_sweep() {  # speed-up against N: fewer problems and tokens, since n=16 costs
   stand bench --methods "$SWEEP_METHODS" --dataset champ --problems "${PROBLEMS:-4}" --n 1,2,4,8,16 \
     --temperature 0.6 --max-new-tokens "${TOKENS:-256}" --seed 0 --repeats "$REPEATS" --dtype "$DTYPE" \
     --json "$OUT/sweep.json" --plot "$OUT/sweep" | tee -i "$OUT/sweep.txt"
-  python3 -m stand.bench "$OUT/sweep.json" > "$OUT/sweep.md"
+  python3 -m stand.lab.report "$OUT/sweep.json" > "$OUT/sweep.md"
 }
 
 run_smoke() {
   OUT=$(mktemp -d /tmp/stand-bench-smoke.XXXX)
   stand bench --methods "$MAIN_METHODS" --dataset champ --problems 1 --n 1,2 --temperature 0.6 \
     --max-new-tokens 32 --dtype "$DTYPE" --json "$OUT/smoke.json" --plot "$OUT/plots"
-  python3 -m stand.bench "$OUT/smoke.json"
+  python3 -m stand.lab.report "$OUT/smoke.json"
   echo "smoke results in $OUT"
 }
 
