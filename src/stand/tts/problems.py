@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from stand.core import files
 from stand.errors import StandError
 
 MATH_INSTRUCTION = "Solve the following math problem step by step. Put the final answer in \\boxed{}.\n\n"
@@ -36,8 +37,7 @@ def _package_file(package: str, *parts: str) -> str:
 
 def champ(limit: int | None = None, instruction: str = MATH_INSTRUCTION) -> list[Problem]:
     """The 270 CHAMP problems in the package's order, with reference answers."""
-    with open(_package_file("champ_dataset", "dataset_files", "v0.json")) as f:
-        problems = json.load(f)["problems"]
+    problems = files.read_json(_package_file("champ_dataset", "dataset_files", "v0.json"), "the CHAMP dataset")["problems"]
     out = [Problem(pid, instruction + p["_text"], p["_answer"], p.get("category", ""))
            for pid, p in problems.items()]
     return out[:limit] if limit is not None else out
