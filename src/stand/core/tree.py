@@ -66,12 +66,9 @@ class DraftTree:
         keep = np.asarray(keep, dtype=bool)
         if keep.all():
             return self
-        remap = np.cumsum(keep) - 1  # [M] index of each kept node in the subtree
-        out = DraftTree()
-        for i in np.flatnonzero(keep):
-            p = self.parents[i]
-            out.add(self.tokens[i], -1 if p < 0 else int(remap[p]), self.qs[i], self.tags[i])
-        return out
+        idx = np.flatnonzero(keep).tolist()
+        return DraftTree([self.tokens[i] for i in idx], kept_parents(self.parents, keep), [self.qs[i] for i in idx],
+                         [self.tags[i] for i in idx])
 
     def clip(self, max_depth: int) -> "DraftTree":
         """The nodes at depth <= max_depth (0 leaves only the root)."""
@@ -121,6 +118,12 @@ def depths_of(parents) -> np.ndarray:
     for i, p in enumerate(parents):
         d[i] = 1 if p < 0 else d[p] + 1
     return d
+
+
+def kept_parents(parents, keep) -> list[int]:
+    """The parent of every kept node (keep [M] bool, closed under parents), numbered among the kept nodes."""
+    remap = np.cumsum(keep) - 1  # [M] index of each node among the kept ones
+    return [-1 if p < 0 else int(remap[p]) for p, k in zip(parents, keep) if k]
 
 
 def graft(base: DraftTree, extra: DraftTree, tag: int | None = None) -> tuple[DraftTree, int]:

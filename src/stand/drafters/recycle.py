@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stand.drafters.stand import top_dist
 from stand.drafters.templates import DEFAULT_SIZE, fill, heuristic
 from stand.core.tree import DraftTree
 from stand.core.drafter import Drafter
@@ -39,7 +40,7 @@ class TokenRecycling(Drafter):
 
     def _update(self, tokens, probs: torch.Tensor) -> None:
         """tokens [N] each followed by distribution probs [N, V]: overwrite their rows (later ones win)."""
-        ids = torch.topk(probs.float(), self.k, dim=-1).indices.numpy().astype(np.int32)  # [N, k]
+        ids = top_dist(probs, self.k)[0]  # [N, k]
         tokens = np.asarray(tokens, dtype=np.int64)
         last = len(tokens) - 1 - np.unique(tokens[::-1], return_index=True)[1]  # the last occurrence of each token
         self.adj[tokens[last]] = ids[last]

@@ -278,9 +278,9 @@ class StandDrafter(Drafter):
     # ---- drafting -------------------------------------------------------------------------------
 
     def _root_tail(self, row) -> np.ndarray:
+        """[max_n] the row's last max_n tokens, left-padded with -1."""
         n = self.options.max_n
-        tail = np.asarray(row.tokens[-n:], dtype=np.int64)
-        return np.concatenate([np.full(n - len(tail), -1, dtype=np.int64), tail])
+        return tails_of(row.tokens[-n:], n)[-1]
 
     def draft(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool,
               kids: list[list[int]] | None = None) -> DraftTree:

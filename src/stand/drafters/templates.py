@@ -21,7 +21,7 @@ from importlib import resources
 import numpy as np
 
 from stand.core.files import read_json, write_json
-from stand.core.tree import DraftTree, depths_of
+from stand.core.tree import DraftTree, depths_of, kept_parents
 from stand.errors import StandError
 
 # Acceptance prior per rank for the default tree: rank 0 is right about 60% of the time.
@@ -77,13 +77,12 @@ class TreeTemplate:
     def subset(self, keep) -> tuple["TreeTemplate", list[int]]:
         """The template restricted to `keep` (must be closed under parents); also the old id of each new node."""
         keep = sorted(set(int(k) for k in keep))
-        kept = set(keep)
-        if any(self.parents[k] >= 0 and self.parents[k] not in kept for k in keep):
+        mask = np.zeros(len(self), dtype=bool)
+        mask[keep] = True
+        if any(self.parents[k] >= 0 and not mask[self.parents[k]] for k in keep):
             raise StandError("a template subset must contain the parent of every node it keeps")
-        new_of = {k: i for i, k in enumerate(keep)}
-        parents = [-1 if self.parents[k] < 0 else new_of[self.parents[k]] for k in keep]
         ranks = [self.ranks[k] for k in keep]
-        tmpl, order = normalise(parents, ranks, dict(self.meta))
+        tmpl, order = normalise(kept_parents(self.parents, mask), ranks, dict(self.meta))
         return tmpl, [keep[i] for i in order]
 
     def to_json(self, path: str, provenance: dict | None = None) -> None:
