@@ -212,3 +212,19 @@ def test_real_model_greedy_equals_plain(real_f32, method):
     spec = Engine(real_f32, make_drafter(SpecConfig(method=method), real_f32.vocab_size, real_f32)).run(rows())
     for r in spec:
         assert r.tokens == plain[r.group].tokens
+
+
+def test_options_are_the_drafters_own():
+    """Each drafter reads its own knobs; the combined drafter takes the union of its parts' knobs."""
+    from stand.errors import StandError
+
+    drafter = make_drafter(SpecConfig(method="stand+consensus", options={"k": 2, "max_n": 3}), 50)
+    assert drafter.consensus.options.k == 2 and drafter.stand.options.max_n == 3
+    assert drafter.options.k == 2 and drafter.options.topk == drafter.stand.options.topk
+    with pytest.raises(StandError, match="'consensus'.*'max_n'|'max_n'.*'consensus'"):
+        make_drafter(SpecConfig(method="consensus", options={"max_n": 3}), 50)
+    with pytest.raises(StandError, match="'alpha'"):
+        make_drafter(SpecConfig(method="consensus", options={"alpha": "high"}), 50)
+    assert make_drafter(SpecConfig(method="consensus", options={"alpha": 1}), 50).options.alpha == 1
+    with pytest.raises(StandError, match="'none'"):
+        make_drafter(SpecConfig(method="none", options={"k": 1}), 50)
