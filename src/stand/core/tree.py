@@ -78,11 +78,6 @@ class DraftTree:
         """The first k nodes: still a tree (parents come first), siblings still in draw order."""
         return self.subtree(np.arange(len(self)) < k)
 
-    def leaves(self) -> list[int]:
-        """Indices of the nodes without children."""
-        has_child = set(self.parents)
-        return [i for i in range(len(self)) if i not in has_child]
-
     def max_leaves(self, k: int) -> "DraftTree":
         """The longest prefix with at most k >= 1 leaves (a prefix is still a tree)."""
         has_child, leaves = set(), 0

@@ -1,4 +1,5 @@
-"""Token Recycling: an adjacency table of the k likeliest next tokens of every token, expanded over a static tree.
+"""Token Recycling (arXiv 2408.08696): an adjacency table of the k likeliest next tokens of every token, expanded
+over a static tree.
 
 Every distribution the target computes (prompt positions at prefill, every verified tree node)
 overwrites the row of the token it follows with its top-k next tokens; the matrix persists for

@@ -1,4 +1,5 @@
-"""STAND: stochastic tree drafts from a logit n-gram table filled with the target's own distributions.
+"""STAND: stochastic tree drafts from a logit n-gram table filled with the target's own distributions
+(arXiv 2506.04708).
 
 Drafting fills a tree template level by level: every frontier node looks up the longest suffix
 of its context (the row's tokens plus the path to it) in the table, and draws its children from
