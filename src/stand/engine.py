@@ -137,9 +137,11 @@ class Engine:
         return tree if cap is None else tree.prefix(cap)
 
     def _fit(self, trees: list[DraftTree]) -> list[DraftTree]:
-        """Trees cut so that the pass holds at most the backend's sequences (a row, plus a leaf beyond its first)."""
-        most = self.target.max_sequences
-        if most is None:
-            return trees
-        share = max((most - len(trees)) // len(trees), 0) + 1  # leaves per row
-        return [t.max_leaves(share) for t in trees]
+        """Trees cut to what one pass of the backend holds: its sequences (a row, plus one per leaf beyond the
+        row's first) and its tokens, shared equally by the rows."""
+        rows, seqs, tokens = len(trees), self.target.max_sequences, self.target.max_pass_tokens
+        if seqs is not None:
+            trees = [t.max_leaves(max((seqs - rows) // rows, 0) + 1) for t in trees]
+        if tokens is not None:
+            trees = [t.prefix(max(tokens // rows - 1, 0)) for t in trees]
+        return trees

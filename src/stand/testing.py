@@ -62,3 +62,69 @@ def save_tiny(path: str, seed: int = 0, sharpness: float = 4.0) -> str:
     target.model.save_pretrained(path)
     target.tokenizer.save_pretrained(path)
     return path
+
+
+def _permute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Hugging Face's rotary layout (halves) -> GGUF's (interleaved pairs), as llama.cpp's converter writes Q and K."""
+    out, inp = w.shape
+    return w.reshape(heads, 2, out // heads // 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def save_tiny_gguf(path: str, seed: int = 0, sharpness: float = 4.0, **kw) -> str:
+    """The tiny llama with the byte vocabulary as a GGUF file (float32 weights) llama.cpp runs; returns the path.
+    Its logits equal the Hugging Face model's up to float32 rounding."""
+    target = tiny_target(seed=seed, sharpness=sharpness, **kw)
+    tok = target.tokenizer
+    tokens = [tok.convert_ids_to_tokens(i) for i in range(len(tok))]
+    return save_gguf(target.model, tokens, path, bos=tok.bos_token_id, eos=tok.eos_token_id)
+
+
+def save_gguf(model, tokens: list[str], path: str, bos: int, eos: int) -> str:
+    """A Hugging Face llama (float32) and its token strings as a GGUF file; tokens "<...>" are control tokens."""
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t.startswith("<") and len(t) > 1 else gguf.TokenType.NORMAL
+                       for t in tokens])
+    w.add_token_merges([f"{tokens[0]} {tokens[1]}"])
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    for name, t in _gguf_tensors(model, cfg):
+        w.add_tensor(name, t.detach().float().contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _gguf_tensors(model, cfg):
+    """(GGUF name, tensor) of every weight of a Hugging Face llama."""
+    yield "token_embd.weight", model.model.embed_tokens.weight
+    for i, layer in enumerate(model.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        yield f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight
+        yield f"blk.{i}.attn_q.weight", _permute_rotary(a.q_proj.weight, cfg.num_attention_heads)
+        yield f"blk.{i}.attn_k.weight", _permute_rotary(a.k_proj.weight, cfg.num_key_value_heads)
+        yield f"blk.{i}.attn_v.weight", a.v_proj.weight
+        yield f"blk.{i}.attn_output.weight", a.o_proj.weight
+        yield f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight
+        yield f"blk.{i}.ffn_gate.weight", m.gate_proj.weight
+        yield f"blk.{i}.ffn_up.weight", m.up_proj.weight
+        yield f"blk.{i}.ffn_down.weight", m.down_proj.weight
+    yield "output_norm.weight", model.model.norm.weight
+    yield "output.weight", model.lm_head.weight

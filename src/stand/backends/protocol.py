@@ -51,6 +51,10 @@ class Backend(Protocol):
     def max_sequences(self) -> int | None:
         """Most sequences (rows plus tree leaves beyond one per row) one pass may hold (None: no bound)."""
 
+    @property
+    def max_pass_tokens(self) -> int | None:
+        """Most tokens (roots and draft nodes of all rows) one pass may hold (None: no bound)."""
+
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
         """Token ids of a prompt, through the chat template (one user message) when chat and the model has one."""
 

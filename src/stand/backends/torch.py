@@ -47,6 +47,7 @@ class Target:
     dtype: torch.dtype
     kind = "torch"
     max_sequences = None
+    max_pass_tokens = None
 
     @functools.cached_property
     def max_len(self) -> int:
