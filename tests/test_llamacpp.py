@@ -178,3 +178,16 @@ def test_a_broken_verifier_fails_the_same_test(small, monkeypatch):
     params = SamplingParams(temperature=1.0)
     samples, _ = engine_samples(small, SpecConfig(method="stand"), params, n=1500, batch=50)
     assert min(marginal_pvalues(samples, exact_joint(small, params)).values()) < 1e-6
+
+
+def test_bench_puts_llamacpp_anchors_beside_our_rows(tmp_path):
+    from stand.lab.bench import BenchConfig, bench
+
+    llm = LlamaCppModel(save_tiny_gguf(str(tmp_path / "long.gguf"), max_len=2048), byte_tokenizer())
+    cfg = BenchConfig(["none", "stand", "llama.cpp", "llama.cpp-pld"], "champ", 1, 1,
+                      params=SamplingParams(max_new_tokens=8, seed=0), warmup=False)
+    rows = {r["method"]: r for r in bench(llm, cfg)}
+    assert all(r["backend"] == "llama.cpp" and r["new_tokens"] > 0 for r in rows.values())
+    assert rows["llama.cpp"]["speedup_vs_llamacpp"] == 1.0
+    assert rows["none"]["speedup_vs_llamacpp"] == pytest.approx(
+        rows["none"]["tok_per_s"] / rows["llama.cpp"]["tok_per_s"], abs=2e-3)

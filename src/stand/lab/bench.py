@@ -25,9 +25,11 @@ from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig, check_method
 from stand.tts.answers import extract_answer, is_correct
 from stand.tts.problems import Problem, load_dataset
+from stand.lab.llamacpp_anchors import LLAMACPP_METHODS, anchor_generate
 from stand.tts.vote import majority_vote
 
 HF_METHODS = ("hf", "hf-pld", "hf-batched")
+ANCHORS = HF_METHODS + LLAMACPP_METHODS  # other tools' own loops on the same model: one schedule each
 MEMORY_EVERY = 16  # sample the drafter's table memory every this many commits
 
 Variant = tuple[str, int, str]  # (method, n, schedule)
@@ -74,8 +76,8 @@ class BenchConfig:
         out = []
         for n in self.ns:
             for m in self.methods:
-                one = n == 1 or m in HF_METHODS
-                out += [(m, n, "hf" if m in HF_METHODS else s) for s in (self.schedules[:1] if one else self.schedules)]
+                one = n == 1 or m in ANCHORS
+                out += [(m, n, "anchor" if m in ANCHORS else s) for s in (self.schedules[:1] if one else self.schedules)]
         return out
 
 
@@ -94,7 +96,7 @@ class Run:
 
 def label(v: Variant) -> str:
     m, n, s = v
-    return f"{m} n={n}" + (f" {s}" if n > 1 and s != "hf" else "")
+    return f"{m} n={n}" + (f" {s}" if n > 1 and s != "anchor" else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,10 +209,20 @@ def run_hf(target: Target, method: str, n: int, problem: Problem, cfg: BenchConf
     return Run(sum(map(len, outs)), seconds, passes, None, None, _majority_correct(texts, problem.answer))
 
 
+def run_llamacpp(target: Target, method: str, n: int, problem: Problem, cfg: BenchConfig, seed: int) -> Run:
+    t = time.perf_counter()
+    outs = anchor_generate(target, method, target.encode(problem.prompt), n, replace(cfg.params, seed=seed))
+    texts = [target.decode(o) for o in outs]
+    seconds = time.perf_counter() - t
+    return Run(sum(map(len, outs)), seconds, 0, None, None, _majority_correct(texts, problem.answer))
+
+
 def run_variant(target: Target, v: Variant, problem: Problem, cfg: BenchConfig, seed: int) -> Run:
     method, n, schedule = v
     if method in HF_METHODS:
         return run_hf(target, method, n, problem, cfg, seed)
+    if method in LLAMACPP_METHODS:
+        return run_llamacpp(target, method, n, problem, cfg, seed)
     return run_ours(target, method, n, schedule, problem, cfg, seed)
 
 
@@ -237,9 +249,9 @@ def rotated(variants: list[Variant], k: int) -> list[Variant]:
 def bench(target: Target, cfg: BenchConfig, progress: Progress | None = None) -> list[dict]:
     """Every variant on every problem, interleaved; one row per variant (see summarise)."""
     cfg.validate()
-    if target.kind != "torch" and any(m in HF_METHODS for m in cfg.methods):
-        raise StandError(f"the Hugging Face anchors ({', '.join(HF_METHODS)}) need the torch backend, "
-                         f"not {target.kind}")
+    for kind, anchors in (("torch", HF_METHODS), ("llama.cpp", LLAMACPP_METHODS)):
+        if target.kind != kind and any(m in anchors for m in cfg.methods):
+            raise StandError(f"the anchors {', '.join(anchors)} need the {kind} backend, not {target.kind}")
     problems = load_dataset(cfg.dataset, cfg.first + cfg.problems)[cfg.first:]
     if not problems:
         raise StandError(f"dataset {cfg.dataset} has no problems from index {cfg.first}")
@@ -278,16 +290,17 @@ def summarise(runs: dict[Variant, dict[tuple[int, int], Run]], cfg: BenchConfig,
 
     tok_per_s is the median over repeats (each repeat: all its problems' tokens / all their seconds),
     tok_per_s_min / _max the spread. speedup_vs_none divides by the fastest `none` schedule at the same
-    n, speedup_vs_hf by `hf` at the same n (both medians).
+    n, speedup_vs_hf by `hf` and speedup_vs_llamacpp by `llama.cpp` at the same n (all medians).
     """
     keys = common_keys(runs)
     rows = [variant_row(v, [runs[v][k] for k in keys], keys, cfg, target, interrupted) for v in runs] if keys else []
     tps = {(r["method"], r["n"], r["schedule"]): r["tok_per_s"] for r in rows}
     for r in rows:
         none = [t for (m, n, _), t in tps.items() if m == "none" and n == r["n"] and t]
-        hf = tps.get(("hf", r["n"], "hf"))
         r["speedup_vs_none"] = round(r["tok_per_s"] / max(none), 3) if none else None
-        r["speedup_vs_hf"] = round(r["tok_per_s"] / hf, 3) if hf else None
+        for key, anchor in (("speedup_vs_hf", "hf"), ("speedup_vs_llamacpp", "llama.cpp")):
+            base = tps.get((anchor, r["n"], "anchor"))
+            r[key] = round(r["tok_per_s"] / base, 3) if base else None
     return rows
 
 
@@ -316,7 +329,7 @@ def variant_row(v: Variant, runs: list[Run], keys: list[tuple[int, int]], cfg: B
         "new_tokens": tokens, "seconds": round(seconds, 3),
         "tok_per_s": round(statistics.median(tps), 2), "tok_per_s_min": round(min(tps), 2),
         "tok_per_s_max": round(max(tps), 2),
-        "speedup_vs_none": None, "speedup_vs_hf": None,  # filled in by summarise
+        "speedup_vs_none": None, "speedup_vs_hf": None, "speedup_vs_llamacpp": None,  # filled in by summarise
         "mean_accepted": round(mean_accepted(tokens, steps), 3) if steps else None,
         "draft_seconds": None if draft is None else round(draft, 3),
         "draft_share": None if draft is None or not seconds else round(draft / seconds, 4),
@@ -328,15 +341,15 @@ def variant_row(v: Variant, runs: list[Run], keys: list[tuple[int, int]], cfg: B
 
 
 COLUMNS = ("method", "schedule", "backend", "dtype", "n", "temperature", "new_tokens", "seconds", "tok_per_s", "tok_per_s_min",
-           "tok_per_s_max", "speedup_vs_none", "speedup_vs_hf", "mean_accepted", "draft_share", "table_bytes",
+           "tok_per_s_max", "speedup_vs_none", "speedup_vs_hf", "speedup_vs_llamacpp", "mean_accepted", "draft_share", "table_bytes",
            "accuracy")
 
 
 def check_methods(methods: list[str]) -> None:
-    """Our methods (params.check_method) or a Hugging Face anchor."""
+    """Our methods (params.check_method) or an anchor."""
     for m in methods:
-        if m not in HF_METHODS:
+        if m not in ANCHORS:
             try:
                 check_method(m)
             except StandError as e:
-                raise StandError(f"{e}; or an anchor: {', '.join(HF_METHODS)}") from None
+                raise StandError(f"{e}; or an anchor: {', '.join(ANCHORS)}") from None
