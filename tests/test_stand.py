@@ -156,7 +156,7 @@ def test_saved_table_drafts_identically(tiny, tmp_path):
     prompt = tiny.encode(PROMPT_TEXT)
     d = make_drafter(SpecConfig(method="stand", share_across_prompts=True), tiny.vocab_size)
     row = Row(prompt, SamplingParams(max_new_tokens=30))
-    Engine(tiny, d).run([row], finish=False)
+    Engine(tiny, d).run([row])
     path = str(tmp_path / "t.ngt")
     d.save_table(path)
     loaded, _ = NGramTable.load(path)

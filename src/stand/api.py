@@ -74,13 +74,7 @@ def make_engine(target: Target, spec: SpecConfig, drafter: Drafter | None = None
 
 def run_group(engine: Engine, rows: list[Row], schedule: str, on_commit: OnCommit | None = None) -> None:
     """The N samples of one prompt: together as one batch, or one after another (later ones draft from earlier)."""
-    if check_schedule(schedule) == "batched":
-        engine.run(rows, on_commit)
-    else:
-        for r in rows:
-            engine.run([r], on_commit, finish=False)  # the group's drafter tables live on for the next sample
-        for r in rows:
-            engine.drafter.finish(r)
+    engine.run(rows, on_commit, max_live=None if check_schedule(schedule) == "batched" else 1)
 
 
 def to_sample(row: Row) -> Sample:

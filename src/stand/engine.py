@@ -42,47 +42,82 @@ class Timer:
 
 
 class Engine:
+    """Continuous batching: rows join the running batch at a step boundary (`add`, then `step`) and leave when
+    they end; `run` decodes a list of rows to their ends."""
+
     def __init__(self, target: Backend, drafter: Drafter, step_tokens: int | None = None, grid: CostGrid | None = None):
         """step_tokens: most tokens one verification pass may carry over all rows (None: no cap).
         grid: what a pass costs here; with it, a drafter that knows its acceptance curve gets the tree size
         per row that maximises tokens per second for the number of live rows (budget.py)."""
         self.target, self.drafter, self.step_tokens, self.grid = target, drafter, step_tokens, grid
         self._budgets: dict[int, Budget] = {}
+        self.live: list[Row] = []  # rows in the cache, decoding
+        self.waiting: list[Row] = []  # added, not admitted yet
+        self.retiring: list[Row] = []  # ended; the drafter hears of it once the rows waiting behind them joined
+        self.cache = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.live or self.waiting or self.retiring)
+
+    def add(self, rows: list[Row]) -> None:
+        """Rows join at the next step (their prompts are prefilled then)."""
+        self.waiting += rows
 
     @torch.inference_mode()
-    def run(self, rows: list[Row], on_commit: OnCommit | None = None, finish: bool = True) -> list[Row]:
+    def run(self, rows: list[Row], on_commit: OnCommit | None = None, max_live: int | None = None) -> list[Row]:
         """Decode every row to its end; returns the rows (their tokens, text and stats filled in).
-
-        finish=False: the drafter is not told that the rows ended (the caller calls drafter.finish later),
-        so a group's tables outlive the run (sequential samples of one question drafting from earlier ones).
-        """
-        t0 = time.perf_counter()
-        cache = self._prefill(rows)
-        live = list(rows)
-        while live:
-            self._step(live, cache, on_commit)
-            for r in live:
-                if r.done:
-                    self._end(r, t0, finish)
-            keep = [i for i, r in enumerate(live) if not r.done]
-            if len(keep) < len(live):
-                live = [live[i] for i in keep]
-                cache.keep(keep)
+        max_live: most rows decoding at once (1: one after another, later rows drafting from earlier ones)."""
+        self.add(rows)
+        while self.busy:
+            self.step(on_commit, max_live)
         return rows
 
-    def _prefill(self, rows: list[Row]):
-        """Caches every prompt but its last token (the first step's root)."""
-        cache = self.target.new_cache()
+    @torch.inference_mode()
+    def step(self, on_commit: OnCommit | None = None, max_live: int | None = None) -> list[Row]:
+        """Admits waiting rows, then one pass: budget -> draft -> verify -> commit -> observe. Returns the rows
+        that ended in it."""
+        self._admit(max_live)
+        self._retire()
+        if not self.live:
+            return []
+        self._pass(self.live, self.cache, on_commit)
+        ended = [r for r in self.live if r.done]
+        for r in ended:
+            self._end(r)
+        if ended:
+            keep = [i for i, r in enumerate(self.live) if not r.done]
+            self.live = [self.live[i] for i in keep]
+            self.cache.keep(keep)
+        if not self.waiting:
+            self._retire()
+        return ended
+
+    def _admit(self, max_live: int | None) -> None:
+        """Waiting rows enter the cache (every prompt but its last token, the first step's root)."""
+        room = len(self.waiting) if max_live is None else max(max_live - len(self.live), 0)
+        rows, self.waiting = self.waiting[:room], self.waiting[room:]
+        if not rows:
+            return
+        if not self.live:
+            self.cache = self.target.new_cache()
         want = self.drafter.wants_prompt_probs
-        logits = cache.prefill([r.prompt[:-1] for r in rows], all_logits=want)
+        logits = self.cache.prefill([r.prompt[:-1] for r in rows], all_logits=want)
+        t = time.perf_counter()
         for b, r in enumerate(rows):
+            r.started = t
             probs = sampler_probs(logits[b], r.params) if want and len(logits[b]) else None
             with Timer(r):
                 self.drafter.start(r, probs)
             r.check_room(self.target.max_len)
-        return cache
+        self.live += rows
 
-    def _step(self, live: list[Row], cache, on_commit: OnCommit | None) -> None:
+    def _retire(self) -> None:
+        for r in self.retiring:
+            self.drafter.finish(r)
+        self.retiring = []
+
+    def _pass(self, live: list[Row], cache, on_commit: OnCommit | None) -> None:
         budget = self.budget(len(live))
         trees = self._fit([self._draft(r, budget) for r in live])
         logits = cache.step(trees, [r.tokens[-1] for r in live])  # row b: [M_b + 1, V]
@@ -102,11 +137,10 @@ class Engine:
         p = sampler_probs(lg, r.params) if (not r.params.greedy or self.drafter.wants_probs) else None
         return verify(tree, lg, r.params, r.rng, probs=p), p
 
-    def _end(self, r: Row, t0: float, finish: bool) -> None:
-        r.stats.seconds = time.perf_counter() - t0
+    def _end(self, r: Row) -> None:
+        r.stats.seconds = time.perf_counter() - r.started
         r.text = r.final_text(self.target.decode)
-        if finish:
-            self.drafter.finish(r)
+        self.retiring.append(r)
 
     def budget(self, rows: int) -> Budget:
         """(nodes asked of each row, least worth of a node, hard cap per row) for a pass of `rows` rows.

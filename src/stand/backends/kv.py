@@ -78,6 +78,25 @@ def path_moves(paths: list[list[int]], lengths: list[int], cache_len: int):
     return as_t(rows), as_t(src), as_t(dst), new_lengths
 
 
+def cat_rows(x: torch.Tensor | None, y: torch.Tensor | None, rows: tuple[int, int], row_dim: int,
+             slot_dim: int) -> torch.Tensor:
+    """Rows of x then rows of y, slots padded to the longer; a missing side (None: no slot yet) is empty rows."""
+    ref = x if x is not None else y
+
+    def fill(t, n):
+        if t is None:
+            shape = list(ref.shape)
+            shape[row_dim], shape[slot_dim] = n, 0
+            return ref.new_zeros(shape)
+        return t
+
+    x, y = fill(x, rows[0]), fill(y, rows[1])
+    S = max(x.shape[slot_dim], y.shape[slot_dim])
+    pad = lambda t: torch.cat([t, t.new_zeros([*t.shape[:slot_dim], S - t.shape[slot_dim], *t.shape[slot_dim + 1:]])],
+                              dim=slot_dim)
+    return torch.cat([pad(x), pad(y)], dim=row_dim)
+
+
 class HFCache:
     """A transformers DynamicCache driven by the rules above."""
 
@@ -110,3 +129,18 @@ class HFCache:
         for layer in self._tensors():
             layer.keys = layer.keys[idx, :, :new_len]
             layer.values = layer.values[idx, :, :new_len]
+
+    def extend(self, other: "HFCache", rows: tuple[int, int]) -> None:
+        """other's rows after ours (rows: how many each holds); slots padded to the longer."""
+        mine, theirs = list(self._tensors()), list(other._tensors())
+        if not theirs:
+            theirs = [None] * len(mine)
+        if not mine:
+            self.cache, mine, theirs = other.cache, [None] * len(theirs), theirs
+            for layer, t in zip(self.cache.layers, theirs):
+                layer.keys = cat_rows(None, t.keys, rows, 0, 2)
+                layer.values = cat_rows(None, t.values, rows, 0, 2)
+            return
+        for layer, t in zip(mine, theirs):
+            layer.keys = cat_rows(layer.keys, None if t is None else t.keys, rows, 0, 2)
+            layer.values = cat_rows(layer.values, None if t is None else t.values, rows, 0, 2)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from stand.errors import StandError
-from stand.backends.kv import TreeBatch, path_moves
+from stand.backends.kv import TreeBatch, cat_rows, path_moves
 from stand.backends.torch import Target
 
 LEAN_ARCHS = {"llama", "qwen2"}
@@ -295,6 +295,18 @@ class LeanCache:
         self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]  # every layer at once; src >= dst
         self.length = max(new_lengths)
         return new_lengths
+
+    @torch.inference_mode()
+    def extend(self, other: "LeanCache", rows: tuple[int, int]) -> None:
+        """other's rows after ours (rows: how many each holds); slots padded to the longer."""
+        if self.kv is None and other.kv is None:
+            return
+        mine = None if self.kv is None else self.kv[..., : self.length, :]
+        theirs = None if other.kv is None else other.kv[..., : other.length, :]
+        both = cat_rows(mine, theirs, rows, 2, 4)  # [layers, 2, B1 + B2, H, S, D]
+        self.length = both.shape[4]
+        self.kv = self._alloc(both.shape[2], CACHE_CHUNK * math.ceil(max(self.length, 1) / CACHE_CHUNK))
+        self.kv[..., : self.length, :] = both
 
     @torch.inference_mode()
     def keep_rows(self, keep: list[int], new_len: int) -> None:

@@ -114,7 +114,17 @@ class TorchCache:
 
     @torch.inference_mode()
     def prefill(self, prefixes: list[list[int]], all_logits: bool) -> list[torch.Tensor] | None:
-        """Equal prefixes run once; their rows are copies."""
+        """New rows after the ones already here (prefilled apart, then appended: slots padded to the longer)."""
+        if not self.lengths:
+            return self._prefill(prefixes, all_logits)
+        new = TorchCache(self.target)
+        logits = new._prefill(prefixes, all_logits)
+        self.inner.extend(new.inner, (len(self.lengths), len(new.lengths)))
+        self.lengths += new.lengths
+        return logits
+
+    def _prefill(self, prefixes: list[list[int]], all_logits: bool) -> list[torch.Tensor] | None:
+        """Into an empty cache; equal prefixes run once, their rows are copies."""
         uniq: dict[tuple, int] = {}
         which = [uniq.setdefault(tuple(p), len(uniq)) for p in prefixes]
         self.lengths = [len(p) for p in prefixes]

@@ -58,6 +58,7 @@ class Row:
     text: str = ""
     stats: RowStats = field(default_factory=RowStats)
     logprobs: list[float] | None = None  # set to [] to record each generated token's log-prob under the model (T=1)
+    started: float = 0.0  # perf_counter() when the row joined the batch
 
     def __post_init__(self):
         self.tokens = list(self.prompt)

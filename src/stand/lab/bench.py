@@ -77,7 +77,7 @@ class BenchConfig:
         for n in self.ns:
             for m in self.methods:
                 one = n == 1 or m in ANCHORS
-                out += [(m, n, "anchor" if m in ANCHORS else s) for s in (self.schedules[:1] if one else self.schedules)]
+                out += [(m, n, anchor_schedule(m) or s) for s in (self.schedules[:1] if one else self.schedules)]
         return out
 
 
@@ -96,7 +96,12 @@ class Run:
 
 def label(v: Variant) -> str:
     m, n, s = v
-    return f"{m} n={n}" + (f" {s}" if n > 1 and s != "anchor" else "")
+    return f"{m} n={n}" + (f" {s}" if n > 1 and not anchor_schedule(m) else "")
+
+
+def anchor_schedule(method: str) -> str | None:
+    """An anchor's schedule label: the tool it runs (its own loop decides how samples are scheduled)."""
+    return "hf" if method in HF_METHODS else "llama.cpp" if method in LLAMACPP_METHODS else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +304,7 @@ def summarise(runs: dict[Variant, dict[tuple[int, int], Run]], cfg: BenchConfig,
         none = [t for (m, n, _), t in tps.items() if m == "none" and n == r["n"] and t]
         r["speedup_vs_none"] = round(r["tok_per_s"] / max(none), 3) if none else None
         for key, anchor in (("speedup_vs_hf", "hf"), ("speedup_vs_llamacpp", "llama.cpp")):
-            base = tps.get((anchor, r["n"], "anchor"))
+            base = tps.get((anchor, r["n"], anchor_schedule(anchor)))
             r[key] = round(r["tok_per_s"] / base, 3) if base else None
     return rows
 

@@ -26,7 +26,7 @@ def _plt():
 
 def _name(r: dict) -> str:
     """Method with its schedule where that distinguishes rows (n > 1, ours)."""
-    return r["method"] + (f" ({r['schedule'][:3]})" if r["n"] > 1 and r["schedule"] not in ("anchor", "batched") else "")
+    return r["method"] + (f" ({r['schedule'][:3]})" if r["n"] > 1 and r["schedule"] not in ("hf", "llama.cpp", "batched") else "")
 
 
 def _title(rows: list[dict], what: str) -> str:
