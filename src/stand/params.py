@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
 from dataclasses import dataclass, field
 
 from stand.errors import StandError
@@ -10,6 +12,10 @@ from stand.errors import StandError
 # every --method; drafters/registry.py maps each to its drafter class
 METHODS = ("none", "pld", "stand", "stand-heuristic", "stand-dynamic", "recycle", "consensus", "ngrammys",
            "stand+consensus")
+# the smallest temperature above 0: below it float32 logits / T overflow (1e-45 gave NaN probabilities), and long
+# before that sampling is greedy in all but rounding; such temperatures are refused (0 asks for greedy)
+MIN_TEMPERATURE = 1e-3
+SEED_LIMIT = 2**63  # seeds are integers in [0, 2^63)
 
 
 def check_method(method: str) -> str:
@@ -35,14 +41,20 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self) -> "SamplingParams":
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise StandError(f"temperature must be >= 0, got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, Real) or not math.isfinite(t) or t < 0:
+            raise StandError(f"temperature must be >= 0 and finite, got {t}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise StandError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {t}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, Real) or not 0.0 < self.top_p <= 1.0:
             raise StandError(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise StandError(f"top_k must be an integer >= 0, got {self.top_k}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise StandError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)
+                                      or not 0 <= self.seed < SEED_LIMIT):
+            raise StandError(f"seed must be an integer in [0, 2^63), got {self.seed}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
