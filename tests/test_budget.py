@@ -10,6 +10,7 @@ from stand.core.sequence import Row
 from stand.engine import Engine
 from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
+from stand.drafters.registry import make_drafter
 from stand.drafters.templates import heuristic
 
 ACC = np.array([1.0, 1.6, 2.0, 2.3, 2.5, 2.6, 2.65, 2.7])  # expected tokens per step with m nodes
@@ -88,8 +89,64 @@ def test_shipped_tree_is_calibrated_and_carries_its_grid():
     d = StandDrafter(SpecConfig(method="stand"), 49152)
     meta = d.template.meta
     assert meta["kind"] == "calibrated" and d.default_nodes == meta["m"] < len(d.template)
-    grid = resolve_grid(None, d)
+    grid = resolve_grid("tree", d)
     assert grid is not None and 1 in grid.ms and 8 in grid.ms
     acc = d.acceptance_curve()
     assert nodes_per_row(acc, 1, grid) >= nodes_per_row(acc, 8, grid)
     assert StandDrafter(SpecConfig(method="stand"), 259).template.meta["kind"] == "heuristic"
+
+
+def test_online_curve_learns_which_nodes_pay():
+    from stand.core.budget import OnlineAcceptance, best_nodes
+
+    costs = np.array([10.0 + 2.0 * k for k in range(65)])  # ms of a pass with k draft nodes per row
+    useless, useful = OnlineAcceptance(), OnlineAcceptance()
+    assert useless.curve() is None  # no evidence yet: the drafter's own tree
+    for _ in range(200):
+        useless.record(8, [0])  # eight nodes offered, none accepted
+        useful.record(8, [0, 1, 2, 3])  # the first chain of three accepted every time
+    assert best_nodes(useless.curve(), 1, costs) == 0  # plain decoding pays best
+    assert best_nodes(useful.curve(), 1, costs) == 3
+    assert useful.curve()[3] == pytest.approx(4.0, abs=0.02) and len(useful.curve()) == 9
+
+
+def test_engine_drafts_plainly_where_drafts_never_land(tiny, monkeypatch):
+    """pld on a prompt whose lookups always miss: after the online curve has evidence, most steps draft nothing."""
+    from stand.core.tree import DraftTree
+    from stand.drafters.pld import PromptLookup
+
+    sizes = []
+    real_fit = Engine._fit
+
+    def spy(self, trees):
+        sizes.extend(len(t) for t in trees)
+        return real_fit(self, trees)
+
+    monkeypatch.setattr(Engine, "_fit", spy)
+    monkeypatch.setattr(PromptLookup, "propose", lambda self, row, *a: DraftTree.chain([7, 7, 7, 7]))
+    grid = CostGrid({1: {1: 10.0, 2: 20.0, 8: 80.0}})
+    d = make_drafter(SpecConfig(method="pld"), tiny.vocab_size)
+    e = Engine(tiny, d, grid=grid)
+    row = Row(tiny.encode("hello"), SamplingParams(max_new_tokens=60, ignore_eos=True))
+    e.run([row])
+    late = sizes[20:]
+    assert late.count(0) > 0.8 * len(late), sizes
+    assert row.generated == Engine(tiny, make_drafter(SpecConfig(method="none"), tiny.vocab_size)).run(
+        [Row(row.prompt, row.params)])[0].generated
+
+
+def test_machine_grid_is_measured_once_per_machine_and_model(tiny, tmp_path, monkeypatch):
+    import stand.machine as machine
+
+    monkeypatch.setenv("STAND_CACHE", str(tmp_path))
+    first = machine.machine_grid(tiny)
+    assert first.meta["machine"]["cpu_flags"] is not None and 1 in first.ms and 16 in first.ms
+
+    def no_measuring(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(machine, "measure_grid", no_measuring)
+    assert machine.machine_grid(tiny).ms == first.ms  # from the cache
+    monkeypatch.setattr(machine, "threads", lambda target: 64)  # another thread count: another machine
+    with pytest.raises(AssertionError, match="measured again"):
+        machine.machine_grid(tiny)

@@ -13,7 +13,7 @@ FLOORS = [
     {"core"},
     {"backends"},
     {"drafters", "integrations"},
-    {"engine"},
+    {"engine", "machine"},
     {"api"},
     {"tts", "server"},
     {"lab", "testing"},

@@ -11,6 +11,7 @@ from stand.core.drafter import Drafter
 from stand.core.sequence import OnCommit, Row
 from stand.drafters.registry import make_drafter
 from stand.engine import Engine
+from stand.machine import machine_grid
 from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
 
@@ -69,7 +70,7 @@ def build_rows(prompt_ids: list[list[int]], n: int, params: SamplingParams) -> l
 def make_engine(target: Target, spec: SpecConfig, drafter: Drafter | None = None) -> Engine:
     """The engine for one run: the spec's drafter (built with the target), its pass budget and cost grid."""
     drafter = drafter or make_drafter(spec, target.vocab_size, target)
-    return Engine(target, drafter, spec.step_tokens, resolve_grid(spec.cost_grid, drafter))
+    return Engine(target, drafter, spec.step_tokens, resolve_grid(spec.cost_grid, drafter, lambda: machine_grid(target)))
 
 
 def run_group(engine: Engine, rows: list[Row], schedule: str, on_commit: OnCommit | None = None) -> None:

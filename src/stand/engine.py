@@ -13,13 +13,15 @@ import numpy as np
 import torch
 
 from stand.backends.protocol import Backend
-from stand.core.budget import CostGrid, nodes_per_row
+from stand.core.budget import CostGrid, OnlineAcceptance, best_nodes, nodes_per_row
 from stand.core.drafter import Drafter
 from stand.core.sequence import OnCommit, Row
 from stand.core.tree import DraftTree
 from stand.core.verify import Verdict, sampler_probs, verify
 
 Budget = tuple[int | None, float, int | None]  # (nodes asked of each row, least worth of a node, hard cap per row)
+EXPLORE_EVERY = 16  # a drafter sized by its online curve drafts its whole tree this often, so the curve can recover
+ONLINE_NODES = 64  # most nodes an online curve covers
 
 
 def token_logprobs(logits: torch.Tensor, nodes: list[int], tokens: list[int]) -> list[float]:
@@ -55,6 +57,10 @@ class Engine:
         self.waiting: list[Row] = []  # added, not admitted yet
         self.retiring: list[Row] = []  # ended; the drafter hears of it once the rows waiting behind them joined
         self.cache = None
+        self.online: dict[int, OnlineAcceptance] | None = None  # group -> curve, for drafters without their own
+        if grid is not None and drafter.acceptance_curve() is None:
+            self.online = {}
+            self._costs: dict[int, np.ndarray] = {}  # rows -> [ONLINE_NODES + 1] ms of a pass with k nodes per row
 
     @property
     def busy(self) -> bool:
@@ -115,6 +121,11 @@ class Engine:
     def _retire(self) -> None:
         for r in self.retiring:
             self.drafter.finish(r)
+        if self.online is not None and self.retiring:
+            groups = {r.group for r in self.live + self.waiting}
+            for r in self.retiring:
+                if r.group not in groups:
+                    self.online.pop(r.group, None)
         self.retiring = []
 
     def _pass(self, live: list[Row], cache, on_commit: OnCommit | None) -> None:
@@ -126,6 +137,8 @@ class Engine:
         for b, (r, tree, p, v) in enumerate(zip(live, trees, probs, verdicts)):
             with Timer(r):
                 self.drafter.observe(r, tree, p, v)
+            if self.online is not None:
+                self.online.setdefault(r.group, OnlineAcceptance(ONLINE_NODES)).record(len(tree), [0] + v.accepted)
             new = r.append(v.tokens(tree), self.target.eos_ids, self.target.max_len, self.target.decode)
             if r.logprobs is not None:
                 r.logprobs += token_logprobs(logits[b], [0] + v.accepted, new)
@@ -165,10 +178,24 @@ class Engine:
         """The drafter's tree (asked for `nodes` nodes worth at least `floor`), cut to the row's room (tokens
         left, context left) and its hard share of the pass."""
         nodes, floor, cap = budget
+        online = self._online_nodes(r, len(self.live)) if self.online is not None else None
         with Timer(r):
             tree = self.drafter.propose(r, nodes, floor)
+        if online is not None:
+            tree = tree.prefix(online)
         tree = tree.clip(r.room(self.target.max_len))
         return tree if cap is None else tree.prefix(cap)
+
+    def _online_nodes(self, r: Row, rows: int) -> int | None:
+        """The first m nodes of the row's draft that its group's online curve says pay for themselves in a pass of
+        `rows` rows (None: the whole draft, before any evidence and every EXPLORE_EVERY steps)."""
+        stats = self.online.get(r.group)
+        acc = None if stats is None else stats.curve()
+        if acc is None or stats.steps % EXPLORE_EVERY == 0:
+            return None
+        if rows not in self._costs:
+            self._costs[rows] = np.array([self.grid(rows, k + 1) for k in range(ONLINE_NODES + 1)])
+        return best_nodes(acc, rows, self._costs[rows])
 
     def _fit(self, trees: list[DraftTree]) -> list[DraftTree]:
         """Trees cut to what one pass of the backend holds: its sequences (a row, plus one per leaf beyond the

@@ -108,6 +108,7 @@ class LlamaCppModel:
             raise StandError(f"llama.cpp could not load {self.path} (truncated file or an architecture it lacks): "
                              "use --backend torch")
         self.vocab = ll.llama_model_get_vocab(self.model)
+        self.threads = threads()
         self.ctx = ll.llama_init_from_model(self.model, self._context_params())
         if not self.ctx:
             raise StandError(f"llama.cpp could not create a context of {self.n_ctx} cells for {self.path}")
@@ -120,7 +121,7 @@ class LlamaCppModel:
         ll = _lib()
         cp = ll.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = self.n_ctx, N_BATCH, N_UBATCH, MAX_SEQUENCES
-        cp.n_threads = cp.n_threads_batch = threads()
+        cp.n_threads = cp.n_threads_batch = self.threads
         cp.kv_unified = True  # one cell pool for all sequences (else each sequence gets n_ctx / n_seq_max)
         cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.no_perf = True

@@ -99,12 +99,47 @@ def nodes_per_row(acc: np.ndarray, rows: int, grid: CostGrid) -> int:
     return int(np.argmax(rows * np.asarray(acc) / ms))
 
 
-def resolve_grid(path: str | None, drafter) -> CostGrid | None:
-    """The cost grid a run uses: the file at `path`; None when path is "off"; by default the grid stored
-    with the drafter's tree (a calibrated tree carries the grid of the machine it was calibrated on)."""
+def resolve_grid(path: str | None, drafter, measure=None) -> CostGrid | None:
+    """The cost grid a run uses. path: "off" (none: fixed shares of a pass), "tree" (the grid stored with the
+    drafter's calibrated tree: the machine it was calibrated on), a grid file, or None: this machine's grid,
+    from `measure()` (measured once per machine and model, cached), or the tree's when there is no measure."""
     if path == "off":
         return None
-    if path:
+    if path and path != "tree":
         return CostGrid.load(path)
+    if path is None and measure is not None:
+        return measure()
     doc = getattr(getattr(drafter, "template", None), "meta", {}).get("cost_grid")
     return CostGrid.from_dict(doc, "the tree's cost grid") if isinstance(doc, dict) else None
+
+
+class OnlineAcceptance:
+    """For a drafter without a calibrated curve: how often its draft node i (in its own order) lay on the accepted
+    path, counted from the steps verified so far, with a prior of one hit in two offers (optimistic at first)."""
+
+    def __init__(self, size: int = 64):
+        self.offered = np.zeros(size)
+        self.hits = np.zeros(size)
+        self.steps = 0
+
+    def record(self, nodes: int, accepted: list[int]) -> None:
+        """nodes: the tree's size; accepted: the accepted nodes' indices (root-0 indexing, path order)."""
+        self.steps += 1
+        self.offered[: min(nodes, len(self.offered))] += 1
+        idx = np.asarray(accepted, dtype=np.int64) - 1
+        self.hits[idx[idx < len(self.hits)]] += 1
+
+    def curve(self) -> np.ndarray | None:
+        """[M+1] expected tokens per step with the first m nodes (1 + the chances of nodes 0..m-1), M the most
+        nodes ever offered; None before any tree was offered."""
+        seen = int(np.count_nonzero(self.offered))
+        if not seen:
+            return None
+        p = (self.hits[:seen] + 1.0) / (self.offered[:seen] + 2.0)
+        return 1.0 + np.concatenate([[0.0], np.cumsum(p)])
+
+
+def best_nodes(acc: np.ndarray, rows: int, costs: np.ndarray) -> int:
+    """nodes_per_row on precomputed costs [K] (ms of a pass of rows x (k + 1) tokens)."""
+    k = min(len(acc), len(costs))
+    return int(np.argmax(rows * np.asarray(acc[:k]) / costs[:k]))

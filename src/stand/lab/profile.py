@@ -8,28 +8,12 @@ figure is the median over `reps` forwards. The drafters and the tree calibration
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from stand.backends.protocol import Backend
-from stand.core.budget import GRID_MAX_TOKENS, GRID_ROWS, GRID_TOKENS, CostGrid
-from stand.core.tree import DraftTree
-
-TOKENS = (1, 2, 4, 8, 16, 32, 64)
-BATCHES = (4, 8, 16)
-
-
-@dataclass
-class ProfileConfig:
-    tokens: tuple[int, ...] = TOKENS
-    batches: tuple[int, ...] = BATCHES
-    cache_len: int = 500
-    reps: int = 10
-    warmup: int = 2
-
+from stand.machine import Probe, ProfileConfig, interleaved, measure_grid  # noqa: F401  (measure_grid: lab API)
 
 @dataclass
 class Curve:
@@ -37,44 +21,6 @@ class Curve:
 
     tokens: dict[str, float] = field(default_factory=dict)
     batch: dict[str, float] = field(default_factory=dict)
-
-
-def binary_tree(nodes: int) -> DraftTree:
-    """A tree of `nodes` nodes counting the root: draft node i hangs under node (i - 1) // 2."""
-    tree = DraftTree()
-    for i in range(nodes - 1):
-        tree.add(100 + i, (i - 1) // 2 if i else -1)
-    return tree
-
-
-class Probe:
-    """A cache of cache_len tokens in `rows` rows, and one timed forward of a tree per row on top of it."""
-
-    def __init__(self, target: Backend, rows: int, cache_len: int):
-        self.rows = rows
-        self.cache = target.new_cache()
-        prompt = [(7 * i + 3) % max(target.vocab_size - 1, 2) for i in range(cache_len)]
-        self.cache.prefill([prompt] * rows, all_logits=False)
-
-    @torch.inference_mode()
-    def time_ms(self, nodes: int) -> float:
-        """One forward of `nodes` new tokens per row; the cache keeps the root only, so it grows by one."""
-        t = time.perf_counter()
-        self.cache.step([binary_tree(nodes)] * self.rows, [11] * self.rows)
-        ms = 1000 * (time.perf_counter() - t)
-        self.cache.commit([[0]] * self.rows)
-        return ms
-
-
-def interleaved(probes: dict[str, Probe], nodes: int, cfg: ProfileConfig) -> dict[str, float]:
-    """Median ms per backend, one forward of each backend in turn."""
-    times: dict[str, list[float]] = {name: [] for name in probes}
-    for i in range(cfg.warmup + cfg.reps):
-        for name, probe in probes.items():
-            ms = probe.time_ms(nodes)
-            if i >= cfg.warmup:
-                times[name].append(ms)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 @torch.inference_mode()
@@ -133,18 +79,3 @@ def profile_targets(target: Backend) -> dict[str, Backend]:
     """On torch (target loaded with forward="hf"): ours beside the Hugging Face forward of the same weights;
     on another backend: that backend alone."""
     return {"ours": ours(target), "hf": target} if target.kind == "torch" else {"ours": target}
-
-
-@torch.inference_mode()
-def measure_grid(target: Backend, rows=GRID_ROWS, tokens=GRID_TOKENS, reps: int = 3, cache_len: int = 300,
-                 progress=None) -> CostGrid:
-    """Median ms per forward for every (rows, tokens per row) with rows x tokens <= GRID_MAX_TOKENS."""
-    cfg = ProfileConfig(reps=reps, warmup=1)
-    ms: dict[int, dict[int, float]] = {}
-    for b in rows:
-        probe = {"ours": Probe(target, b, cache_len)}
-        ms[b] = {t: interleaved(probe, t, cfg)["ours"] for t in tokens if b * t <= GRID_MAX_TOKENS}
-        if progress:
-            progress(f"{b} rows")
-    return CostGrid(ms, {"model": target.name, "dtype": str(target.dtype).replace("torch.", ""),
-                         "cache_len": cache_len, "threads": torch.get_num_threads()})
