@@ -127,7 +127,8 @@ def _filled(n=300, max_n=3):
     rng = np.random.default_rng(1)
     toks = rng.integers(0, 20, size=n)
     p = rng.dirichlet(np.ones(4), size=n)
-    t.insert(tails_of(toks, max_n), rng.integers(0, 100, size=(n, 4)), p)
+    ids = np.argsort(rng.random((n, 100)), axis=1)[:, :4]  # 4 distinct tokens per distribution, as a top-k has
+    t.insert(tails_of(toks, max_n), ids, p)
     return t
 
 

@@ -11,7 +11,8 @@ building and the merge are vectorised over all keys of a batch; the dict does th
 
 Files (`save`/`load`): magic, format version, a JSON header, the used slots' arrays (raw
 little-endian, no pickle) and a SHA-256 of everything before it; written to a temporary file and
-renamed into place.
+renamed into place (concurrent writers: the last rename wins, no file is ever torn). Loading checks
+every size in the header against the file's length before allocating, and the ids and probabilities.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import struct
 import sys
+import threading
 
 import numpy as np
 
@@ -30,6 +32,8 @@ from stand.errors import StandError
 
 MAGIC = b"STANDNGT"
 FORMAT_VERSION = 1
+MAX_ORDER, MAX_TOPK = 64, 4096  # the largest max_n and topk a file may declare
+MAX_CAPACITY = 1 << 24  # the most slots a file's header may ask for (about 2 GB with max_n 4, topk 10)
 
 
 def suffix_keys(tails: np.ndarray, max_n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -195,7 +199,12 @@ class NGramTable:
     # ---- persistence ----------------------------------------------------------------------------
 
     def save(self, path: str, meta: dict | None = None) -> None:
-        """Writes the used slots atomically (temporary file, then rename)."""
+        """Writes the used slots atomically: a temporary file of this process and thread, then one rename.
+
+        Concurrent writers of one file (processes, or threads of one) are last-writer-wins: each rename puts
+        one whole table in place, so a reader or a later run never sees a torn file; no lock is taken.
+        StandError if the file cannot be written.
+        """
         used = np.flatnonzero(self.counts > 0)
         order = used[np.argsort(self.stamps[used], kind="stable")]  # oldest first: LRU order survives
         header = {"max_n": self.max_n, "topk": self.topk, "capacity": self.capacity, "n": int(len(order)),
@@ -206,50 +215,44 @@ class NGramTable:
         for a in (self.keys[order], self.ids[order], self.probs[order], self.counts[order]):
             body.write(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes())
         data = body.getvalue()
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            f.write(data + hashlib.sha256(data).digest())
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with atomic_path(path, suffix=f".{threading.get_ident()}") as tmp, open(tmp, "wb") as f:
+                f.write(data + hashlib.sha256(data).digest())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise StandError(f"cannot write n-gram table {path}: {e}") from e
 
     @classmethod
-    def load(cls, path: str, capacity: int | None = None) -> tuple["NGramTable", dict]:
-        """Reads a saved table; StandError if the file is missing, corrupt, truncated or not a table."""
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as e:
-            raise StandError(f"cannot read n-gram table {path}: {e}") from e
-        if not raw.startswith(MAGIC):
-            raise StandError(f"{path} is not a stand n-gram table (bad magic)")
-        if len(raw) < len(MAGIC) + 8 + 32:
-            raise StandError(f"n-gram table {path} is truncated")
-        data, digest = raw[:-32], raw[-32:]
-        if hashlib.sha256(data).digest() != digest:
-            raise StandError(f"n-gram table {path} is corrupt or truncated (checksum mismatch)")
-        version, hlen = struct.unpack_from("<II", data, len(MAGIC))
-        if version != FORMAT_VERSION:
-            raise StandError(f"n-gram table {path} has format version {version}, this stand reads {FORMAT_VERSION}")
-        start = len(MAGIC) + 8
-        try:
-            header = json.loads(data[start:start + hlen])
-            max_n, topk, n = int(header["max_n"]), int(header["topk"]), int(header["n"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise StandError(f"n-gram table {path} has a bad header: {e}") from e
-        table = cls(max_n, topk, max(capacity or header.get("capacity", n), n, 8))
-        table._fill(memoryview(data)[start + hlen:], n, path)
-        return table, header.get("meta", {})
+    def load(cls, path: str, capacity: int | None = None, vocab_size: int | None = None) -> tuple["NGramTable", dict]:
+        """Reads a saved table; StandError if the file is missing, corrupt, truncated or not a table, and
+        TableMismatch if it was built for a vocabulary other than vocab_size.
 
-    def _fill(self, buf, n: int, path: str) -> None:
-        specs = [("<i4", (n, self.max_n)), ("<i4", (n, self.topk)), ("<f4", (n, self.topk)), ("<i4", (n,))]
-        need = sum(np.dtype(d).itemsize * int(np.prod(s)) for d, s in specs)
-        if len(buf) != need:
-            raise StandError(f"n-gram table {path} has {len(buf)} data bytes, expected {need}")
-        out, off = [], 0
-        for d, s in specs:
-            size = np.dtype(d).itemsize * int(np.prod(s))
-            out.append(np.frombuffer(buf[off:off + size], dtype=d).reshape(s))
-            off += size
-        keys, ids, probs, counts = out
+        Nothing is allocated before the header's sizes are checked against the file's length; ids must lie in
+        the vocabulary (vocab_size, else the one the file records) and probabilities in [0, 1].
+        """
+        data = _checked_bytes(path)
+        header, body = _header(data, path)
+        max_n, topk, n = header["max_n"], header["topk"], header["n"]
+        meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
+        saved_vocab = meta.get("vocab_size")
+        if vocab_size is not None and saved_vocab not in (None, vocab_size):
+            raise TableMismatch(f"n-gram table {path} was built for a vocabulary of {saved_vocab} tokens, "
+                                f"this model has {vocab_size}")
+        vocab = vocab_size if vocab_size is not None else saved_vocab if isinstance(saved_vocab, int) else None
+        arrays = _arrays(body, n, max_n, topk, path)
+        _check_arrays(*arrays, vocab, path)
+        if capacity is None:
+            capacity = header.get("capacity", n)
+            if not isinstance(capacity, int) or capacity > MAX_CAPACITY:
+                raise StandError(f"n-gram table {path} declares a capacity of {capacity!r} slots, "
+                                 f"stand reads at most {MAX_CAPACITY}")
+        table = cls(max_n, topk, max(capacity, n, 8))
+        table._fill(*arrays, path)
+        return table, meta
+
+    def _fill(self, keys, ids, probs, counts, path: str) -> None:
+        n = len(keys)
         slots = np.arange(n)
         self.keys[slots], self.ids[slots], self.probs[slots], self.counts[slots] = keys, ids, probs, counts
         self.stamps[slots] = np.arange(1, n + 1)
@@ -259,6 +262,120 @@ class NGramTable:
             raise StandError(f"n-gram table {path} holds duplicate keys")
         self.free = np.arange(self.capacity - 1, -1, -1, dtype=np.int64)
         self.n_free = self.capacity - n
+
+
+class TableMismatch(StandError):
+    """A sound table built for another model (vocabulary) or other table options than this run's."""
+
+
+def check_table_path(path: str) -> str:
+    """A table path stand may read and later replace: absent, an empty file, or a stand n-gram table (its
+    contents are checked when it is loaded). StandError for a directory, or a file of anything else (named),
+    or a place where no file can be written; checked before anything is decoded."""
+    if os.path.isdir(path):
+        raise StandError(f"n-gram table path {path} is a directory; give a file path")
+    if os.path.exists(path):
+        if not os.path.isfile(path):
+            raise StandError(f"n-gram table path {path} is not a regular file")
+        try:
+            with open(path, "rb") as f:
+                head = f.read(64)
+        except OSError as e:
+            raise StandError(f"cannot read n-gram table {path}: {e}") from e
+        if head and not head.startswith(MAGIC):
+            raise StandError(f"{path} is not a stand n-gram table ({describe(head)}); stand will not overwrite "
+                             f"it: give another path or remove it")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # atomic_path creates the missing directories
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise StandError(f"cannot write the n-gram table {path}: {parent} is not a writable directory")
+    return path
+
+
+def describe(head: bytes) -> str:
+    """What a file that starts with these bytes looks like, in a few words."""
+    for magic, what in ((b"GGUF", "a GGUF model file"), (b"PK\x03\x04", "a zip archive"),
+                        (b"\x93NUMPY", "a numpy array file"), (b"\x89PNG", "a PNG image")):
+        if head.startswith(magic):
+            return f"it is {what}"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it is binary data starting with {head[:8].hex()}"
+    kind = "JSON" if text.lstrip()[:1] in ("{", "[") else "text"
+    return f"it is {kind} starting with {text[:24].splitlines()[0] if text.strip() else ''!r}"
+
+
+def _checked_bytes(path: str) -> bytes:
+    """The file's bytes before its checksum, once magic, length and SHA-256 are right."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise StandError(f"cannot read n-gram table {path}: {e}") from e
+    if not raw.startswith(MAGIC):
+        raise StandError(f"{path} is not a stand n-gram table (bad magic)")
+    if len(raw) < len(MAGIC) + 8 + 32:
+        raise StandError(f"n-gram table {path} is truncated")
+    data, digest = raw[:-32], raw[-32:]
+    if hashlib.sha256(data).digest() != digest:
+        raise StandError(f"n-gram table {path} is corrupt or truncated (checksum mismatch)")
+    return data
+
+
+def _header(data: bytes, path: str) -> tuple[dict, memoryview]:
+    """The JSON header with max_n, topk and n checked as small integers, and the bytes after it."""
+    version, hlen = struct.unpack_from("<II", data, len(MAGIC))
+    if version != FORMAT_VERSION:
+        raise StandError(f"n-gram table {path} has format version {version}, this stand reads {FORMAT_VERSION}")
+    start = len(MAGIC) + 8
+    if start + hlen > len(data):
+        raise StandError(f"n-gram table {path} has a header of {hlen} bytes, longer than the file")
+    try:
+        header = json.loads(data[start:start + hlen])
+        sizes = [header[k] for k in ("max_n", "topk", "n")]
+    except (ValueError, KeyError, TypeError) as e:
+        raise StandError(f"n-gram table {path} has a bad header: {e}") from e
+    bounds = ((1, MAX_ORDER), (1, MAX_TOPK), (0, len(data)))
+    for name, v, (lo, hi) in zip(("max_n", "topk", "n"), sizes, bounds):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise StandError(f"n-gram table {path} has a bad header: {name} = {v!r} is not an integer in [{lo}, {hi}]")
+    return header, memoryview(data)[start + hlen:]
+
+
+def _arrays(buf, n: int, max_n: int, topk: int, path: str) -> list[np.ndarray]:
+    """keys [n, max_n], ids [n, topk], probs [n, topk], counts [n]: views of buf, whose length must be exact."""
+    specs = [("<i4", (n, max_n)), ("<i4", (n, topk)), ("<f4", (n, topk)), ("<i4", (n,))]
+    need = n * 4 * (max_n + 2 * topk + 1)
+    if len(buf) != need:
+        raise StandError(f"n-gram table {path} has {len(buf)} data bytes, expected {need}")
+    out, off = [], 0
+    for d, shape in specs:
+        size = 4 * int(np.prod(shape))
+        out.append(np.frombuffer(buf[off:off + size], dtype=d).reshape(shape))
+        off += size
+    return out
+
+
+def _check_arrays(keys, ids, probs, counts, vocab: int | None, path: str) -> None:
+    """StandError unless keys are left-padded ids, ids lie in [-1, vocab) without repeats in an entry,
+    probabilities are finite in [0, 1] (an entry's summing to at most 1) and every count is >= 1."""
+    top = vocab if vocab is not None else np.iinfo(np.int32).max
+    real = keys >= 0
+    problems = [
+        ("key ids outside the vocabulary", ((keys < -1) | (keys >= top)).any()),
+        ("keys not left-padded", len(keys) and not (real[:, -1].all() and (np.diff(real.astype(np.int8), axis=1) >= 0).all())),
+        ("next-token ids outside the vocabulary", ((ids < -1) | (ids >= top)).any()),
+        ("probabilities outside [0, 1]", not (np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all())),
+        ("entries whose probabilities sum over 1", (probs.astype(np.float64).sum(1) > 1.0 + 1e-3).any()),
+        ("counts below 1", (counts < 1).any()),
+    ]
+    ordered = np.sort(ids, axis=1)
+    problems.append(("an entry naming a token twice", ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()))
+    bad = [what for what, found in problems if found]
+    if bad:
+        raise StandError(f"n-gram table {path} is damaged: {', '.join(bad)}")
 
 
 def _rounds(keys: list[tuple]):

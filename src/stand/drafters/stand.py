@@ -8,8 +8,8 @@ share one SparseDist q, in draw order, which is what the recursive rejection ver
 Deterministic mode (option stochastic=False, and greedy rows) takes the top-ranked tokens with q=None.
 
 One table per row group (the N samples of a question), or one for the whole run with
-`share_across_prompts`, or a persistent one with `table_path` (loaded at the first row, saved when
-the last live row finishes).
+`share_across_prompts`, or a persistent one with `table_path` (checked and loaded when the drafter is
+made, before any decoding; saved when the last live row finishes).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from stand.errors import StandError
-from stand.drafters.ngram_table import NGramTable, tails_of
+from stand.drafters.ngram_table import NGramTable, TableMismatch, check_table_path, tails_of
 from stand.core.budget import acceptance_curve
 from stand.drafters.templates import (DEFAULT_PRIOR, TreeTemplate, check_vocab, fill, heuristic, most_valuable,
                                       shipped_tree_path)
@@ -148,6 +148,8 @@ class StandDrafter(Drafter):
         self.rows: dict[int, RowState] = {}
         self.peak_bytes = 0
         self.table_error: str | None = None
+        if self.config.table_path:  # opened now, so a path that cannot be used fails before any decoding
+            self.tables[SHARED] = self._open_persistent()
 
     # ---- configuration --------------------------------------------------------------------------
 
@@ -181,26 +183,30 @@ class StandDrafter(Drafter):
         return NGramTable(o.max_n, o.topk, o.capacity)
 
     def _open_persistent(self) -> NGramTable:
-        """The table at config.table_path; an empty one (and a logged error) if it cannot be used."""
-        path = self.config.table_path
-        if not os.path.exists(path):
+        """The table at config.table_path, or an empty one where there is none yet (or an empty file).
+
+        StandError (before anything is decoded) for a path that is a directory or a file that is not a stand
+        table, and for a table built for another vocabulary or other max_n/topk: replacing those at the end
+        would lose them. A damaged stand table is logged and replaced by a fresh one."""
+        path = check_table_path(self.config.table_path)
+        if not os.path.exists(path) or os.path.getsize(path) == 0:
             return self._new_table()
+        o = self.options
         try:
-            table, meta = NGramTable.load(path, self.options.capacity)
-            if meta.get("vocab_size") not in (None, self.vocab_size):
-                raise StandError(f"n-gram table {path} was built for a vocabulary of {meta['vocab_size']} "
-                                 f"tokens, this model has {self.vocab_size}")
-            if table.max_n != self.options.max_n or table.topk != self.options.topk:
-                raise StandError(f"n-gram table {path} has max_n={table.max_n}, topk={table.topk}; this run "
-                                 f"uses max_n={self.options.max_n}, topk={self.options.topk}")
-            return table
+            table, _ = NGramTable.load(path, o.capacity, self.vocab_size)
+        except TableMismatch:
+            raise
         except StandError as e:
             self.table_error = str(e)
-            log.error("%s; continuing with an empty table", e)
+            log.error("%s; continuing with an empty table, saved over it at the end", e)
             return self._new_table()
+        if table.max_n != o.max_n or table.topk != o.topk:
+            raise TableMismatch(f"n-gram table {path} has max_n={table.max_n}, topk={table.topk}; this run uses "
+                                f"max_n={o.max_n}, topk={o.topk}: give another table path or matching options")
+        return table
 
     def save_table(self, path: str | None = None) -> None:
-        """Saves the shared table (to config.table_path by default)."""
+        """Saves the shared table (to config.table_path by default); StandError if it cannot be written."""
         path = path or self.config.table_path
         table = self.tables.get(SHARED)
         if path and table is not None:
@@ -217,7 +223,7 @@ class StandDrafter(Drafter):
     def start(self, row, prompt_probs: torch.Tensor | None) -> None:
         key = self._key(row)
         if key not in self.tables:
-            self.tables[key] = self._open_persistent() if self.config.table_path else self._new_table()
+            self.tables[key] = self._new_table()
         self.members.setdefault(key, set()).add(row.uid)
         seed = int(row.rng.integers(2**63))
         self.rows[row.uid] = RowState(key, GumbelNoise(np.random.default_rng(seed)))
@@ -264,9 +270,17 @@ class StandDrafter(Drafter):
         self._track_memory()
         if state.table_key == SHARED:
             if self.config.table_path:
-                self.save_table()
+                self._save_quietly()
             return
         del self.tables[state.table_key], self.members[state.table_key]
+
+    def _save_quietly(self) -> None:
+        """Saves the persistent table; a failure is logged, never raised into the decoding it follows."""
+        try:
+            self.save_table()
+        except StandError as e:
+            self.table_error = str(e)
+            log.error("%s", e)
 
     def memory_bytes(self) -> int:
         """The most table memory this drafter held at once (tables are fixed-size arrays)."""
