@@ -171,8 +171,16 @@ def load_tokenizer(path: str):
     directory, kwargs = _where(path)
     try:
         return AutoTokenizer.from_pretrained(directory, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise StandError(f"could not load the tokenizer of {path}: {e}") from e
+    except Exception as e:  # a truncated or foreign file fails deep in transformers, gguf or safetensors
+        raise StandError(f"could not load the tokenizer of {path}: {load_failure(e)}") from e
+
+
+def load_failure(e: Exception) -> str:
+    """One line on why a model or tokenizer file could not be read (what a truncated file raises varies)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    kind = type(e).__name__ if not type(e).__name__.islower() else f"{type(e).__module__}.{type(e).__name__}"
+    return f"{kind}: {text[:300]} (a truncated or damaged file?)"
 
 
 def _where(path: str) -> tuple[str, dict]:
@@ -193,11 +201,11 @@ def load_hf(path: str, torch_dtype: torch.dtype) -> Target:
         from transformers import GgufConfig
 
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    tokenizer = load_tokenizer(path)
     try:
-        tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise StandError(f"could not load model from {path}: {e}") from e
+    except Exception as e:  # SafetensorError, struct.error, a reshape's ValueError...: the file, not stand
+        raise StandError(f"could not load model from {path}: {load_failure(e)}") from e
     _check_arch(model)
     model.eval()
     return Target(model, tokenizer, os.path.basename(path.rstrip("/")), torch_dtype)
