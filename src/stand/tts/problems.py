@@ -58,22 +58,35 @@ def humaneval(limit: int | None = None, instruction: str = CODE_INSTRUCTION) -> 
 
 
 def jsonl(path: str, limit: int | None = None, instruction: str = "") -> list[Problem]:
-    """A user's file: one JSON object per line with "prompt" (required), "answer" and "id" (optional).
+    """A user's file: one JSON object per line with "prompt" (required), "answer" and "id" (optional), UTF-8.
 
-    Blank lines are skipped; anything else that is not such an object is an error naming its line.
+    Blank lines are skipped; anything else that is not such an object (or not UTF-8) is an error naming its line.
     """
     if not os.path.isfile(path):
         raise StandError(f"JSONL file not found: {path}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                out.append(_jsonl_problem(line, lineno, path, instruction))
-            if limit is not None and len(out) >= limit:
-                break
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _utf8(raw, lineno, path)
+                if line.strip():
+                    out.append(_jsonl_problem(line, lineno, path, instruction))
+                if limit is not None and len(out) >= limit:
+                    break
+    except OSError as e:
+        raise StandError(f"cannot read JSONL file {path}: {e}") from e
     if not out:
         raise StandError(f"{path} holds no problems")
     return out
+
+
+def _utf8(raw: bytes, lineno: int, path: str) -> str:
+    """A line's text (a byte-order mark on the first line is dropped); StandError naming a byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise StandError(f"{path} line {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at position {e.start + 1}); "
+                         f"save the file as UTF-8") from None
 
 
 def _jsonl_problem(line: str, lineno: int, path: str, instruction: str) -> Problem:
