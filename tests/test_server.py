@@ -70,7 +70,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model_dir):
-    config = ServerConfig(model=model_dir, method="stand", api_key=KEY, batch_window_ms=30)
+    config = ServerConfig(model=model_dir, method="stand", api_key=KEY)
     with running(config) as (base, app):
         wait_until(lambda: healthy(base), 60)
         yield base, app
@@ -207,7 +207,8 @@ def test_invalid_parameters_and_key(server, client):
 
 def test_sixteen_concurrent_requests(served, client):
     server, app = served
-    batches, rows = metric(server, "stand_batches_total"), metric(server, "stand_batch_rows_total")
+    steps, step_rows = metric(server, "stand_engine_steps_total"), metric(server, "stand_step_rows_total")
+    rows = metric(server, "stand_admitted_rows_total")
 
     def ask(i: int):
         n = 1 + i % 4
@@ -220,9 +221,10 @@ def test_sixteen_concurrent_requests(served, client):
     for n, r in results:
         assert sorted(c.index for c in r.choices) == list(range(n))
         assert r.usage.completion_tokens == 6 * n
-    new_batches = metric(server, "stand_batches_total") - batches
-    assert metric(server, "stand_batch_rows_total") - rows == sum(n for n, _ in results)
-    assert new_batches < 16  # requests that arrived together ran together
+    assert metric(server, "stand_admitted_rows_total") - rows == sum(n for n, _ in results)
+    rows_per_step = (metric(server, "stand_step_rows_total") - step_rows) / (metric(server, "stand_engine_steps_total") - steps)
+    assert rows_per_step > 2  # requests that arrived together decoded together
+    assert metric(server, "stand_live_rows") == 0
     assert not app.state.stand.drafter.tables  # per-request tables are freed when their rows finish
 
 
@@ -244,7 +246,7 @@ def test_loading_503_queue_429_and_table_saved(model_dir, tmp_path):
     """A server whose model load waits: 503; then an engine held at a gate with max_queue=1: 429."""
     loaded, gate = threading.Event(), threading.Event()
     table = tmp_path / "table.bin"
-    config = ServerConfig(model=model_dir, method="stand", max_queue=1, batch_window_ms=0, table=str(table))
+    config = ServerConfig(model=model_dir, method="stand", max_queue=1, table=str(table))
     with running(config, loader=lambda: (loaded.wait(30), load_model(model_dir))[1]) as (base, app):
         r = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
@@ -252,12 +254,12 @@ def test_loading_503_queue_429_and_table_saved(model_dir, tmp_path):
         loaded.set()
         wait_until(lambda: healthy(base), 30)
         worker = app.state.stand.worker
-        run = worker.engine.run
-        worker.engine.run = lambda rows, cb: (gate.wait(30), run(rows, cb))[1]
+        step = worker.engine.step
+        worker.engine.step = lambda cb: (gate.wait(30), step(cb))[1]
         body = {"prompt": "hi", "max_tokens": 2, "temperature": 0}
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(httpx.post, base + "/v1/completions", json=body, timeout=60)
-            wait_until(lambda: worker.running, 10)  # the worker holds the first request at the gate
+            wait_until(lambda: worker.live, 10)  # the worker holds the first request at the gate
             second = pool.submit(httpx.post, base + "/v1/completions", json=body, timeout=60)
             wait_until(lambda: worker.depth == 1, 10)  # the second waits in the queue
             third = httpx.post(base + "/v1/completions", json=body, timeout=60)

@@ -6,8 +6,10 @@ mapped onto SamplingParams by `sampling` and onto SpecConfig by `speculation`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -15,6 +17,7 @@ import typer
 
 from stand.errors import StandError
 from stand.params import METHODS, SamplingParams, SpecConfig
+from stand.server.memory import serve_help
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Lossless model-free speculative decoding for test-time scaling.")
@@ -42,8 +45,20 @@ def sampling(temperature: float, top_p: float = 1.0, top_k: int = 0, max_new_tok
 
 def speculation(method: str = "none", tree: str | None = None, table: str | None = None,
                 cost: str | None = None) -> SpecConfig:
-    """The drafting flags as a SpecConfig, checked (before any model is loaded)."""
+    """The drafting flags as a SpecConfig, checked (before any model is loaded): a --table PATH that is a directory
+    or a file other than a stand table is refused now, not overwritten or crashed on after decoding."""
+    if table is not None:
+        from stand.drafters.ngram_table import check_table_path
+
+        check_table_path(table)
     return SpecConfig(method=method, tree=tree, table_path=table, cost_grid=cost).validate()
+
+
+def out_file(path: str | None, flag: str) -> str | None:
+    """A file written at the end of a long run, checked first so the run cannot end in a crash that loses it."""
+    if path is not None and os.path.isdir(path):
+        raise StandError(f"{flag} {path} is a directory; give a file path")
+    return path
 
 
 def load(model: str | None, backend: str, dtype: str, forward: str = "auto"):
@@ -65,6 +80,18 @@ def user_errors(fn):
             raise typer.Exit(2)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Within: SIGTERM (a `kill`, a `timeout`) raises KeyboardInterrupt as Ctrl-C does, so finished work is kept."""
+    import signal
+
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)  # it raises KeyboardInterrupt
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @app.command("generate")
@@ -140,6 +167,7 @@ def bench_cmd(
     cfg = BenchConfig(_names(methods), dataset, problems, _int_list(n, "--n"),
                       sampling(temperature, top_p, top_k, max_new_tokens, seed), speculation("none", tree, table, cost),
                       _names(schedules), repeats, warmup, first).validate()
+    json_path = out_file(json_path, "--json")
     rows = _bench_with_bar(load(model, backend, dtype), cfg)
     if json_path:  # files first: a Ctrl-C may also have closed the pipe behind stdout
         write_rows(rows, json_path)
@@ -155,26 +183,19 @@ def bench_cmd(
 
 
 def _bench_with_bar(target, cfg) -> list[dict]:
-    import signal
-
     from tqdm import tqdm
 
     from stand.lab.bench import bench
 
-    def stop(*_):
-        raise KeyboardInterrupt  # a `kill` or `timeout` keeps the finished rows, as a Ctrl-C does
+    # bench keeps the rows finished before a Ctrl-C, and so before a `kill` or `timeout`
+    with sigterm_interrupts(), tqdm(total=cfg.repeats * cfg.problems * len(cfg.variants()), desc="bench",
+                                    unit="run", file=sys.stderr) as bar:
+        def progress(label: str, done: bool) -> None:
+            if not done and bar.n == 0 and not label.startswith("warm-up"):
+                bar.reset()  # the rate and the time left count from the first timed run
+            bar.update(1) if done else bar.set_postfix_str(label)
 
-    before = signal.signal(signal.SIGTERM, stop)
-    try:
-        with tqdm(total=cfg.repeats * cfg.problems * len(cfg.variants()), desc="bench", unit="run", file=sys.stderr) as bar:
-            def progress(label: str, done: bool) -> None:
-                if not done and bar.n == 0 and not label.startswith("warm-up"):
-                    bar.reset()  # the rate and the time left count from the first timed run
-                bar.update(1) if done else bar.set_postfix_str(label)
-
-            return bench(target, cfg, progress=progress)
-    finally:
-        signal.signal(signal.SIGTERM, before)
+        return bench(target, cfg, progress=progress)
 
 
 @app.command("profile")
@@ -258,28 +279,34 @@ def calibrate_cmd(
                f"expected, from {cal.steps} steps; wrote {out} (the best {len(cal.tree)} nodes with their counts) and {plot}")
 
 
-@app.command("serve")
+@app.command("serve", help=serve_help())
 @user_errors
 def serve_cmd(
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
     method: MethodOpt = "stand",
-    host: str = typer.Option("127.0.0.1", "--host"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Listen here (not loopback without --api-key: a warning)"),
     port: int = typer.Option(8000, "--port"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="STAND_API_KEY", help="Every request must send Authorization: Bearer KEY (/health excepted)"),
     table: Optional[str] = typer.Option(None, "--table", help="n-gram table file shared by all requests: loaded at start, saved on shutdown"),
     share_table: bool = typer.Option(False, "--share-table", help="One drafter table for every request (a warm server drafts better)"),
-    max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting beyond this get 429"),
-    batch_window_ms: float = typer.Option(50.0, "--batch-window-ms", help="Wait this long for requests to batch together"),
-    max_n: int = typer.Option(16, "--max-n", help="Largest n a request may ask for"),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting for room beyond this get 429"),
+    default_max_tokens: int = typer.Option(512, "--default-max-tokens", help="max_tokens of a request that gives none"),
+    max_tokens_limit: int = typer.Option(4096, "--max-tokens-limit", help="The most max_tokens a request may ask for"),
+    max_n: int = typer.Option(16, "--max-n", help="The most samples per request (n, times the prompts of a completions request)"),
+    max_prompt_tokens: int = typer.Option(4096, "--max-prompt-tokens", help="The longest prompt, in tokens (over the model's context: 413)"),
+    max_live_rows: int = typer.Option(64, "--max-live-rows", help="Rows decoding at once; requests beyond wait in the queue"),
+    max_live_tokens: Optional[int] = typer.Option(None, "--max-live-tokens", help="KV tokens running requests may reserve (prompts + n x max_tokens); default: the llama.cpp cache's size, unbounded on torch"),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="The largest request body (beyond: 413)"),
 ):
-    """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
     from stand.server.app import ServerConfig, serve
 
     serve(ServerConfig(model=model, method=method, backend=backend, dtype=dtype, host=host, port=port,
                        api_key=api_key, table=table, share_table=share_table, max_queue=max_queue,
-                       batch_window_ms=batch_window_ms, max_n=max_n).validate())
+                       default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, max_n=max_n,
+                       max_prompt_tokens=max_prompt_tokens, max_live_rows=max_live_rows,
+                       max_live_tokens=max_live_tokens, max_body_bytes=max_body_bytes).validate())
 
 
 @app.command("solve")
@@ -308,64 +335,34 @@ def solve_cmd(
     dtype: DtypeOpt = "auto",
     json_path: JsonOpt = None,
 ):
-    """N samples per question; the voted (or best-scored) answer, checked against the reference."""
-    from stand.tts.report import solution_line, summary_lines, write_json
+    """N samples per question; the voted (or best-scored) answer, checked against the reference.
+    A Ctrl-C or SIGTERM keeps the questions finished: their lines, the summary and --json, then exit 130."""
+    from stand.tts.problems import choose
+    from stand.tts.report import TokenBar, solution_line, summary_lines, write_json
     from stand.tts.solve import SolveConfig, iter_solve
 
-    items = _solve_problems(question, dataset, jsonl, problems, answer, instruction)
-    config = SolveConfig(n, strategy, schedule).validate()
+    items = choose(question, dataset, jsonl, problems, answer, instruction)
+    config, json_path = SolveConfig(n, strategy, schedule).validate(), out_file(json_path, "--json")
     params, spec = sampling(temperature, top_p, top_k, max_new_tokens, seed), speculation(method, tree, table, cost)
-    done = []
-    with _TokenBar(len(items), n * max_new_tokens) as bar:
-        for i, sol in enumerate(iter_solve(items, model, params=params, spec=spec, config=config, backend=backend,
-                                           dtype=dtype, progress=bar.update)):
-            bar.close()
-            done.append(sol)
-            typer.echo(solution_line(i, len(items), sol))
+    done, interrupted = [], False
+    try:
+        with sigterm_interrupts(), contextlib.closing(TokenBar(len(items), n * max_new_tokens)) as bar:
+            for i, sol in enumerate(iter_solve(items, model, params=params, spec=spec, config=config,
+                                               backend=backend, dtype=dtype, progress=bar.update)):
+                bar.close()
+                done.append(sol)
+                typer.echo(solution_line(i, len(items), sol))
+    except KeyboardInterrupt:
+        interrupted = True
+    if json_path:  # files first: a Ctrl-C may also have closed the pipe behind stdout
+        write_json(done, json_path, {"method": method, "n": n, "strategy": strategy, "temperature": temperature,
+                                     "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed,
+                                     "questions": len(items), "interrupted": interrupted})
     for line in summary_lines(done, method):
         typer.echo(line)
-    if json_path:
-        write_json(done, json_path, {"method": method, "n": n, "strategy": strategy, "temperature": temperature,
-                                     "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed})
-
-
-class _TokenBar:
-    """A progress bar of tokens for the question being solved, opened at its first token."""
-
-    def __init__(self, questions: int, tokens: int):
-        self.questions, self.tokens, self.bar = questions, tokens, None
-
-    def update(self, i: int, k: int) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=self.tokens, desc=f"{i + 1}/{self.questions}", unit="tok", file=sys.stderr, leave=False)
-        self.bar.update(k)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _solve_problems(question, dataset, jsonl, problems, answer, instruction) -> list:
-    from stand.tts.problems import MATH_INSTRUCTION, jsonl as jsonl_problems, load_dataset
-    from stand.tts.problems import question as one_question
-
-    if sum(x is not None for x in (question, dataset, jsonl)) != 1:
-        raise StandError("give exactly one of: a QUESTION, --dataset NAME, --jsonl FILE")
-    kw = {} if instruction is None else {"instruction": instruction}
-    if question is not None:
-        return [one_question(question, kw.get("instruction", MATH_INSTRUCTION), answer)]
-    if jsonl is not None:
-        return jsonl_problems(jsonl, problems, **kw)  # prompts as written unless --instruction
-    return load_dataset(dataset, problems, **kw)
+    if interrupted:
+        typer.echo(f"interrupted: {len(done)} of {len(items)} questions finished", err=True)
+        raise typer.Exit(130)
 
 
 def _names(text: str) -> list[str]:

@@ -1,43 +1,45 @@
 """OpenAI-compatible HTTP server: /v1/completions and /v1/chat/completions with n, streaming and usage,
 /v1/models, /health and /metrics.
 
-The model loads in the background; one worker thread (server/worker.py) runs the engine. The n samples
-of a prompt are one drafter group (they share a table), and `share_table` (or `table`) shares one table
-across requests, saved to `table` on shutdown.
+The model loads in the background; one worker thread (server/worker.py) runs the engine with continuous
+batching, and prompts are tokenised on a thread of their own, off the event loop. The n samples of a prompt
+are one drafter group (they share a table), and `share_table` (or `table`) shares one table across requests,
+saved to `table` on shutdown. What a request may ask for is bounded by ServerConfig's limits (400 naming the
+field beyond one); server/memory.py says what the largest request may cost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import itertools
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stand.api import build_rows, make_engine
 from stand.backends.load import load_model
 from stand.backends.protocol import Backend as Target
 from stand.drafters.registry import make_drafter
+from stand.engine import Engine
 from stand.errors import StandError
 from stand.params import SamplingParams
-from stand.server.config import ServerConfig
+from stand.server.config import ServerConfig, startup_warnings
+from stand.server.gate import Gate, install_error_handlers
+from stand.server.memory import ModelShape, describe, kv_tokens, shape_of
 from stand.server.metrics import Metrics
 from stand.server.protocol import (ApiError, ChatRequest, CommonRequest, CompletionRequest, Shape, bad_param,
-                                   chat_prompt, check_unsupported, completion_prompts, requested_max_tokens,
-                                   sampling_params, sse)
+                                   chat_prompt, check_rows, check_unsupported, completion_prompts,
+                                   requested_max_tokens, sampling_params, split_prompts, sse)
 from stand.server.worker import Delta, Done, End, Failed, Job, Worker
 
 __all__ = ["ServerConfig", "create_app", "serve"]
 
 log = logging.getLogger("stand.server")
-KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
 _groups = itertools.count()
 
 
@@ -45,16 +47,18 @@ _groups = itertools.count()
 
 
 class State:
-    """The model (loaded in the background), the engine worker, and the metrics."""
+    """The model (loaded in the background), the engine worker, the tokenising thread, and the metrics."""
 
     def __init__(self, config: ServerConfig, loader: Callable[[], Target]):
         self.config, self.loader = config, loader
         self.metrics = Metrics()
         self.target: Target | None = None
         self.worker: Worker | None = None
+        self.shape: ModelShape | None = None
         self.drafter = None
         self.load_error: str | None = None
         self.loading = threading.Thread(target=self._load, name="stand-load", daemon=True)
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="stand-tokenize")
 
     def start(self) -> None:
         self.loading.start()
@@ -66,9 +70,11 @@ class State:
             self.drafter = make_drafter(spec, target.vocab_size, target)
             if self.config.table and not hasattr(self.drafter, "save_table"):
                 log.warning("method %s keeps no table; --table %s is ignored", self.config.method, self.config.table)
-            self.worker = Worker(make_engine(target, spec, self.drafter), self.config, self.metrics)
+            self.shape = shape_of(target, self.drafter, self.config)
+            self.worker = Worker(engines(target, spec, self.drafter), self.config, self.metrics, self.shape)
             self.target = target
             log.info("model %s ready (method %s)", target.name, self.config.method)
+            log.info(describe(self.config, self.shape))
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}" if not isinstance(e, StandError) else str(e)
             log.error("could not load the model: %s", self.load_error)
@@ -84,19 +90,30 @@ class State:
             raise ApiError(503, "the model is loading; retry shortly", "server_error", code="model_loading")
         return self.target
 
+    async def off_loop(self, fn, *args):
+        """fn(*args) on the tokenising thread (the event loop keeps serving meanwhile)."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
+
     def submit(self, prompts: list[list[int]], n: int, params: SamplingParams, stream: bool) -> Job:
         """Queues a request; choice prompt_index * n + j is sample j of that prompt."""
+        kv = kv_tokens([len(p) for p in prompts], n, params.max_new_tokens, self.shape)
+        if self.shape.capacity is not None and kv > self.shape.capacity:
+            raise bad_param("max_tokens", f"this request may hold {kv:,} tokens in the KV cache (its prompts and "
+                                          f"n x max_tokens); the server holds {self.shape.capacity:,} for all "
+                                          "requests: ask for fewer tokens or samples")
         groups = build_rows(prompts, n, params)  # each row's rng is seeded from (seed, prompt, sample) as in generate
         for group in groups:
             gid = next(_groups)  # unique across live requests: each prompt's n samples are one drafter group
             for r in group:
                 r.group = gid
         rows = [r for group in groups for r in group]
-        job = Job(rows, sum(len(p) for p in prompts), self.target, stream, asyncio.get_running_loop(), self.metrics)
+        job = Job(rows, sum(len(p) for p in prompts), self.target, stream, asyncio.get_running_loop(), self.metrics,
+                  kv)
         self.worker.submit(job)
         return job
 
     def shutdown(self) -> None:
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
         if self.worker is not None:
             self.worker.stop()
         if self.config.table and hasattr(self.drafter, "save_table"):
@@ -105,6 +122,14 @@ class State:
                 log.info("saved the n-gram table to %s", self.config.table)
             except Exception:
                 log.exception("could not save the n-gram table to %s", self.config.table)
+
+
+def engines(target: Target, spec, drafter) -> Callable[[], Engine]:
+    """The worker's engines: the first from make_engine (which may measure this machine's cost grid), later
+    ones (after an engine failure) with the same grid."""
+    first = make_engine(target, spec, drafter)
+    made = iter([first])
+    return lambda: next(made, None) or Engine(target, drafter, first.step_tokens, first.grid)
 
 
 # ---- a job's events -> the response ---------------------------------------------------------------------
@@ -165,81 +190,18 @@ def create_app(config: ServerConfig, loader: Callable[[], Target] | None = None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        for warning in startup_warnings(config):
+            log.warning(warning)
         state.start()
         yield
         await asyncio.to_thread(state.shutdown)
 
     app = FastAPI(title="stand", lifespan=lifespan)
     app.state.stand = state
-    app.add_middleware(Gate, state=state)
+    app.add_middleware(Gate, config=config, metrics=state.metrics)
     install_error_handlers(app)
     install_routes(app, state)
     return app
-
-
-class Gate:
-    """Pure ASGI middleware (streams pass straight through): the API key check, and requests counted by status."""
-
-    open_paths = {"/health"}
-
-    def __init__(self, app, state: State):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path, status = scope["path"], [500]
-
-        async def send_and_note(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            if self._allowed(scope, path):
-                await self.app(scope, receive, send_and_note)
-            else:
-                error = ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
-                                 code="invalid_api_key")
-                await error.response()(scope, receive, send_and_note)
-        finally:
-            self.state.metrics.request(path if path in KNOWN_PATHS else "other", status[0])
-
-    def _allowed(self, scope, path: str) -> bool:
-        key = self.state.config.api_key
-        if not key or path in self.open_paths:
-            return True
-        headers = dict(scope.get("headers") or [])
-        return _key_ok(headers.get(b"authorization", b"").decode("latin-1"), key)
-
-
-def _key_ok(header: str, key: str) -> bool:
-    scheme, _, given = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves in OpenAI's shape."""
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError):
-        return e.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, e: RequestValidationError):
-        errs = e.errors()
-        first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = loc[0] if loc else None
-        return bad_param(param, f"invalid request: {'.'.join(loc) or 'body'}: {first.get('msg', 'bad value')}").response()
-
-    @app.exception_handler(StandError)
-    async def stand_error(request: Request, e: StandError):
-        return ApiError(400, str(e)).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return ApiError(e.status_code, str(e.detail), kind).response()
 
 
 def install_routes(app: FastAPI, state: State) -> None:
@@ -252,8 +214,9 @@ def install_routes(app: FastAPI, state: State) -> None:
 
     @app.get("/metrics")
     async def metrics():
-        depth = state.worker.depth if state.worker else 0
-        return PlainTextResponse(state.metrics.render(depth, state.ready), media_type="text/plain; version=0.0.4")
+        worker = state.worker
+        depth, live = (worker.depth, worker.rows) if worker else (0, 0)
+        return PlainTextResponse(state.metrics.render(depth, live, state.ready), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -264,26 +227,24 @@ def install_routes(app: FastAPI, state: State) -> None:
     async def completions(req: CompletionRequest, request: Request):
         target = state.require_ready()
         check_unsupported(req)
-        prompts = completion_prompts(req.prompt, target)
-        return await respond(state, req, request, prompts, Shape(False, config.model_id), default_max=16)
+        raw = split_prompts(req.prompt)
+        check_rows(len(raw), req.n, config)
+        params = sampling_params(req, requested_max_tokens(req, config), config)
+        prompts = await state.off_loop(completion_prompts, raw, target, config.max_prompt_tokens)
+        return await respond(state, req, request, prompts, params, Shape(False, config.model_id))
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         target = state.require_ready()
         check_unsupported(req)
-        prompts = [chat_prompt(req.messages, target)]
-        return await respond(state, req, request, prompts, Shape(True, config.model_id), default_max=None)
+        params = sampling_params(req, requested_max_tokens(req, config), config)
+        prompts = [await state.off_loop(chat_prompt, req.messages, target, config.max_prompt_tokens)]
+        return await respond(state, req, request, prompts, params, Shape(True, config.model_id))
 
 
-async def respond(state: State, req: CommonRequest, request: Request, prompts: list[list[int]], shape: Shape,
-                  default_max: int | None):
+async def respond(state: State, req: CommonRequest, request: Request, prompts: list[list[int]],
+                  params: SamplingParams, shape: Shape):
     """Queues the request's rows and answers as a stream of events or, once every choice is done, whole."""
-    config = state.config
-    room = state.target.max_len - max(len(p) for p in prompts)
-    params = sampling_params(req, requested_max_tokens(req, default_max, room), config.max_n)
-    if len(prompts) * req.n > config.max_batch_rows:
-        raise bad_param("prompt", f"{len(prompts)} prompts x n={req.n} is more than the {config.max_batch_rows} "
-                                  "samples a request may ask for")
     job = state.submit(prompts, req.n, params, req.stream)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -1,15 +1,17 @@
-"""The server's configuration: which model and drafter it serves, where it listens, how it batches."""
+"""The server's configuration: which model and drafter it serves, where it listens, and what one request may
+ask for. Imports nothing heavy (the `stand serve --help` text is computed from these defaults)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 
-from stand.backends.load import BACKENDS
 from stand.errors import StandError
 from stand.params import SpecConfig, check_method
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"  # /v1/models' id for the embedded default model
+LIMITS = ("default_max_tokens", "max_tokens_limit", "max_n", "max_prompt_tokens", "max_live_rows", "max_body_bytes")
 
 
 @dataclass
@@ -23,13 +25,20 @@ class ServerConfig:
     api_key: str | None = None
     table: str | None = None  # n-gram table file: loaded at start, saved on shutdown (implies share_table)
     share_table: bool = False  # one drafter table for every request
-    max_queue: int = 64  # requests waiting for the worker; more get 429
-    batch_window_ms: float = 50.0  # how long the worker waits for more requests to batch with the first
-    max_batch_rows: int = 64  # rows (samples) per engine batch; a single larger request still runs alone
-    max_n: int = 16
     served_name: str | None = None  # the model id reported by /v1/models
+    # ---- what one request may ask for (beyond: 400 naming the field) and what runs at once
+    max_queue: int = 64  # requests waiting for room in the engine; more get 429
+    default_max_tokens: int = 512  # for a request that gives no max_tokens (both endpoints)
+    max_tokens_limit: int = 4096  # the most max_tokens a request may ask for
+    max_n: int = 16  # the most rows (samples) per request: n, times the prompts of a completions request
+    max_prompt_tokens: int = 4096  # the longest prompt (a prompt over the model's context: 413)
+    max_live_rows: int = 64  # rows decoding at once; requests beyond wait in the queue
+    max_live_tokens: int | None = None  # KV tokens reserved by running requests; None: the llama.cpp cache's size
+    max_body_bytes: int = 1 << 20  # the largest request body (beyond: 413)
 
     def validate(self) -> "ServerConfig":
+        from stand.backends.load import BACKENDS  # here: importing it loads torch
+
         check_method(self.method)
         if self.backend not in BACKENDS:
             raise StandError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
@@ -39,11 +48,15 @@ class ServerConfig:
             raise StandError(f"model path does not exist: {self.model}")
         if self.max_queue < 0:
             raise StandError(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.batch_window_ms < 0:
-            raise StandError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
-        for name in ("max_batch_rows", "max_n"):
-            if getattr(self, name) < 1:
-                raise StandError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in LIMITS + (("max_live_tokens",) if self.max_live_tokens is not None else ()):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise StandError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise StandError(f"default_max_tokens ({self.default_max_tokens}) is over max_tokens_limit "
+                             f"({self.max_tokens_limit})")
+        if self.max_n > self.max_live_rows:
+            raise StandError(f"max_n ({self.max_n}) is over max_live_rows ({self.max_live_rows}): such a request "
+                             "could never run")
         if self.table and os.path.isdir(self.table):
             raise StandError(f"--table must be a file path, {self.table} is a directory")
         return self
@@ -54,6 +67,27 @@ class ServerConfig:
             return self.served_name
         return os.path.basename(self.model.rstrip("/")) if self.model else DEFAULT_MODEL_ID
 
+    @property
+    def shared_table(self) -> bool:
+        return self.share_table or bool(self.table)
+
     def spec(self) -> SpecConfig:
-        return SpecConfig(method=self.method, share_across_prompts=self.share_table or bool(self.table),
-                          table_path=self.table).validate()
+        return SpecConfig(method=self.method, share_across_prompts=self.shared_table, table_path=self.table).validate()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only listens on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def startup_warnings(config: ServerConfig) -> list[str]:
+    """What `serve` warns about before it listens."""
+    if config.api_key or is_loopback(config.host):
+        return []
+    return [f"listening on {config.host} (not loopback) without --api-key: anyone who can reach port "
+            f"{config.port} can use this server"]

@@ -15,8 +15,8 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.prompt_tokens = self.completion_tokens = 0
         self.rows = self.cancelled_rows = self.steps = self.generated = 0
-        self.draft_seconds = self.engine_seconds = 0.0
-        self.batches = self.batch_rows = 0
+        self.draft_seconds = self.engine_seconds = self.queue_seconds = 0.0
+        self.engine_steps = self.step_rows = self.admitted_jobs = self.admitted_rows = 0
 
     def request(self, path: str, status: int) -> None:
         with self.lock:
@@ -35,13 +35,20 @@ class Metrics:
             self.prompt_tokens += prompt_tokens
             self.completion_tokens += completion_tokens
 
-    def batch_done(self, rows: int, seconds: float) -> None:
+    def admitted(self, jobs: int, rows: int, waited: float) -> None:
+        """Requests joined the running engine (after waiting `waited` seconds in all)."""
         with self.lock:
-            self.batches += 1
-            self.batch_rows += rows
+            self.admitted_jobs += jobs
+            self.admitted_rows += rows
+            self.queue_seconds += waited
+
+    def step_done(self, rows: int, seconds: float) -> None:
+        with self.lock:
+            self.engine_steps += 1
+            self.step_rows += rows
             self.engine_seconds += seconds
 
-    def render(self, queue_depth: int, ready: bool) -> str:
+    def render(self, queue_depth: int, live_rows: int, ready: bool) -> str:
         with self.lock:
             lines = ["# HELP stand_requests_total HTTP requests by path and status code.",
                      "# TYPE stand_requests_total counter"]
@@ -55,10 +62,16 @@ class Metrics:
                 ("mean_accepted_tokens", "gauge", "Tokens committed per verification pass (1 = plain decoding).",
                  mean_accepted(self.generated, self.steps)),
                 ("drafting_seconds_total", "counter", "Time spent in the drafter (propose + observe).", self.draft_seconds),
-                ("engine_seconds_total", "counter", "Time the worker spent in Engine.run.", self.engine_seconds),
-                ("batches_total", "counter", "Engine batches run.", self.batches),
-                ("batch_rows_total", "counter", "Rows over all engine batches.", self.batch_rows),
-                ("queue_depth", "gauge", "Requests waiting for the worker.", queue_depth),
+                ("engine_seconds_total", "counter", "Time the worker spent in engine steps.", self.engine_seconds),
+                ("engine_steps_total", "counter", "Engine steps (admission, then one pass over the live rows).",
+                 self.engine_steps),
+                ("step_rows_total", "counter", "Rows over all engine steps (divided by the steps: rows per pass).",
+                 self.step_rows),
+                ("admitted_requests_total", "counter", "Requests that joined the running engine.", self.admitted_jobs),
+                ("admitted_rows_total", "counter", "Rows that joined the running engine.", self.admitted_rows),
+                ("queue_wait_seconds_total", "counter", "Time admitted requests waited for room.", self.queue_seconds),
+                ("queue_depth", "gauge", "Requests waiting for room in the engine.", queue_depth),
+                ("live_rows", "gauge", "Rows decoding now.", live_rows),
                 ("model_loaded", "gauge", "1 once the model is loaded.", int(ready)),
             ]
         for name, kind, help_, value in rows:

@@ -15,8 +15,22 @@ from pydantic import BaseModel, ConfigDict
 from stand.backends.protocol import Backend as Target
 from stand.errors import StandError
 from stand.params import SamplingParams
+from stand.server.config import ServerConfig
 
 MAX_STOP = 4  # as OpenAI
+MAX_SEED = 2**63  # seeds are in [0, 2^63)
+MIN_TEMPERATURE = 1e-3  # below it (and above 0) a request is decoded greedily: see effective_temperature
+# Fields that OpenAI or other OpenAI-compatible servers (vLLM) accept and this server does not honour: a request
+# may send them only at a value that changes nothing (the first is the default); any other value gets a 400.
+NEUTRAL: dict[str, tuple] = {
+    "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "repetition_penalty": (1.0,), "min_p": (0.0,),
+    "min_tokens": (0,), "logit_bias": (None, {}), "stop_token_ids": (None, []), "bad_words": (None, []),
+    "include_stop_str_in_output": (False,), "skip_special_tokens": (True,), "use_beam_search": (False,),
+    "length_penalty": (1.0,), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "prompt_logprobs": (None, 0),
+    "echo": (False,), "suffix": (None, ""), "response_format": (None, {"type": "text"}), "tools": (None, []),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "truncate_prompt_tokens": (None,),
+}
 
 
 # ---- errors in OpenAI's shape ---------------------------------------------------------------------
@@ -47,13 +61,16 @@ class StreamOptions(BaseModel):
 
 
 class CommonRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, metadata, ...) are ignored
+    """Unknown fields are allowed (OpenAI's user, metadata, ...: nothing they change is sampled); those in
+    NEUTRAL are checked."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # extension (as vLLM)
+    top_k: int = 0  # extension (as vLLM): 0 or -1 = off
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     stop: Union[str, list[str], None] = None
@@ -61,16 +78,10 @@ class CommonRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension (as vLLM): fixed-length outputs for load tests
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(CommonRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
     best_of: int | None = None
 
 
@@ -83,82 +94,105 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(CommonRequest):
     messages: list[ChatMessage]
-    logprobs: bool = False
 
 
 # ---- request -> sampling parameters -------------------------------------------------------------------
 
 
 def check_unsupported(req: CommonRequest) -> None:
-    """Parameters that would change the output distribution or need what the engine does not keep."""
-    if req.presence_penalty or req.frequency_penalty:
-        bad = "presence_penalty" if req.presence_penalty else "frequency_penalty"
-        raise bad_param(bad, f"{bad} is not supported (it would change the sampling distribution)")
-    if req.logit_bias:
-        raise bad_param("logit_bias", "logit_bias is not supported")
-    if getattr(req, "logprobs", None):
-        raise bad_param("logprobs", "logprobs are not supported")
-    if getattr(req, "echo", False):
-        raise bad_param("echo", "echo is not supported")
-    if getattr(req, "suffix", None):
-        raise bad_param("suffix", "suffix is not supported")
+    """Fields this server does not honour, at a value that would change the output: 400 naming the field."""
+    given = req.model_extra or {}  # every NEUTRAL field is undeclared
+    for name, neutral in NEUTRAL.items():
+        if name in given and not any(given[name] == v for v in neutral):
+            raise bad_param(name, f"{name}={given[name]!r} is not supported by this server (it would change what "
+                                  f"is sampled); leave it out or send {neutral[0]!r}")
     best_of = getattr(req, "best_of", None)
     if best_of is not None and best_of != req.n:
         raise bad_param("best_of", "best_of is not supported (ask for n samples and choose)")
 
 
-def sampling_params(req: CommonRequest, max_tokens: int, max_n: int) -> SamplingParams:
-    """The request's sampling parameters; 400 for anything out of range."""
-    if not 1 <= req.n <= max_n:
-        raise bad_param("n", f"n must be in 1..{max_n}, got {req.n}")
+def effective_temperature(t: float) -> float:
+    """The temperature decoded: 0 < t < MIN_TEMPERATURE (1e-3) is decoded greedily (temperature 0).
+
+    At such a temperature the next token differs from the argmax with probability about exp(-gap / t), where gap
+    is the distance of the two top logits: under exp(-10) unless the two are within 0.01 of each other; and as t
+    goes to 0, logits / t overflows float32 (t < ~1e-37 gives inf and NaN probabilities). Greedy is what such a
+    request asks for, and what OpenAI-compatible servers (vLLM below 1e-5) give.
+    """
+    return 0.0 if t < MIN_TEMPERATURE else t
+
+
+def sampling_params(req: CommonRequest, max_tokens: int, config: ServerConfig) -> SamplingParams:
+    """The request's sampling parameters; 400 naming the field for anything out of range."""
+    if not 1 <= req.n <= config.max_n:
+        raise bad_param("n", f"n must be in 1..{config.max_n}, got {req.n}")
     if not 0.0 <= req.temperature <= 2.0:
         raise bad_param("temperature", f"temperature must be in [0, 2], got {req.temperature}")
-    if max_tokens < 1:
-        raise bad_param("max_tokens", f"max_tokens must be >= 1, got {max_tokens}")
+    if req.seed is not None and not 0 <= req.seed < MAX_SEED:
+        raise bad_param("seed", f"seed must be in [0, 2^63), got {req.seed}")
+    if req.top_k < -1:
+        raise bad_param("top_k", f"top_k must be >= 0 (0 or -1: off), got {req.top_k}")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP:
         raise bad_param("stop", f"at most {MAX_STOP} stop sequences, got {len(stop)}")
-    params = SamplingParams(req.temperature, req.top_p, req.top_k, max_tokens, req.seed, stop, req.ignore_eos)
+    params = SamplingParams(effective_temperature(req.temperature), req.top_p, max(req.top_k, 0), max_tokens,
+                            req.seed, stop, req.ignore_eos)
     try:
         return params.validate()
     except StandError as e:
         raise bad_param(str(e).split(" ")[0], str(e)) from None
 
 
-def requested_max_tokens(req: CommonRequest, default: int | None, room: int) -> int:
-    """max_completion_tokens, else max_tokens, else the default (None: up to the context)."""
-    for value in (req.max_completion_tokens, req.max_tokens, default):
-        if value is not None:
-            return value
-    return max(room, 1)
+def requested_max_tokens(req: CommonRequest, config: ServerConfig) -> int:
+    """max_completion_tokens, else max_tokens, else the server's default; 400 beyond 1..max_tokens_limit."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = getattr(req, name)
+        if value is None:
+            continue
+        if not 1 <= value <= config.max_tokens_limit:
+            raise bad_param(name, f"{name} must be in 1..{config.max_tokens_limit}, got {value}")
+        return value
+    return config.default_max_tokens
+
+
+def check_rows(prompts: int, n: int, config: ServerConfig) -> None:
+    """A completions request's rows: its prompts times n."""
+    if prompts * n > config.max_n:
+        raise bad_param("prompt", f"{prompts} prompts x n={n} is {prompts * n} samples; a request may ask for "
+                                  f"at most {config.max_n}")
 
 
 # ---- request -> prompt token ids -------------------------------------------------------------------------
 
 
-def check_context(ids: list[int], target: Target, index: int = 0) -> list[int]:
+def check_context(ids: list[int], target: Target, limit: int, index: int = 0, param: str = "prompt") -> list[int]:
+    """A prompt's token ids: not empty, within the model's context (else 413) and the server's limit (else 400)."""
     if not ids:
-        raise bad_param("prompt", f"prompt {index} is empty")
+        raise bad_param(param, f"prompt {index} is empty")
     if len(ids) >= target.max_len:
         raise ApiError(413, f"prompt {index} is {len(ids)} tokens; this model's context is {target.max_len} tokens",
-                       param="prompt", code="context_length_exceeded")
+                       param=param, code="context_length_exceeded")
+    if len(ids) > limit:
+        raise bad_param(param, f"prompt {index} is {len(ids)} tokens; this server takes prompts of at most {limit}")
     if max(ids) >= target.vocab_size or min(ids) < 0:
-        raise bad_param("prompt", f"prompt {index} holds token ids outside the vocabulary of {target.vocab_size}")
+        raise bad_param(param, f"prompt {index} holds token ids outside the vocabulary of {target.vocab_size}")
     return ids
 
 
-def completion_prompts(prompt, target: Target) -> list[list[int]]:
-    """A string, strings, token ids, or lists of token ids -> token ids per prompt (raw, no chat template)."""
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        prompts = [prompt]
-    else:
-        prompts = list(prompt)
-    if not prompts:
+def split_prompts(prompt) -> list:
+    """A completions request's prompt -> its prompts (each a string or token ids)."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+        return [prompt]
+    if not prompt:
         raise bad_param("prompt", "prompt is empty")
+    return list(prompt)
+
+
+def completion_prompts(prompts: list, target: Target, limit: int) -> list[list[int]]:
+    """split_prompts' prompts -> token ids per prompt (raw, no chat template); limit: the most tokens a prompt
+    may have. Tokenises: run it off the event loop."""
     ids = [target.encode(p, chat=False) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-    return [check_context(p, target, i) for i, p in enumerate(ids)]
+    return [check_context(p, target, limit, i) for i, p in enumerate(ids)]
 
 
 def message_text(content) -> str:
@@ -172,12 +206,13 @@ def message_text(content) -> str:
     return "".join(parts)
 
 
-def chat_prompt(messages: list[ChatMessage], target: Target) -> list[int]:
-    """Messages through the tokenizer's chat template (for one user message: what Target.encode gives)."""
+def chat_prompt(messages: list[ChatMessage], target: Target, limit: int) -> list[int]:
+    """Messages through the tokenizer's chat template (for one user message: what Target.encode gives);
+    limit: the most tokens the prompt may have. Tokenises: run it off the event loop."""
     if not messages:
         raise bad_param("messages", "messages is empty")
     msgs = [{"role": m.role, "content": message_text(m.content)} for m in messages]
-    return check_context(target.encode_messages(msgs), target)
+    return check_context(target.encode_messages(msgs), target, limit, param="messages")
 
 
 # ---- responses -------------------------------------------------------------------------------------------

@@ -1,12 +1,11 @@
 """The engine worker: one thread that runs the synchronous, CPU-bound engine for every request.
 
-Requests wait in a queue; those that arrive within a short window are batched into one `Engine.run`.
+Continuous batching: between two engine steps the worker takes the requests that arrived, admits those that
+fit (rows live at once, KV tokens reserved) in arrival order, and runs one step over every live row; a row
+leaves when it ends, and a request that arrives while others decode joins at the next step boundary.
 Tokens go from the worker thread to the event loop through `loop.call_soon_threadsafe` into one
 asyncio.Queue per request; text is decoded incrementally and only its stable prefix is sent (no half
 UTF-8 characters, nothing that could turn into a stop string).
-
-A batch runs to its end before the next one starts (the engine cannot add rows to a running batch),
-so a request that arrives mid-batch waits for it.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +24,7 @@ from stand.backends.protocol import Backend as Target
 from stand.core.sequence import Row, mean_accepted, stop_index
 from stand.engine import Engine
 from stand.server.config import ServerConfig
+from stand.server.memory import ModelShape
 from stand.server.metrics import Metrics
 from stand.server.protocol import ApiError
 
@@ -104,9 +105,11 @@ class Job:
     """One request: its rows (choice i = rows[i]), the event queue its handler reads, its streams."""
 
     def __init__(self, rows: list[Row], prompt_tokens: int, target: Target, stream: bool,
-                 loop: asyncio.AbstractEventLoop, metrics: Metrics):
+                 loop: asyncio.AbstractEventLoop, metrics: Metrics, kv_tokens: int = 0):
         self.rows, self.prompt_tokens, self.stream = rows, prompt_tokens, stream
         self.loop, self.metrics = loop, metrics
+        self.kv_tokens = kv_tokens  # what its rows may hold in the KV cache at their end (reserved while it runs)
+        self.submitted = time.monotonic()
         self.events: asyncio.Queue = asyncio.Queue()
         self.streams = [TextStream(target.decode, r.params.stop) for r in rows]
         self.finished = [False] * len(rows)
@@ -160,6 +163,12 @@ class Job:
         self.metrics.job_done(self.prompt_tokens, completion)
         self.emit(End(usage, stats))
 
+    def drop(self) -> None:
+        """Cancelled before it was admitted: it ends without running."""
+        for i, r in enumerate(self.rows):
+            r.finish_reason = r.finish_reason or "cancelled"
+            self.finish_row(i, r)
+
     def fail(self, message: str) -> None:
         if not self.ended:
             self.ended = True
@@ -170,20 +179,28 @@ class Job:
 
 
 class Worker:
-    """Runs the engine on one thread: takes a request, waits a short window for more, runs them as one batch."""
+    """Runs the engine on one thread: admits arrived requests between steps, one step at a time."""
 
-    def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics):
-        self.engine, self.config, self.metrics = engine, config, metrics
-        self.jobs: queue.Queue = queue.Queue()
+    def __init__(self, make_engine: Callable[[], Engine], config: ServerConfig, metrics: Metrics,
+                 shape: ModelShape | None = None):
+        """make_engine: a fresh engine (at start, and after an engine failure); shape.capacity: the most KV
+        tokens the live requests may reserve together (None: no bound)."""
+        self.make_engine, self.config, self.metrics = make_engine, config, metrics
+        self.capacity = shape.capacity if shape is not None else config.max_live_tokens
+        self.engine = make_engine()
+        self.jobs: queue.Queue = queue.Queue()  # arrived, not taken yet
+        self.pending: deque[Job] = deque()  # taken, waiting for room
+        self.live: list[Job] = []  # admitted, not ended
+        self.owner: dict[int, tuple[Job, int]] = {}  # row uid -> (its job, its choice index)
+        self.rows = self.tokens = 0  # rows and reserved KV tokens of the live jobs
         self.lock = threading.Lock()
-        self.carry: Job | None = None  # a job that did not fit the last batch
-        self.running: list[Job] = []
         self.thread = threading.Thread(target=self._loop, name="stand-engine", daemon=True)
         self.thread.start()
 
     @property
     def depth(self) -> int:
-        return self.jobs.qsize() + (self.carry is not None)
+        """Requests waiting: arrived or taken, not admitted yet."""
+        return self.jobs.qsize() + len(self.pending)
 
     def submit(self, job: Job) -> None:
         with self.lock:
@@ -193,70 +210,106 @@ class Worker:
             self.jobs.put(job)
 
     def stop(self, timeout: float = 30.0) -> None:
-        for job in list(self.running):
-            job.cancel()
+        """Waiting requests fail, live ones are cancelled; returns once the worker is done (or after timeout)."""
         self.jobs.put(None)
         self.thread.join(timeout)
 
+    # the methods below run on the worker thread
+
     def _loop(self) -> None:
+        while self._take():
+            self._admit()
+            if self.engine.busy:
+                self._step()
+        for job in self.pending:
+            job.fail("the server is shutting down")
+        for job in self.live:
+            job.cancel()
+        while self.engine.busy:
+            self._step()
+
+    def _take(self) -> bool:
+        """Moves the requests that arrived to `pending`; waits for one when there is nothing else to do.
+        False: the server stops."""
+        block = not self.engine.busy and not self.pending
         while True:
-            batch = self._gather()
-            if batch is None:
-                return
-            self._run(batch)
-
-    def _gather(self) -> list[Job] | None:
-        """The next batch: the first waiting job, then whatever arrives within the window, up to max_batch_rows."""
-        first, self.carry = self.carry or self.jobs.get(), None
-        if first is None:
-            return None
-        batch, rows = [first], len(first.rows)
-        deadline = time.monotonic() + self.config.batch_window_ms / 1000
-        while rows < self.config.max_batch_rows:
             try:
-                job = self.jobs.get(timeout=max(deadline - time.monotonic(), 0))
+                job = self.jobs.get(block=block)
             except queue.Empty:
-                break
+                return True
             if job is None:
-                self.jobs.put(None)
-                break
-            if rows + len(job.rows) > self.config.max_batch_rows:
-                self.carry = job
-                break
-            batch.append(job)
-            rows += len(job.rows)
-        return [j for j in batch if not j.cancelled]
+                return False
+            self.pending.append(job)
+            block = False
 
-    def _run(self, batch: list[Job]) -> None:
-        owner = {r.uid: (job, i) for job in batch for i, r in enumerate(job.rows)}
-        rows = [r for job in batch for r in job.rows]
-        self.running = batch
+    def _fits(self, job: Job) -> bool:
+        if not self.live:
+            return True  # alone it always runs (the app refuses requests larger than the limits)
+        if self.rows + len(job.rows) > self.config.max_live_rows:
+            return False
+        return self.capacity is None or self.tokens + job.kv_tokens <= self.capacity
+
+    def _admit(self) -> None:
+        """Admits waiting requests in arrival order while they fit; the prompts joining in one step add up to
+        at most max_prompt_tokens (one request at least), so a long prefill delays the live rows once."""
+        joined, prompt = [], 0
+        while self.pending:
+            job = self.pending[0]
+            if job.cancelled:
+                self.pending.popleft().drop()
+                continue
+            if (joined and prompt + job.prompt_tokens > self.config.max_prompt_tokens) or not self._fits(job):
+                break
+            self.pending.popleft()
+            joined.append(job)
+            prompt += job.prompt_tokens
+            self.live.append(job)
+            self.rows += len(job.rows)
+            self.tokens += job.kv_tokens
+            for i, r in enumerate(job.rows):
+                self.owner[r.uid] = (job, i)
+            self.engine.add(job.rows)
+        if joined:
+            now = time.monotonic()
+            self.metrics.admitted(len(joined), sum(len(j.rows) for j in joined), sum(now - j.submitted for j in joined))
+
+    def _step(self) -> None:
         t0 = time.perf_counter()
         try:
-            if rows:
-                self.engine.run(rows, lambda row, new: self._on_commit(owner, row))
-        except Exception as e:  # a bug or an engine failure: the batch's requests get a 500, the server lives on
-            log.exception("engine batch failed")
-            self._forget(rows)
-            for job in batch:
-                job.fail(f"the engine failed: {type(e).__name__}: {e}")
-        finally:
-            self.running = []
-            self.metrics.batch_done(len(rows), time.perf_counter() - t0)
-            for job in batch:
-                for i, r in enumerate(job.rows):
-                    if r.done:
-                        job.finish_row(i, r)
-                job.end()
+            ended = self.engine.step(self._on_commit)
+        except Exception as e:  # a bug or an engine failure: the live requests get a 500, the server lives on
+            log.exception("engine step failed")
+            self._fail_live(f"the engine failed: {type(e).__name__}: {e}")
+            return
+        rows = len(self.engine.live) + len(ended)
+        if rows:
+            self.metrics.step_done(rows, time.perf_counter() - t0)
+        for r in ended:
+            job, i = self.owner[r.uid]
+            job.finish_row(i, r)
+        self._release()
 
-    def _on_commit(self, owner: dict, row: Row) -> None:
-        job, i = owner[row.uid]
+    def _on_commit(self, row: Row, new: list[int]) -> None:
+        job, i = self.owner[row.uid]
         job.commit(i, row)
 
-    def _forget(self, rows: list[Row]) -> None:
-        """After a failed batch: let the drafter drop the state of rows it never saw finish."""
-        for r in rows:
-            if not r.done:
-                r.finish_reason = "error"
-                with contextlib.suppress(Exception):
-                    self.engine.drafter.finish(r)
+    def _release(self) -> None:
+        """Jobs whose rows all ended give back their rows and KV tokens."""
+        for job in [j for j in self.live if j.ended]:
+            self.live.remove(job)
+            self.rows -= len(job.rows)
+            self.tokens -= job.kv_tokens
+            for r in job.rows:
+                self.owner.pop(r.uid, None)
+
+    def _fail_live(self, message: str) -> None:
+        """After an engine failure: every live request fails, the drafter forgets their rows, a new engine."""
+        for job in self.live:
+            for i, r in enumerate(job.rows):
+                if not r.done:
+                    r.finish_reason = "error"
+                    with contextlib.suppress(Exception):
+                        self.engine.drafter.finish(r)
+            job.fail(message)
+        self.live, self.owner, self.rows, self.tokens = [], {}, 0, 0
+        self.engine = self.make_engine()

@@ -1,0 +1,128 @@
+"""What every request passes before a route: the API key, the body-size limit, requests counted by status; and
+the error handlers that put every error in OpenAI's shape."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stand.errors import StandError
+from stand.server.config import ServerConfig
+from stand.server.metrics import Metrics
+from stand.server.protocol import ApiError, bad_param
+
+KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+class Gate:
+    """Pure ASGI middleware (streams pass straight through): the API key check, the body-size limit (413), and
+    requests counted by path and status."""
+
+    open_paths = {"/health"}
+
+    def __init__(self, app, config: ServerConfig, metrics: Metrics):
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, status = scope["path"], [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            error = None
+            if not self._allowed(scope, path):
+                error = ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                                 code="invalid_api_key")
+            elif scope.get("method") in BODY_METHODS:
+                receive, error = await self._read_body(scope, receive)
+            if error is not None:
+                await error.response()(scope, receive, send_and_note)
+            else:
+                await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.request(path if path in KNOWN_PATHS else "other", status[0])
+
+    def _allowed(self, scope, path: str) -> bool:
+        key = self.config.api_key
+        if not key or path in self.open_paths:
+            return True
+        headers = dict(scope.get("headers") or [])
+        return _key_ok(headers.get(b"authorization", b"").decode("latin-1"), key)
+
+    async def _read_body(self, scope, receive):
+        """Reads the body whole, up to max_body_bytes (a declared or an actual size beyond: 413); returns a
+        receive that replays it (and then hears the client's disconnect), and the error if any."""
+        limit = self.config.max_body_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return receive, too_large(int(declared), limit)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return _replay(message, receive), None  # the client left: let the app hear it
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return receive, too_large(size, limit)
+            if not message.get("more_body", False):
+                break
+        return _replay({"type": "http.request", "body": b"".join(chunks), "more_body": False}, receive), None
+
+
+def _replay(first: dict, receive):
+    """A receive that gives `first`, then whatever the real one gives."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return first
+        return await receive()
+
+    return replay
+
+
+def too_large(size: int, limit: int) -> ApiError:
+    """size: the declared size, or what was read when it passed the limit."""
+    return ApiError(413, f"the request body is larger than this server takes: {size:,} bytes or more, the limit "
+                         f"is {limit:,} (max_body_bytes)", code="request_too_large")
+
+
+def _key_ok(header: str, key: str) -> bool:
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves in OpenAI's shape."""
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = loc[0] if loc else None
+        return bad_param(param, f"invalid request: {'.'.join(loc) or 'body'}: {first.get('msg', 'bad value')}").response()
+
+    @app.exception_handler(StandError)
+    async def stand_error(request: Request, e: StandError):
+        return ApiError(400, str(e)).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return ApiError(e.status_code, str(e.detail), kind).response()
