@@ -21,6 +21,10 @@ BAD = [
     (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens must be"),
     (["generate", "hi", "--model", "/no/such/model"], "model path does not exist"),
     (["generate", "hi", "--method", "magic"], "unknown method"),
+    (["generate", "hi", "--seed", "-1"], "seed must be an integer in [0, 2^63), got -1"),
+    (["solve", "q", "--seed", str(2**63)], "seed must be an integer in [0, 2^63)"),
+    (["generate", "hi", "-t", "1e-45"], "temperature must be 0 (greedy) or at least 0.001, got 1e-45"),
+    (["bench", "-t", "nan"], "temperature must be >= 0 and finite"),
 ]
 
 

@@ -116,6 +116,20 @@ def question(text: str, instruction: str = MATH_INSTRUCTION, answer: str | None 
 DATASETS = {"champ": champ, "humaneval": humaneval}
 
 
+def choose(text: str | None, dataset: str | None, jsonl_path: str | None, limit: int | None = None,
+           answer: str | None = None, instruction: str | None = None) -> list[Problem]:
+    """The problems `stand solve` was given: exactly one of a question, a dataset name or a JSONL file.
+    instruction: None keeps each source's default (a JSONL file's prompts are used as written)."""
+    if sum(x is not None for x in (text, dataset, jsonl_path)) != 1:
+        raise StandError("give exactly one of: a QUESTION, --dataset NAME, --jsonl FILE")
+    kw = {} if instruction is None else {"instruction": instruction}
+    if text is not None:
+        return [question(text, kw.get("instruction", MATH_INSTRUCTION), answer)]
+    if jsonl_path is not None:
+        return jsonl(jsonl_path, limit, **kw)
+    return load_dataset(dataset, limit, **kw)
+
+
 def load_dataset(name: str, limit: int | None = None, **kwargs) -> list[Problem]:
     """A named dataset, or a path ending in .jsonl (a user's file)."""
     if limit is not None and limit < 1:

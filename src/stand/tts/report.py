@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from stand.core import files
 from stand.tts.solve import Solution, acceptance_by_index, accuracy
 
@@ -37,3 +39,22 @@ def write_json(solutions: list[Solution], path: str, config: dict | None = None)
     files.write_json(str(path), {"config": config or {}, "accuracy": accuracy(solutions),
                                  "acceptance_by_index": acceptance_by_index(solutions),
                                  "solutions": [s.as_dict() for s in solutions]})
+
+
+class TokenBar:
+    """A progress bar (stderr) of tokens for the question being solved, opened at its first token; close() ends it."""
+
+    def __init__(self, questions: int, tokens: int):
+        self.questions, self.tokens, self.bar = questions, tokens, None
+
+    def update(self, i: int, k: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=self.tokens, desc=f"{i + 1}/{self.questions}", unit="tok", file=sys.stderr, leave=False)
+        self.bar.update(k)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -169,7 +169,7 @@ def decide(problem: Problem, samples: list[ScoredSample], config: SolveConfig, s
 
 def acceptance_by_index(solutions: list[Solution]) -> list[float]:
     """Tokens per verification step for sample index j, pooled over questions (1.0 = no draft accepted)."""
-    n = max(len(s.samples) for s in solutions)
+    n = max((len(s.samples) for s in solutions), default=0)
     toks, steps = [0] * n, [0] * n
     for sol in solutions:
         for smp in sol.samples:
