@@ -1,9 +1,23 @@
-"""Every drafter, through the whole engine, samples exactly the model's distribution (DESIGN.md section 2)."""
+"""Every drafter, through the whole engine, samples exactly the model's distribution (DESIGN.md section 2), on the
+Hugging Face forward, our lean forward and llama.cpp.
 
+The expected distribution comes from the model's float64 logits through the sampler written out in
+tests/lossless.py (not the package's sampler_probs). Besides the drafters as they are (whose STAND tables learn
+the model itself, so their drafts are rarely rejected), drafts made wrong on purpose (WRONG) make rejection, the
+residual and the bonus token matter. tests/test_mutants_power.py shows that broken verifiers fail these checks.
+"""
+
+import importlib.util
+import os
+
+import numpy as np
 import pytest
+import torch
 
-from lossless import K, engine_samples, exact_joint, marginal_pvalues, small_target
+from lossless import (K, N, PLAIN, TRUNCATED, V, WRONG, Run, engine_run, exact_joint, marginal_pvalues, params_id,
+                      reference_probs, small_gguf, small_target, wrong_id)
 from stand.core.budget import CostGrid
+from stand.core.verify import sampler_probs
 from stand.drafters.registry import DRAFTERS, make_drafter
 from stand.engine import Engine
 from stand.params import SamplingParams, SpecConfig
@@ -22,52 +36,118 @@ CASES = [
     ("stand-dynamic", {"stochastic": False}),
     ("recycle", {}),
 ]
-PLAIN = SamplingParams(temperature=1.0)
-TRUNCATED = SamplingParams(temperature=0.7, top_k=5, top_p=0.9)  # run for the methods named below
 TRUNCATED_METHODS = {"pld", "stand", "stand-dynamic"}
 RUNS = [(m, e, PLAIN) for m, e in CASES] + [(m, e, TRUNCATED) for m, e in CASES if m in TRUNCATED_METHODS and not e]
+BACKENDS = ("hf", "lean", "llama.cpp")
+BATCH = {"hf": 250, "lean": 250, "llama.cpp": 50}  # llama.cpp: 256 sequences a pass, so 5 leaves per row of 50
+# llama.cpp: tests/test_llamacpp.py::test_sampling_is_exact checks the methods it names at T=1 (where its expected
+# distribution, from sampler_probs, is a plain softmax); the other runs are checked here
+LLAMACPP_ELSEWHERE = {("none", ()), ("pld", ()), ("recycle", ()), ("stand", ()), ("stand", (False,)),
+                      ("stand-dynamic", ()), ("consensus", (2,)), ("ngrammys", ()), ("stand+consensus", (2,))}
+ENGINE_RUNS = [(b, *r) for b in BACKENDS for r in RUNS
+               if b != "llama.cpp" or r[2] is not PLAIN or (r[0], tuple(r[1].values())) not in LLAMACPP_ELSEWHERE]
+# every backend at T=1; the truncated sampler (which the top-p power check needs) on the Hugging Face forward
+WRONG_RUNS = [(b, *w, PLAIN) for w in WRONG for b in BACKENDS] + [("hf", *w, TRUNCATED) for w in WRONG]
 
 
 def run_id(run) -> str:
     method, extra, params = run
-    return "-".join([method, *map(str, extra.values()), "T1" if params is PLAIN else "T0.7-k5-p0.9"])
+    return "-".join([method, *map(str, extra.values()), params_id(params)])
+
+
+def exact_run(target, spec: SpecConfig, params: SamplingParams, batch: int = 250, grid=None, wrap=None) -> Run:
+    """The check: N engine samples against the exact distribution (chi-square on pairs and triples, p > 1e-4)."""
+    run = engine_run(target, spec, params, N, batch, grid, wrap)
+    pvals = marginal_pvalues(run.samples, exact_joint(params))
+    assert min(pvals.values()) > 1e-4, pvals
+    return run
+
+
+def build(name: str, tmp_path_factory):
+    if name != "llama.cpp":
+        return small_target(forward=name)
+    if importlib.util.find_spec("llama_cpp") is None:
+        if os.environ.get("CI"):
+            raise RuntimeError("CI installs llama-cpp-python (scripts/setup.sh): these tests must run there")
+        pytest.skip("llama-cpp-python is not installed")
+    import stand.backends.llamacpp as llamacpp
+
+    with pytest.MonkeyPatch.context() as mp:  # one thread: on a shared 2-core machine two threads spin-wait ~15x slower
+        mp.setattr(llamacpp, "threads", lambda: 1)
+        return llamacpp.LlamaCppModel(small_gguf(str(tmp_path_factory.mktemp("gguf") / "small.gguf")), None)
 
 
 @pytest.fixture(scope="module")
-def target():
-    return small_target()
+def backends(tmp_path_factory):
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = build(name, tmp_path_factory)
+        return made[name]
+
+    return get
 
 
-@pytest.mark.parametrize("method,extra,params", RUNS, ids=[run_id(r) for r in RUNS])
-def test_engine_distribution_is_exact(target, method, extra, params):
+@pytest.mark.parametrize("backend,method,extra,params", ENGINE_RUNS, ids=[f"{r[0]}-{run_id(r[1:])}" for r in ENGINE_RUNS])
+def test_engine_distribution_is_exact(backends, backend, method, extra, params):
     if method not in DRAFTERS:
         pytest.skip(f"{method} not registered")
-    spec = SpecConfig(method=method, options=extra)
-    samples, per_step = engine_samples(target, spec, params, n=2000)
-    pvals = marginal_pvalues(samples, exact_joint(target, params))
-    assert min(pvals.values()) > 1e-4, pvals
+    run = exact_run(backends(backend), SpecConfig(method=method, options=extra), params, BATCH[backend])
     if method != "none":  # drafts were accepted (and, below K per step, rejected): the test exercised them
-        assert 1.02 < per_step < K, per_step
+        assert 1.02 < run.per_step < K, run.per_step
 
 
-def test_trees_cut_by_the_cost_grid_stay_exact(target):
+@pytest.mark.parametrize("backend,method,extra,wrap,params", WRONG_RUNS,
+                         ids=[f"{r[0]}-{wrong_id(r[1:4])}-{params_id(r[4])}" for r in WRONG_RUNS])
+def test_wrong_drafts_stay_exact(backends, backend, method, extra, wrap, params):
+    """Drafts unlike the model: rejected often (the residual and the bonus token decide), accepted often too."""
+    run = exact_run(backends(backend), SpecConfig(method=method, options=extra), params, BATCH[backend], wrap=wrap)
+    assert run.rejected > 0.1 and run.accepted > 0.25 and run.per_step < 2.5, run  # per step: at most K = 3
+    if method == "stand+consensus":
+        assert run.drafter.graft_accepted > 0, "no grafted node was ever accepted"
+
+
+@pytest.mark.parametrize("backend", ["hf", "lean"])
+def test_trees_cut_by_the_cost_grid_stay_exact(backends, backend):
     """STAND trees cut to the few best nodes a pass can afford (siblings included) keep the distribution."""
+    target = backends(backend)
     grid = CostGrid({1: {1: 10.0, 64: 20.0}, 256: {1: 100.0, 2: 101.0, 3: 102.0, 4: 103.0, 5: 104.0, 6: 400.0}})
     spec = SpecConfig(method="stand")
     assert Engine(target, make_drafter(spec, target.vocab_size), grid=grid).budget(250)[0] == 4
-    samples, per_step = engine_samples(target, spec, PLAIN, n=2000, grid=grid)
-    pvals = marginal_pvalues(samples, exact_joint(target, PLAIN))
-    assert min(pvals.values()) > 1e-4, pvals
-    assert 1.02 < per_step < K, per_step
+    run = exact_run(target, spec, PLAIN, grid=grid)
+    assert 1.02 < run.per_step < K, run.per_step
 
 
-def test_best_first_trees_under_a_pass_floor_stay_exact(target):
+@pytest.mark.parametrize("backend", ["hf", "lean"])
+def test_best_first_trees_under_a_pass_floor_stay_exact(backends, backend):
     """stand-dynamic with the floor a cost grid sets: tree shapes follow the table's confidence, draw by draw."""
+    target = backends(backend)
     grid = CostGrid({1: {1: 10.0, 64: 20.0}, 256: {1: 100.0, 2: 101.0, 3: 102.0, 4: 103.0, 5: 104.0, 6: 110.0}})
     spec = SpecConfig(method="stand-dynamic")
     nodes, floor, _ = Engine(target, make_drafter(spec, target.vocab_size), grid=grid).budget(250)
     assert 0.05 < floor < 0.5, floor
-    samples, per_step = engine_samples(target, spec, PLAIN, n=2000, grid=grid)
-    pvals = marginal_pvalues(samples, exact_joint(target, PLAIN))
-    assert min(pvals.values()) > 1e-4, pvals
-    assert 1.02 < per_step < K, per_step
+    run = exact_run(target, spec, PLAIN, grid=grid)
+    assert 1.02 < run.per_step < K, run.per_step
+
+
+# ---- the reference sampler the expected distribution comes from ------------------------------------------------
+
+def test_reference_sampler_cuts_where_the_definition_says():
+    logits = np.log([0.5, 0.3, 0.15, 0.05])
+    assert np.allclose(reference_probs(logits, 1.0, 0, 0.79), [0.5 / 0.8, 0.3 / 0.8, 0, 0])  # 0.8 reaches 0.79
+    assert np.allclose(reference_probs(logits, 1.0, 0, 0.81), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])
+    assert np.allclose(reference_probs(logits, 1.0, 1, 1.0), [1, 0, 0, 0])
+    p = reference_probs(logits, 0.5, 3, 1.0)
+    assert np.allclose(p, np.array([0.25, 0.09, 0.0225, 0]) / 0.3625)
+
+
+@pytest.mark.parametrize("params", [PLAIN, TRUNCATED, SamplingParams(temperature=1.3, top_k=3),
+                                    SamplingParams(temperature=0.5, top_p=0.6), SamplingParams()],
+                         ids=["T1", "T0.7-k5-p0.9", "T1.3-k3", "T0.5-p0.6", "greedy"])
+def test_package_sampler_agrees_with_the_reference(params):
+    """stand's sampler_probs and the reference agree on random logits (a bug in either shows here first)."""
+    logits = torch.randn(200, V, generator=torch.Generator().manual_seed(0)) * 3
+    got = sampler_probs(logits, params).double().numpy()
+    want = np.stack([reference_probs(lg, params.temperature, params.top_k, params.top_p) for lg in logits.numpy()])
+    assert np.abs(got - want).max() < 1e-5
