@@ -60,3 +60,20 @@ def test_sequential_samples_share_a_table_as_one_run(target):
     assert all(r.generated == rows[0].generated for r in rows)  # greedy: the same text
     assert rows[2].stats.mean_accepted > rows[0].stats.mean_accepted  # drafted from the earlier samples
     assert not engine.drafter.tables  # the group's table is gone once its last row ended
+
+
+def test_prompt_distributions_arrive_in_bounded_chunks(target, monkeypatch):
+    """A long prompt reaches the drafter as sparse top-k per position, computed PREFILL_CHUNK positions at a time."""
+    from stand.backends.protocol import PREFILL_CHUNK
+    from stand.core.drafter import PromptDists
+
+    sizes = []
+    real = PromptDists.fill
+    monkeypatch.setattr(PromptDists, "fill", lambda self, start, probs, nxt: (sizes.append(len(probs)),
+                                                                               real(self, start, probs, nxt)))
+    prompt = list(b"the cat sat on the mat. " * 17)  # 408 tokens: two chunks
+    r = Row(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    engine = make_engine(target, SpecConfig(method="stand"))
+    engine.run([r])
+    assert max(sizes) <= PREFILL_CHUNK and sum(sizes) == len(prompt) - 1
+    assert r.generated == alone(target, "none", r)

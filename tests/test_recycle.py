@@ -1,6 +1,7 @@
 import numpy as np
 import torch
 
+from stand.core.drafter import PromptDists
 from stand.drafters.recycle import TokenRecycling
 from stand.core.sequence import Row
 from stand.params import SamplingParams, SpecConfig
@@ -18,6 +19,13 @@ def _probs(rows: dict[int, list[int]], n: int, V: int = 50) -> torch.Tensor:
     return p / p.sum(-1, keepdim=True)
 
 
+def _prompt(prompt: list[int], probs: torch.Tensor, k: int) -> PromptDists:
+    """What the engine hands start(): the prompt's distributions, kept sparse."""
+    dists = PromptDists.empty(len(probs), k)
+    dists.fill(0, probs, prompt[1:])
+    return dists
+
+
 def _drafter(k=2):
     d = TokenRecycling(SpecConfig(method="recycle", options={"k": k}), 50)
     d.template = TreeTemplate.from_pairs([(-1, 0), (-1, 1), (0, 0), (0, 1), (2, 0)])
@@ -28,7 +36,7 @@ def _drafter(k=2):
 def test_prompt_fills_rows_and_latest_overwrites():
     d = _drafter()
     row = Row([1, 2, 1, 3], SamplingParams())
-    d.start(row, _probs({0: [5, 6], 1: [7, 8], 2: [9, 10]}, 3))
+    d.start(row, _prompt(row.prompt, _probs({0: [5, 6], 1: [7, 8], 2: [9, 10]}, 3), d.prompt_topk()))
     assert d.adj[1].tolist() == [9, 10] and d.adj[2].tolist() == [7, 8]  # token 1: its later position wins
     assert (d.adj[3] == -1).all()
     tree = DraftTree()

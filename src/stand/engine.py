@@ -14,7 +14,7 @@ import torch
 
 from stand.backends.protocol import Backend
 from stand.core.budget import CostGrid, OnlineAcceptance, best_nodes, nodes_per_row
-from stand.core.drafter import Drafter
+from stand.core.drafter import Drafter, PromptDists
 from stand.core.sequence import OnCommit, Row
 from stand.core.tree import DraftTree
 from stand.core.verify import Verdict, sampler_probs, verify
@@ -107,14 +107,23 @@ class Engine:
             return
         if not self.live:
             self.cache = self.target.new_cache()
-        want = self.drafter.wants_prompt_probs
-        logits = self.cache.prefill([r.prompt[:-1] for r in rows], all_logits=want)
+        k = self.drafter.prompt_topk()
+        dists = [PromptDists.empty(len(r.prompt) - 1, k) for r in rows] if k else None
+
+        def fill(members: list[int], start: int, logits: torch.Tensor) -> None:  # logits [C, V]
+            probs = {}  # rows sharing a prefix mostly share their sampling too
+            for b in members:
+                key = repr(rows[b].params)
+                if key not in probs:
+                    probs[key] = sampler_probs(logits, rows[b].params)  # [C, V]
+                dists[b].fill(start, probs[key], rows[b].prompt[start + 1:start + 1 + len(logits)])
+
+        self.cache.prefill([r.prompt[:-1] for r in rows], fill if k else None)
         t = time.perf_counter()
         for b, r in enumerate(rows):
             r.started = t
-            probs = sampler_probs(logits[b], r.params) if want and len(logits[b]) else None
             with Timer(r):
-                self.drafter.start(r, probs)
+                self.drafter.start(r, dists[b] if k else None)
             r.check_room(self.target.max_len)
         self.live += rows
 

@@ -51,7 +51,7 @@ class Probe:
         self.rows = rows
         self.cache = target.new_cache()
         prompt = [(7 * i + 3) % max(target.vocab_size - 1, 2) for i in range(cache_len)]
-        self.cache.prefill([prompt] * rows, all_logits=False)
+        self.cache.prefill([prompt] * rows)
 
     @torch.inference_mode()
     def time_ms(self, nodes: int) -> float:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from stand.backends.torch import encode, encode_messages, load_tokenizer
+from stand.backends.protocol import PREFILL_CHUNK, OnLogits
 from stand.core.tree import DraftTree
 from stand.errors import StandError
 
@@ -239,36 +240,32 @@ class LlamaCache:
             raise RuntimeError("this llama.cpp cache was invalidated: the model ran another cache since")
 
     @torch.inference_mode()
-    def prefill(self, prefixes: list[list[int]], all_logits: bool) -> list[torch.Tensor] | None:
+    def prefill(self, prefixes: list[list[int]], on_logits: OnLogits | None = None) -> None:
         self._check()
-        if len(prefixes) > MAX_SEQUENCES:
-            raise StandError(f"llama.cpp holds at most {MAX_SEQUENCES} sequences; the batch has {len(prefixes)} rows")
-        first: dict[tuple, int] = {}  # prefix -> the row that decoded it
-        out: list[torch.Tensor | None] = []
+        if len(self.seqs) + len(prefixes) > MAX_SEQUENCES:
+            raise StandError(f"llama.cpp holds at most {MAX_SEQUENCES} sequences; the batch would have "
+                             f"{len(self.seqs) + len(prefixes)} rows")
+        base = len(self.seqs)
+        first: dict[tuple, int] = {}  # prefix -> the row that decodes it
         for row, p in enumerate(prefixes):
-            seq = self.free.pop()
-            self.seqs.append(seq)
+            self.seqs.append(self.free.pop())
             self.lengths.append(len(p))
-            src = first.setdefault(tuple(p), row)
-            if src != row:
-                self.llm.seq_cp(self.seqs[src], seq)  # shares the cells: no second prefill
-                out.append(out[src])
-            else:
-                out.append(self._decode_prompt(p, seq, all_logits))
-        return out if all_logits else None
+            first.setdefault(tuple(p), row)
+        for key, row in first.items():
+            members = [r for r, p in enumerate(prefixes) if first[tuple(p)] == row]
+            self._decode_prompt(list(key), self.seqs[base + row], members, on_logits)
+            for r in members[1:]:
+                self.llm.seq_cp(self.seqs[base + row], self.seqs[base + r])  # shares the cells: no second prefill
 
-    def _decode_prompt(self, prompt: list[int], seq: int, all_logits: bool) -> torch.Tensor | None:
-        """Decodes one prompt into sequence `seq`, N_BATCH tokens at a time; [P, V] logits if asked."""
-        chunks = []
-        for lo in range(0, len(prompt), N_BATCH):
-            part = prompt[lo:lo + N_BATCH]
-            n = self.llm.batch.fill_chain(part, lo, seq, all_logits)
+    def _decode_prompt(self, prompt: list[int], seq: int, members: list[int], on_logits: OnLogits | None) -> None:
+        """Decodes one prompt into sequence `seq` in chunks (PREFILL_CHUNK tokens when its logits are wanted)."""
+        chunk = N_BATCH if on_logits is None else PREFILL_CHUNK
+        for lo in range(0, len(prompt), chunk):
+            part = prompt[lo:lo + chunk]
+            n = self.llm.batch.fill_chain(part, lo, seq, on_logits is not None)
             self.llm.decode_batch(n)
-            if all_logits:
-                chunks.append(self.llm.logits(n).clone())
-        if not all_logits:
-            return None
-        return torch.cat(chunks) if chunks else torch.zeros(0, self.llm.vocab_size)
+            if on_logits is not None:
+                on_logits(members, lo, self.llm.logits(n))
 
     @torch.inference_mode()
     def step(self, trees: list[DraftTree], roots: list[int]) -> list[torch.Tensor]:

@@ -9,17 +9,22 @@ Implementations: backends/torch.py (Hugging Face + lean forward), backends/llama
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from stand.core.tree import DraftTree
 
 
+PREFILL_CHUNK = 256  # prompt positions whose logits are handed over at once
+OnLogits = Callable[[list[int], int, torch.Tensor], None]
+
+
 class Cache(Protocol):
-    def prefill(self, prefixes: list[list[int]], all_logits: bool) -> list[torch.Tensor] | None:
-        """Starts one row per prefix (a prompt less its last token; equal prefixes may share their cells).
-        all_logits: returns row b's logits [len(prefixes[b]), V] after every prefix token (else None)."""
+    def prefill(self, prefixes: list[list[int]], on_logits: OnLogits | None = None) -> None:
+        """Adds one row per prefix (a prompt less its last token) after the rows already here; equal prefixes are
+        computed once. on_logits(rows, start, logits [C, V]): the logits after prefix tokens start..start+C-1 of
+        the new rows `rows` (indices into prefixes: those sharing that prefix), chunk by chunk (C <= PREFILL_CHUNK): never all at once."""
 
     def step(self, trees: list[DraftTree], roots: list[int]) -> Sequence[torch.Tensor]:
         """One verification pass. roots[b]: row b's last committed token, not yet in the cache; its tree hangs

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from stand.backends.kv import HFCache, TreeBatch, additive_mask, prefill_batch, tree_batch
+from stand.backends.protocol import PREFILL_CHUNK, OnLogits
 from stand.core.tree import DraftTree
 from stand.errors import StandError
 
@@ -113,26 +114,39 @@ class TorchCache:
         self.target, self.inner, self.lengths = target, target.inner_cache(), []
 
     @torch.inference_mode()
-    def prefill(self, prefixes: list[list[int]], all_logits: bool) -> list[torch.Tensor] | None:
-        """New rows after the ones already here (prefilled apart, then appended: slots padded to the longer)."""
-        if not self.lengths:
-            return self._prefill(prefixes, all_logits)
-        new = TorchCache(self.target)
-        logits = new._prefill(prefixes, all_logits)
-        self.inner.extend(new.inner, (len(self.lengths), len(new.lengths)))
-        self.lengths += new.lengths
-        return logits
+    def prefill(self, prefixes: list[list[int]], on_logits: OnLogits | None = None) -> None:
+        """Each distinct prefix runs alone, PREFILL_CHUNK tokens per forward; its rows are copies of it, appended
+        after the rows already here (slots padded to the longest)."""
+        uniq: dict[tuple, list[int]] = {}
+        for b, p in enumerate(prefixes):
+            uniq.setdefault(tuple(p), []).append(b)
+        base = len(self.lengths)
+        for prefix, members in uniq.items():
+            part = TorchCache(self.target)
+            part.lengths = [0]
+            for start in range(0, len(prefix), PREFILL_CHUNK):
+                logits = part._chunk(list(prefix[start:start + PREFILL_CHUNK]), on_logits is not None)
+                if on_logits is not None:
+                    on_logits(members, start, logits)
+            self._append(part)
+        part_row = {key: base + i for i, key in enumerate(uniq)}  # each distinct prefix's row, as appended
+        self.lengths = self.lengths[:base] + [len(p) for p in prefixes]
+        self.inner.keep_rows(list(range(base)) + [part_row[tuple(p)] for p in prefixes], max(self.lengths))
 
-    def _prefill(self, prefixes: list[list[int]], all_logits: bool) -> list[torch.Tensor] | None:
-        """Into an empty cache; equal prefixes run once, their rows are copies."""
-        uniq: dict[tuple, int] = {}
-        which = [uniq.setdefault(tuple(p), len(uniq)) for p in prefixes]
-        self.lengths = [len(p) for p in prefixes]
-        if max(self.lengths) == 0:
-            return [torch.zeros(0, self.target.vocab_size)] * len(prefixes) if all_logits else None
-        logits = self.target.forward(self.inner, prefill_batch([list(p) for p in uniq]), all_logits)  # [U, P, V]
-        self.inner.keep_rows(which, max(self.lengths))
-        return [logits[u, :L] for u, L in zip(which, self.lengths)] if all_logits else None
+    def _chunk(self, tokens: list[int], want: bool) -> torch.Tensor | None:
+        """Appends tokens to this one-row cache; their logits [C, V] if wanted."""
+        L = self.lengths[0]
+        if L == 0:
+            logits = self.target.forward(self.inner, prefill_batch([tokens]), want)  # [1, C, V]
+        else:
+            batch = tree_batch([DraftTree.chain(tokens[1:])], [tokens[0]], [L], L)
+            logits = self.target.forward(self.inner, batch, want)
+        self.lengths = [L + len(tokens)]
+        return logits[0] if want else None
+
+    def _append(self, part: "TorchCache") -> None:
+        self.inner.extend(part.inner, (len(self.lengths), 1))
+        self.lengths.append(part.lengths[0])
 
     @torch.inference_mode()
     def step(self, trees: list[DraftTree], roots: list[int]) -> torch.Tensor:

@@ -44,20 +44,50 @@ def _fits(value, default) -> bool:
     return isinstance(value, (int, float) if isinstance(default, float) else type(default))
 
 
+@dataclass
+class PromptDists:
+    """The target's sampler distribution after each prompt token but the last, kept sparse (filled chunk by chunk
+    as the prompt is prefilled, so no [prompt, vocabulary] tensor is ever held): its top-k and the chance of the
+    prompt's own next token."""
+
+    ids: np.ndarray  # [P-1, k] int64, most likely first
+    probs: np.ndarray  # [P-1, k] float64
+    token_probs: np.ndarray  # [P-1] float64
+
+    @classmethod
+    def empty(cls, n: int, k: int) -> "PromptDists":
+        return cls(np.zeros((n, k), dtype=np.int64), np.zeros((n, k)), np.ones(n))
+
+    def __len__(self) -> int:
+        return len(self.token_probs)
+
+    def fill(self, start: int, probs: torch.Tensor, next_tokens: list[int]) -> None:
+        """probs [C, V]: the distributions after prompt tokens start..start+C-1; next_tokens: the C tokens after."""
+        k = self.ids.shape[1]
+        vals, ids = torch.topk(probs.float(), min(k, probs.shape[-1]), dim=-1)  # [C, k]
+        end = start + len(probs)
+        self.ids[start:end, : ids.shape[1]] = ids.numpy()
+        self.probs[start:end, : ids.shape[1]] = vals.double().numpy()
+        self.token_probs[start:end] = probs[torch.arange(len(probs)), torch.tensor(next_tokens)].double().numpy()
+
+
 class Drafter:
     name = "base"
     Options: type = NoOptions  # the drafter's own knobs, a dataclass filled from SpecConfig.options
     default_nodes: int | None = None  # tree size the drafter prefers when no cost grid decides (None: its whole tree)
     wants_probs = False  # observe() receives the target's sampler distributions
-    wants_prompt_probs = False  # start() receives the distributions over the prompt
 
     def __init__(self, config: SpecConfig, vocab_size: int):
         self.config = config
         self.vocab_size = vocab_size
         self.options = parse_options(self.Options, config.options, config.method)
 
-    def start(self, row: Row, prompt_probs: torch.Tensor | None) -> None:
-        """A row enters. prompt_probs: [P-1, V], the distribution after each prompt token but the last."""
+    def prompt_topk(self) -> int:
+        """How many of the most likely tokens after each prompt token start() wants (0: no prompt distributions)."""
+        return 0
+
+    def start(self, row: Row, prompt: PromptDists | None) -> None:
+        """A row enters. prompt: the target's distributions over the prompt, if prompt_topk() asked for them."""
 
     def propose(self, row: Row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         """The draft for the next step; the root is row.tokens[-1]. max_nodes: the nodes the pass asks of this

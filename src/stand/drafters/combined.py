@@ -38,7 +38,6 @@ class StandConsensus(Drafter):
     name = "stand+consensus"
     Options = union_options("StandConsensusOptions", StandDrafter, ConsensusDrafter)
     wants_probs = True
-    wants_prompt_probs = True
 
     def __init__(self, config, vocab_size: int):
         super().__init__(config, vocab_size)
@@ -50,9 +49,12 @@ class StandConsensus(Drafter):
     def prepare(self, target) -> None:
         self.stand.prepare(target)
 
-    def start(self, row, prompt_probs=None) -> None:
-        self.stand.start(row, prompt_probs)
-        self.consensus.start(row, prompt_probs)
+    def prompt_topk(self) -> int:
+        return max(self.stand.prompt_topk(), self.consensus.prompt_topk())
+
+    def start(self, row, prompt=None) -> None:
+        self.stand.start(row, prompt)
+        self.consensus.start(row, prompt)
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         tree, added = graft(self.stand.propose(row, max_nodes), self.consensus.propose(row), GRAFT)

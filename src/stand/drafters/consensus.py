@@ -23,7 +23,6 @@ import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from stand.core.tree import DraftTree
@@ -284,19 +283,17 @@ def committed_probs(tree: DraftTree, probs, verdict) -> list[float]:
     return probs[path, toks].double().tolist()
 
 
-def prompt_token_probs(prompt: list[int], prompt_probs) -> list[float] | None:
+def prompt_token_probs(prompt: list[int], dists) -> list[float] | None:
     """The target's probability of each prompt token after the ones before it (1 for the first)."""
-    if prompt_probs is None or len(prompt_probs) != len(prompt) - 1:
+    if dists is None or len(dists) != len(prompt) - 1:
         return None
-    rest = prompt_probs[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].double().tolist()
-    return [1.0] + rest
+    return [1.0] + dists.token_probs.tolist()
 
 
 class ConsensusDrafter(Drafter):
     name = "consensus"
     Options = ConsensusOptions
     wants_probs = True
-    wants_prompt_probs = True  # weights the prompt's continuations by the target's probabilities
 
     def __init__(self, config, vocab_size: int):
         super().__init__(config, vocab_size)
@@ -304,11 +301,14 @@ class ConsensusDrafter(Drafter):
         self.min_n = 1  # back off from k-grams to shorter suffixes when the k-gram has no match
         self.groups: dict[tuple[int, int], GroupIndex] = {}
 
-    def start(self, row, prompt_probs=None) -> None:
+    def prompt_topk(self) -> int:
+        return 1  # the prompt's continuations are weighted by the target's probabilities of its tokens
+
+    def start(self, row, prompt=None) -> None:
         key = group_key(row)
         if key not in self.groups:
             self.groups[key] = GroupIndex(self.k)
-            self.groups[key].add_prompt(list(row.prompt), prompt_token_probs(row.prompt, prompt_probs))
+            self.groups[key].add_prompt(list(row.prompt), prompt_token_probs(row.prompt, prompt))
         self.groups[key].add_row(row.uid, list(row.tokens))
 
     def _group(self, row) -> GroupIndex:

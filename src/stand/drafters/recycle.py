@@ -13,12 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from stand.drafters.stand import top_dist
 from stand.drafters.templates import DEFAULT_SIZE, fill, heuristic
 from stand.core.tree import DraftTree
-from stand.core.drafter import Drafter
+from stand.core.drafter import Drafter, PromptDists
 
 
 @dataclass
@@ -30,7 +29,6 @@ class TokenRecycling(Drafter):
     name = "recycle"
     Options = RecycleOptions
     wants_probs = True
-    wants_prompt_probs = True
 
     def __init__(self, config, vocab_size: int):
         super().__init__(config, vocab_size)
@@ -39,20 +37,22 @@ class TokenRecycling(Drafter):
         self.template = heuristic(DEFAULT_SIZE, max_children=self.k)
         self.kids = self.template.children()
 
-    def _update(self, tokens, probs: torch.Tensor) -> None:
-        """tokens [N] each followed by distribution probs [N, V]: overwrite their rows (later ones win)."""
-        ids = top_dist(probs, self.k)[0]  # [N, k]
+    def _update(self, tokens, ids: np.ndarray) -> None:
+        """tokens [N] each followed by top-k next tokens ids [N, k]: overwrite their rows (later ones win)."""
         tokens = np.asarray(tokens, dtype=np.int64)
         last = len(tokens) - 1 - np.unique(tokens[::-1], return_index=True)[1]  # the last occurrence of each token
         self.adj[tokens[last]] = ids[last]
 
-    def start(self, row, prompt_probs) -> None:
-        if prompt_probs is not None and len(prompt_probs):
-            self._update(row.prompt[: len(prompt_probs)], prompt_probs)
+    def prompt_topk(self) -> int:
+        return self.k
+
+    def start(self, row, prompt: PromptDists | None) -> None:
+        if prompt is not None and len(prompt):
+            self._update(row.prompt[: len(prompt)], prompt.ids[:, : self.k])
 
     def observe(self, row, tree: DraftTree, probs, verdict) -> None:
         if probs is not None:
-            self._update([row.tokens[-1]] + tree.tokens, probs[: len(tree) + 1])
+            self._update([row.tokens[-1]] + tree.tokens, top_dist(probs[: len(tree) + 1], self.k)[0])
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         return fill(self.kids, row.tokens[-1], self._next)

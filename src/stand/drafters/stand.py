@@ -29,7 +29,7 @@ from stand.core.budget import acceptance_curve
 from stand.drafters.templates import (DEFAULT_PRIOR, TreeTemplate, check_vocab, fill, heuristic, most_valuable,
                                       shipped_tree_path)
 from stand.core.tree import DraftTree, SparseDist
-from stand.core.drafter import Drafter
+from stand.core.drafter import Drafter, PromptDists
 
 log = logging.getLogger(__name__)
 NOISE_BLOCK = 1 << 14
@@ -138,7 +138,6 @@ class StandDrafter(Drafter):
     name = "stand"
     Options = StandOptions
     wants_probs = True
-    wants_prompt_probs = True
 
     def __init__(self, config, vocab_size: int):
         super().__init__(config, vocab_size)
@@ -220,17 +219,19 @@ class StandDrafter(Drafter):
 
     # ---- the drafter interface ------------------------------------------------------------------
 
-    def start(self, row, prompt_probs: torch.Tensor | None) -> None:
+    def prompt_topk(self) -> int:
+        return self.options.topk
+
+    def start(self, row, prompt: PromptDists | None) -> None:
         key = self._key(row)
         if key not in self.tables:
             self.tables[key] = self._new_table()
         self.members.setdefault(key, set()).add(row.uid)
         seed = int(row.rng.integers(2**63))
         self.rows[row.uid] = RowState(key, GumbelNoise(np.random.default_rng(seed)))
-        if prompt_probs is not None and len(prompt_probs):
-            ids, probs = top_dist(prompt_probs, self.options.topk)
-            tails = tails_of(np.asarray(row.prompt[: len(prompt_probs)]), self.options.max_n)  # [P-1, max_n]
-            self.tables[key].insert(tails, ids, probs)
+        if prompt is not None and len(prompt):
+            tails = tails_of(np.asarray(row.prompt[: len(prompt)]), self.options.max_n)  # [P-1, max_n]
+            self.tables[key].insert(tails, prompt.ids, prompt.probs)
         self._track_memory()
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
