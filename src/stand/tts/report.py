@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from stand.core import files
+from stand.tts.answers import is_correct
 from stand.tts.solve import Solution, acceptance_by_index, accuracy
 
 
@@ -22,13 +23,30 @@ def solution_line(i: int, total: int, sol: Solution) -> str:
             f"{sol.mean_accepted:.2f} tokens/step, {sol.schedule}")
 
 
+def sample_accuracy(solutions: list[Solution]) -> dict:
+    """Single-sample accuracy: the mean over the samples of judged questions of each sample's own answer being
+    right (a sample without an answer counts as wrong), i.e. what one sample per question would score."""
+    samples = [(smp, sol.reference) for sol in solutions if sol.reference is not None for smp in sol.samples]
+    right = sum(1 for smp, ref in samples if is_correct(smp.answer, ref))
+    return {"samples": len(samples), "correct": right, "no_answer": sum(1 for smp, _ in samples if smp.answer is None),
+            "accuracy": right / len(samples) if samples else None}
+
+
+def accuracy_line(solutions: list[Solution]) -> str | None:
+    """Accuracy at n (the strategy's answer) beside single-sample accuracy; None when nothing can be judged."""
+    acc, one = accuracy(solutions), sample_accuracy(solutions)
+    if not acc["judged"]:
+        return None
+    n = max(len(s.samples) for s in solutions)
+    return (f"accuracy {solutions[0].strategy}@{n} {acc['correct']}/{acc['judged']} = {acc['accuracy']:.3f} "
+            f"({acc['no_answer']} without an answer) | single sample {one['correct']}/{one['samples']} = "
+            f"{one['accuracy']:.3f} ({one['no_answer']} without an answer)")
+
+
 def summary_lines(solutions: list[Solution], method: str) -> list[str]:
-    acc = accuracy(solutions)
     toks, secs = sum(s.new_tokens for s in solutions), sum(s.seconds for s in solutions)
-    lines = []
-    if acc["judged"]:
-        lines.append(f"accuracy {acc['correct']}/{acc['judged']} = {acc['accuracy']:.3f} "
-                     f"({acc['no_answer']} without an answer)")
+    line = accuracy_line(solutions)
+    lines = [line] if line else []
     lines.append(f"[{method}] {toks} tokens in {secs:.1f}s = {toks / max(secs, 1e-9):.1f} tok/s")
     lines.append("tokens/step by sample index: " + " ".join(f"{a:.2f}" for a in acceptance_by_index(solutions)))
     return lines
@@ -37,6 +55,7 @@ def summary_lines(solutions: list[Solution], method: str) -> list[str]:
 def write_json(solutions: list[Solution], path: str, config: dict | None = None) -> None:
     """Every question with every sample (text, answer, score, stats, per-token log-probs)."""
     files.write_json(str(path), {"config": config or {}, "accuracy": accuracy(solutions),
+                                 "single_sample_accuracy": sample_accuracy(solutions),
                                  "acceptance_by_index": acceptance_by_index(solutions),
                                  "solutions": [s.as_dict() for s in solutions]})
 
