@@ -313,7 +313,7 @@ def serve_cmd(
 @user_errors
 def solve_cmd(
     question: Optional[str] = typer.Argument(None, help="One question (else --dataset or --jsonl)"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="champ | humaneval"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="champ | humaneval | arithmetic[:LEVEL[:SEED]]"),
     jsonl: Optional[str] = typer.Option(None, "--jsonl", help='A file of {"prompt": ..., "answer": ...} lines'),
     problems: Optional[int] = typer.Option(None, "--problems", help="How many problems (default: all)"),
     answer: Optional[str] = typer.Option(None, "--answer", help="Reference answer of the single question"),
