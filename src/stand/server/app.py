@@ -227,9 +227,9 @@ def install_routes(app: FastAPI, state: State) -> None:
     async def completions(req: CompletionRequest, request: Request):
         target = state.require_ready()
         check_unsupported(req)
+        params = sampling_params(req, requested_max_tokens(req, config), config)
         raw = split_prompts(req.prompt)
         check_rows(len(raw), req.n, config)
-        params = sampling_params(req, requested_max_tokens(req, config), config)
         prompts = await state.off_loop(completion_prompts, raw, target, config.max_prompt_tokens)
         return await respond(state, req, request, prompts, params, Shape(False, config.model_id))
 

@@ -4,12 +4,13 @@ A request may hold at most max_n rows, a prompt of max_prompt_tokens and max_tok
 Its memory is
 - KV: on llama.cpp the samples of a prompt share its cells (prompt + n x new tokens); on torch every row holds
   the prompt and rows are padded to the longest (n x (prompt + new));
-- prompt distributions: drafters that learn from the prompt (stand, recycle, consensus) get the model's
-  distribution after every prompt token: PROMPT_COPIES x prompt x vocabulary x 4 bytes while the request joins
-  (the backend's logits, their copy, the sampler's probabilities and one temporary);
+- prompt distributions: drafters that learn from the prompt (stand, recycle, consensus) keep the top k of the
+  model's distribution after every prompt token, per row (16 k + 8 bytes a position); while the prompt is
+  prefilled, PREFILL_CHUNK positions of full distributions at a time, CHUNK_COPIES times over (the backend's
+  logits and the sampler's temporaries);
 - pass logits: logits and probabilities of its rows' trees (rows + step tokens) in one pass;
 - tables: one full n-gram table per prompt (none with a shared table).
-Imports nothing heavy: `stand serve --help` shows the figure for the default model.
+`stand serve --help` shows the figure for the default model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-PROMPT_COPIES = 4
+from stand.backends.protocol import PREFILL_CHUNK
+
+CHUNK_COPIES = 4
 STEP_TOKENS = 64  # SpecConfig.step_tokens: tree tokens of one pass over all rows
 KV_MARGIN = 512  # llama.cpp cells kept free for the trees of a pass
 
@@ -33,13 +36,13 @@ class ModelShape:
     prompt_shared: bool  # the samples of a prompt share its KV (llama.cpp)
     capacity: int | None  # KV tokens of all requests together (llama.cpp's cells), None: no fixed bound
     table_bytes: int  # one full drafter table (0: the method keeps none per request)
-    prompt_probs: bool  # the drafter takes the prompt's distributions
+    prompt_topk: int  # tokens of the prompt's distributions the drafter keeps per position (0: none)
 
 
 # SmolLM2-135M-Instruct on llama.cpp (30 layers x 3 KV heads x 64 dims x K,V x f16) with the stand drafter's
 # default table (2^18 slots); tests/test_server_limits.py checks these against the loaded model.
 DEFAULT_SHAPE = ModelShape("SmolLM2-135M-Instruct (llama.cpp)", 23040, 49152, 8192, True, 16384 - KV_MARGIN,
-                           63_963_256, True)
+                           63_963_256, 10)
 
 
 @dataclass
@@ -79,7 +82,10 @@ def worst_case(max_n: int, max_prompt_tokens: int, max_tokens: int, shape: Model
     tokens = max(kv_tokens([prompt], max_n, max_tokens, shape), kv_tokens([prompt] * max_n, 1, max_tokens, shape))
     if shape.capacity is not None:
         tokens = min(tokens, shape.capacity)  # a request that needs more is refused
-    probs = PROMPT_COPIES * prompt * shape.vocab_size * 4 if shape.prompt_probs else 0
+    probs = 0
+    if shape.prompt_topk:
+        chunk = CHUNK_COPIES * min(PREFILL_CHUNK, prompt) * shape.vocab_size * 4
+        probs = chunk + max_n * prompt * (16 * shape.prompt_topk + 8)
     passes = 2 * (max_n + STEP_TOKENS) * shape.vocab_size * 4
     tables = 0 if shared_table else max_n * shape.table_bytes
     return WorstCase(tokens, tokens * shape.kv_bytes_per_token, probs, passes, tables)
@@ -114,7 +120,7 @@ def shape_of(target, drafter, config) -> ModelShape:
         capacity = min(config.max_live_tokens, capacity or config.max_live_tokens)
     return ModelShape(f"{target.name} ({target.kind})", _llama_kv_bytes(target) if llama else _torch_kv_bytes(target),
                       target.vocab_size, target.max_len, llama, capacity, table_bytes(drafter),
-                      bool(getattr(drafter, "wants_prompt_probs", False)))
+                      min(drafter.prompt_topk(), target.vocab_size))
 
 
 def _llama_kv_bytes(target) -> int:

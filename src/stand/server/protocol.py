@@ -167,15 +167,16 @@ def check_rows(prompts: int, n: int, config: ServerConfig) -> None:
 
 def check_context(ids: list[int], target: Target, limit: int, index: int = 0, param: str = "prompt") -> list[int]:
     """A prompt's token ids: not empty, within the model's context (else 413) and the server's limit (else 400)."""
+    what = f"prompt {index}" if param == "prompt" else "the chat prompt (messages through the chat template)"
     if not ids:
-        raise bad_param(param, f"prompt {index} is empty")
+        raise bad_param(param, f"{what} is empty")
     if len(ids) >= target.max_len:
-        raise ApiError(413, f"prompt {index} is {len(ids)} tokens; this model's context is {target.max_len} tokens",
+        raise ApiError(413, f"{what} is {len(ids)} tokens; this model's context is {target.max_len} tokens",
                        param=param, code="context_length_exceeded")
     if len(ids) > limit:
-        raise bad_param(param, f"prompt {index} is {len(ids)} tokens; this server takes prompts of at most {limit}")
+        raise bad_param(param, f"{what} is {len(ids)} tokens; this server takes prompts of at most {limit}")
     if max(ids) >= target.vocab_size or min(ids) < 0:
-        raise bad_param(param, f"prompt {index} holds token ids outside the vocabulary of {target.vocab_size}")
+        raise bad_param(param, f"{what} holds token ids outside the vocabulary of {target.vocab_size}")
     return ids
 
 
