@@ -2,42 +2,52 @@
 # Mutation check of the lossless promise (issue 15). Each mutant is one small change, made in a copy of src/, that
 # breaks exact sampling (or greedy equality): the fast tests chosen for it run against the copy (PYTHONPATH) and
 # must fail ("killed"). Tests that still pass: "survived". A mutant whose text no longer occurs exactly once in
-# src: "stale" (the script needs updating). The chosen tests must pass on the unmutated copy first ("baseline").
+# src: "stale" (this script needs updating). The chosen tests must pass on the unmutated copy first ("baseline").
 # Exits non-zero unless the baseline passes and every mutant is killed.
 #
 #   scripts/mutants.sh            all mutants
 #   scripts/mutants.sh NAME...    only these (names as in the table below)
 #   MUTANTS_BASELINE=0            skips the baseline (when the suite has just passed on this src)
+#   MUTANTS_JOBS=N                mutants run N at a time (default 2; each test process uses one thread)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/stand-mutants.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
+JOBS=${MUTANTS_JOBS:-2}
 
-# test selections (run with -x: the first failure kills); engine-level checks on the Hugging Face forward
-WRONG=(tests/test_lossless_engine.py -k "test_wrong_drafts_stay_exact and hf- and T1")
-TRUNCATED=(tests/test_lossless_engine.py -k "hf- and T0.7")
-GREEDY=(tests/test_engine.py tests/test_stand.py -k "greedy")
+# test selections, run in the order given, with -x (the first failure kills): engine-level exactness checks on the
+# Hugging Face forward with drafts made wrong on purpose (tests/lossless.py), the truncated sampler, greedy equality
+E=tests/test_lossless_engine.py
+STAND=("$E::test_wrong_drafts_stay_exact[hf-stand-skewed-T1]" "$E::test_wrong_drafts_stay_exact[hf-stand-dynamic-skewed-T1]"
+       "$E::test_wrong_drafts_stay_exact[hf-stand+consensus-2-2-skewed-T1]")
+ONE_HOT=("$E::test_wrong_drafts_stay_exact[hf-consensus-1-6-1-perturbed-T1]"
+         "$E::test_wrong_drafts_stay_exact[hf-stand-False-skewed_perturbed-T1]" "${STAND[@]}")
+TRUNCATED=("$E::test_engine_distribution_is_exact[hf-pld-T0.7-k5-p0.9]"
+           "$E::test_wrong_drafts_stay_exact[hf-consensus-1-6-1-perturbed-T0.7-k5-p0.9]"
+           "$E::test_engine_distribution_is_exact[hf-stand-T0.7-k5-p0.9]")
+GREEDY=("tests/test_stand.py::test_greedy_equals_plain" "tests/test_engine.py::test_greedy_pld_equals_none_and_hf_batched")
 
 # name | file under src/stand | text | replacement | selection (an array above)
 MUTANTS=$(cat <<'EOF'
-unrenormalised-q|core/verify.py|keep = ~np.isin(q.ids, drawn)|keep = np.ones(len(q.ids), dtype=bool)|WRONG
-bonus-from-p|core/verify.py|return Verdict(accepted, _draw(p, p.sum(), rng))|return Verdict(accepted, _draw(probs[node].double().numpy(), 1.0, rng))|WRONG
-accept-always|core/verify.py|if rng.random() * q_tok < p[tok] / total:|if True:|WRONG
-residual-unnormalised|core/verify.py|if rng.random() * q_tok < p[tok] / total:|if rng.random() * q_tok < p[tok]:|WRONG
-no-residual|core/verify.py|p[ids] = np.maximum(p[ids] / total - qp, 0.0) * total|pass|WRONG
+unrenormalised-q|core/verify.py|keep = ~np.isin(q.ids, drawn)|keep = np.ones(len(q.ids), dtype=bool)|STAND
+bonus-from-p|core/verify.py|return Verdict(accepted, _draw(p, p.sum(), rng))|return Verdict(accepted, _draw(probs[node].double().numpy(), 1.0, rng))|ONE_HOT
+accept-always|core/verify.py|if rng.random() * q_tok < p[tok] / total:|if True:|ONE_HOT
+residual-unnormalised|core/verify.py|if rng.random() * q_tok < p[tok] / total:|if rng.random() * q_tok < p[tok]:|ONE_HOT
+no-residual|core/verify.py|p[ids] = np.maximum(p[ids] / total - qp, 0.0) * total|pass|ONE_HOT
 top-p-off-by-one|core/verify.py|before = torch.cumsum(sorted_p, dim=-1) - sorted_p|before = torch.cumsum(sorted_p, dim=-1)|TRUNCATED
 top-k-off-by-one|core/verify.py|kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]|kth = torch.topk(x, params.top_k, dim=-1).values[..., -2:-1]|TRUNCATED
 temperature-inverted|core/verify.py|x = x / params.temperature|x = x * params.temperature|TRUNCATED
 greedy-first-child|core/verify.py|if tree.tokens[c - 1] == argmax[node]), None)|), None)|GREEDY
-gumbel-noise-reused|drafters/stand.py|self.pos += n|self.pos += 0|WRONG
-noise-seed-shared|drafters/stand.py|seed = int(row.rng.integers(2**63))|seed = 0|WRONG
-draft-from-q-squared|drafters/stand.py|keys = -q if deterministic else -(np.log(q) + noise.take(len(q)))|keys = -q if deterministic else -(2 * np.log(q) + noise.take(len(q)))|WRONG
-commit-first-nodes|engine.py|cache.commit([[0] + v.accepted for v in verdicts])|cache.commit([[0] + list(range(1, len(v.accepted) + 1)) for v in verdicts])|WRONG
+gumbel-noise-reused|drafters/stand.py|self.pos += n|self.pos += 0|STAND
+noise-seed-shared|drafters/stand.py|seed = int(row.rng.integers(2**63))|seed = 0|STAND
+draft-from-q-squared|drafters/stand.py|keys = -q if deterministic else -(np.log(q) + noise.take(len(q)))|keys = -q if deterministic else -(2 * np.log(q) + noise.take(len(q)))|STAND
+verify-against-row-0|engine.py|self._verify(r, t, logits[b])|self._verify(r, t, logits[0])|ONE_HOT
+commit-first-nodes|engine.py|cache.commit([[0] + v.accepted for v in verdicts])|cache.commit([[0] + list(range(1, len(v.accepted) + 1)) for v in verdicts])|GREEDY
 EOF
 )
 
-apply() {  # apply FILE TEXT REPLACEMENT: exactly one occurrence, or exit 3
+apply() {  # apply FILE TEXT REPLACEMENT: exactly one occurrence, else exit 3
     python3 - "$@" <<'EOF'
 import sys
 path, old, new = sys.argv[1:]
@@ -48,48 +58,57 @@ open(path, "w").write(src.replace(old, new))
 EOF
 }
 
-run_tests() {  # run_tests COPY SELECTION-NAME: pytest's exit code
-    local copy=$1 sel="$2[@]"
+run_tests() {  # run_tests COPY SELECTION...: pytest's exit code; its output in COPY/pytest.log
+    local copy=$1
+    shift
     PYTHONPATH="$copy/src" python3 -c 'import stand, sys; sys.exit(not stand.__file__.startswith(sys.argv[1]))' \
-        "$copy/src" || { echo "stand is not imported from $copy/src" >&2; return 4; }
-    PYTHONPATH="$copy/src" python3 -m pytest -x -q -p no:cacheprovider -m "not slow" "${!sel}" \
-        >"$copy/pytest.log" 2>&1
+        "$copy/src" || { echo "stand is not imported from $copy/src" >"$copy/pytest.log"; return 4; }
+    PYTHONPATH="$copy/src" python3 -m pytest -x -q -p no:cacheprovider -m "not slow" "$@" >"$copy/pytest.log" 2>&1
 }
 
-fresh_copy() {
-    rm -rf "$WORK/copy" && mkdir -p "$WORK/copy" && cp -r "$ROOT/src" "$WORK/copy/src" && echo "$WORK/copy"
+fresh_copy() {  # fresh_copy NAME: a copy of src under WORK/NAME
+    mkdir -p "$WORK/$1" && cp -r "$ROOT/src" "$WORK/$1/src" && echo "$WORK/$1"
 }
 
-failed=0
+first_failure() {  # the first failed test and the first line of its error
+    local log=$1/pytest.log
+    echo "$(grep -m1 -oE '^FAILED [^ ]+' "$log" | cut -c8- | sed 's/^tests\///'): $(grep -m1 -E '^E ' "$log" | sed -E 's/^E +//' | cut -c1-100)"
+}
+
+mutant() {  # mutant NAME FILE TEXT REPLACEMENT SELECTION: one result line
+    local name=$1 file=$2 old=$3 new=$4 sel="$5[@]" t0=$SECONDS copy
+    copy=$(fresh_copy "$name")
+    if ! apply "$copy/src/stand/$file" "$old" "$new"; then
+        echo "stale     $name: its text is not in src/stand/$file exactly once"
+        return
+    fi
+    run_tests "$copy" "${!sel}"
+    case $? in
+        0) echo "survived  $name: the $5 tests pass ($((SECONDS - t0)) s)" ;;
+        1) echo "killed    $name ($((SECONDS - t0)) s) by $(first_failure "$copy")" ;;
+        *) echo "error     $name: $(tail -3 "$copy/pytest.log" | tr '\n' ' ')" ;;
+    esac
+}
+
 start=$SECONDS
 if [[ "${MUTANTS_BASELINE:-1}" != 0 ]]; then
-    copy=$(fresh_copy)
-    for sel in WRONG TRUNCATED GREEDY; do
-        if ! run_tests "$copy" "$sel"; then
-            echo "baseline: the $sel tests fail on unmutated src ($copy/pytest.log):"
-            tail -20 "$copy/pytest.log"
-            exit 1
-        fi
-    done
+    copy=$(fresh_copy baseline)
+    if ! run_tests "$copy" "${STAND[@]}" "${ONE_HOT[@]:0:2}" "${TRUNCATED[@]}" "${GREEDY[@]}"; then
+        echo "baseline: the chosen tests fail on unmutated src: $(first_failure "$copy")"
+        exit 1
+    fi
     echo "baseline: the chosen tests pass on unmutated src ($((SECONDS - start)) s)"
 fi
 
+mkdir -p "$WORK/results"
+i=0
 while IFS='|' read -r name file old new sel; do
     [[ $# -gt 0 && ! " $* " =~ " $name " ]] && continue
-    t0=$SECONDS
-    copy=$(fresh_copy)
-    if ! apply "$copy/src/stand/$file" "$old" "$new"; then
-        echo "stale     $name: its text is not in src/stand/$file exactly once"
-        failed=1
-        continue
-    fi
-    run_tests "$copy" "$sel"
-    rc=$?
-    case $rc in
-        0) echo "survived  $name ($sel tests pass, $((SECONDS - t0)) s)"; failed=1 ;;
-        1) echo "killed    $name by $(grep -m1 -oE '^FAILED [^ ]+' "$copy/pytest.log" | cut -c8-) ($((SECONDS - t0)) s)" ;;
-        *) echo "error     $name: pytest exit code $rc"; tail -5 "$copy/pytest.log"; failed=1 ;;
-    esac
+    while (($(jobs -rp | wc -l) >= JOBS)); do wait -n; done
+    i=$((i + 1))
+    mutant "$name" "$file" "$old" "$new" "$sel" >"$WORK/results/$(printf %02d $i)" &
 done <<<"$MUTANTS"
+wait
+cat "$WORK"/results/* 2>/dev/null
 echo "mutants: $((SECONDS - start)) s"
-exit $failed
+! grep -qvE '^killed ' "$WORK"/results/* 2>/dev/null && [[ $i -gt 0 ]]
