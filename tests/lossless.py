@@ -20,6 +20,7 @@ from scipy.stats import chisquare
 
 from stand.backends.torch import Target
 from stand.core.sequence import Row
+from stand.core.drafter import PromptDists
 from stand.core.tree import DraftTree
 from stand.drafters.registry import make_drafter
 from stand.engine import Engine
@@ -141,8 +142,24 @@ class Skewed(Wrapped):
         w = probs.float() ** self.power * self.weight[: probs.shape[-1]]
         return w / w.sum(-1, keepdim=True)
 
-    def start(self, row, prompt_probs) -> None:
-        self.inner.start(row, self.skew(prompt_probs))
+    def skew_prompt(self, prompt: PromptDists | None, tokens: list[int]) -> PromptDists | None:
+        """The same skew (in float32, as skew) on the sparse prompt distributions the engine hands start(), which
+        are whole here (top-k >= V); tokens: the prompt's next tokens, whose chances are skewed alike."""
+        if prompt is None or not len(prompt):
+            return prompt
+        w = torch.from_numpy(prompt.probs).float() ** self.power * self.weight[torch.from_numpy(prompt.ids)]
+        total = w.sum(-1, keepdim=True)
+        own = torch.from_numpy(prompt.token_probs).float() ** self.power * self.weight[torch.tensor(tokens)]
+        vals, order = torch.sort(w / total, dim=-1, descending=True, stable=True)
+        k = self.inner.prompt_topk()  # the inner drafter's top-k of the skewed distribution
+        return PromptDists(np.take_along_axis(prompt.ids, order.numpy(), 1)[:, :k], vals[:, :k].double().numpy(),
+                           (own / total[:, 0]).double().numpy())
+
+    def prompt_topk(self) -> int:
+        return V  # the whole distribution, to skew it before the inner drafter takes its top-k
+
+    def start(self, row, prompt) -> None:
+        self.inner.start(row, self.skew_prompt(prompt, row.prompt[1:]))
 
     def observe(self, row, tree, probs, verdict) -> None:
         self.inner.observe(row, tree, self.skew(probs), verdict)

@@ -107,7 +107,7 @@ class Engine:
             return
         if not self.live:
             self.cache = self.target.new_cache()
-        k = self.drafter.prompt_topk()
+        k = min(self.drafter.prompt_topk(), self.target.vocab_size)
         dists = [PromptDists.empty(len(r.prompt) - 1, k) for r in rows] if k else None
 
         def fill(members: list[int], start: int, logits: torch.Tensor) -> None:  # logits [C, V]
