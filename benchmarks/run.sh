@@ -6,6 +6,7 @@
 #   bash benchmarks/run.sh main       # only the main table
 #   bash benchmarks/run.sh sweep      # only the sweep
 #   bash benchmarks/run.sh smoke      # a 1-problem, 32-token check of the whole pipeline (into /tmp)
+#   bash benchmarks/run.sh llamacpp   # our methods on the llama.cpp backend beside llama.cpp itself
 #
 # Knobs (environment): DTYPE (auto = bfloat16 where the CPU has native bf16), REPEATS, PROBLEMS, TOKENS.
 # A Ctrl-C still prints and writes the rows of the problems that every method finished.
@@ -46,6 +47,21 @@ run_sweep() {  # speed-up against N: fewer problems and tokens, since n=16 costs
   python3 -m stand.lab.report "$OUT/sweep.json" > "$OUT/sweep.md"
 }
 
+run_llamacpp() {  # issue 13: our methods on the llama.cpp backend beside llama.cpp's own loop (held-out CHAMP)
+  machine "$OUT/llamacpp.machine.txt"
+  local first=${FIRST:-240} problems=${PROBLEMS:-5} tokens=${TOKENS:-256}
+  for t in 0.6 0; do
+    stand bench --backend llama.cpp --methods none,pld,recycle,stand,stand-dynamic,llama.cpp,llama.cpp-pld \
+      --dataset champ --first "$first" --problems "$problems" --n 1 --temperature "$t" --max-new-tokens "$tokens" \
+      --seed 0 --repeats "$REPEATS" --json "$OUT/llamacpp_n1_t$t.json" | tee -i "$OUT/llamacpp_n1_t$t.txt"
+  done
+  stand bench --backend llama.cpp --methods none,pld,recycle,stand,consensus,stand+consensus --dataset champ \
+    --first "$first" --problems "${PROBLEMS8:-3}" --n 8 --temperature 0.6 --max-new-tokens "$tokens" --seed 0 \
+    --schedule batched,sequential --json "$OUT/llamacpp_n8_t0.6.json" | tee -i "$OUT/llamacpp_n8_t0.6.txt"
+  python3 benchmarks/greedy_agreement.py --first "$first" --problems "$problems" --max-new-tokens "$tokens" \
+    | tee -i "$OUT/llamacpp_greedy_agreement.txt"
+}
+
 run_smoke() {
   OUT=$(mktemp -d /tmp/stand-bench-smoke.XXXX)
   stand bench --methods "$MAIN_METHODS" --dataset champ --problems 1 --n 1,2 --temperature 0.6 \
@@ -60,5 +76,6 @@ case "$WHAT" in
   main) run_main ;;
   sweep) run_sweep ;;
   smoke) run_smoke ;;
-  *) echo "usage: $0 [all|main|sweep|smoke]" >&2; exit 2 ;;
+  llamacpp) run_llamacpp ;;
+  *) echo "usage: $0 [all|main|sweep|smoke|llamacpp]" >&2; exit 2 ;;
 esac

@@ -33,7 +33,7 @@ MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
 TreeOpt = Annotated[Optional[str], typer.Option("--tree", help="STAND: a draft tree JSON from `stand calibrate` (default: the shipped one)")]
 TableOpt = Annotated[Optional[str], typer.Option("--table", help="STAND: n-gram table file, loaded at start and saved at the end (a warm start for the next run)")]
-CostOpt = Annotated[Optional[str], typer.Option("--cost", help="Cost grid JSON (`stand profile --grid`) that sizes each row's tree; default: the tree's own; off: a fixed share of each pass")]
+CostOpt = Annotated[Optional[str], typer.Option("--cost", help="What a pass costs, which sizes each row's tree: default this machine's grid (measured once, cached); a grid JSON (`stand profile --grid`); tree: the calibrated tree's; off: a fixed share of each pass")]
 JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write the results to this JSON file")]
 
 
