@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from stand.backends.torch import encode, encode_messages, load_tokenizer
+from stand.backends.torch import TokenizerText, load_tokenizer
 from stand.backends.protocol import PREFILL_CHUNK, OnLogits
 from stand.core.tree import DraftTree
 from stand.errors import StandError
@@ -88,7 +88,7 @@ class Batch:
 
 
 @dataclass
-class LlamaCppModel:
+class LlamaCppModel(TokenizerText):
     """A loaded GGUF model, its one llama.cpp context, and the tokenizer (the Backend of llama.cpp)."""
 
     path: str
@@ -158,15 +158,6 @@ class LlamaCppModel:
         ids = {t for t in range(self.vocab_size) if ll.llama_vocab_is_eog(self.vocab, t)}
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return ids | ({int(eos)} if eos is not None else {int(ll.llama_vocab_eos(self.vocab))})
-
-    def encode(self, prompt: str, chat: bool = True) -> list[int]:
-        return encode(self.tokenizer, prompt, chat)
-
-    def encode_messages(self, messages: list[dict]) -> list[int]:
-        return encode_messages(self.tokenizer, messages)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
     def fingerprint(self) -> str:
         """Hash of the file's size and its first MiB (header, vocabulary and the first tensors)."""

@@ -38,8 +38,23 @@ def encode(tokenizer, prompt: str, chat: bool = True) -> list[int]:
     return tokenizer.encode(prompt)
 
 
+class TokenizerText:
+    """Text in and out through a Hugging Face tokenizer (`self.tokenizer`; None: no text, ids only)."""
+
+    tokenizer: object
+
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        return encode(self.tokenizer, prompt, chat)
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        return encode_messages(self.tokenizer, messages)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+
 @dataclass
-class Target:
+class Target(TokenizerText):
     """The model being sped up, with its tokenizer and the facts the engine needs (the torch Backend)."""
 
     model: torch.nn.Module
@@ -97,14 +112,6 @@ class Target:
             h.update(p.detach()[:8].float().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def encode(self, prompt: str, chat: bool = True) -> list[int]:
-        return encode(self.tokenizer, prompt, chat)
-
-    def encode_messages(self, messages: list[dict]) -> list[int]:
-        return encode_messages(self.tokenizer, messages)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
 
 class TorchCache:
