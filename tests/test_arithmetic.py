@@ -10,7 +10,7 @@ import pytest
 from stand.errors import StandError
 from stand.tts import arithmetic as arith
 from stand.tts.answers import extract_answer, is_correct
-from stand.tts.problems import ARITHMETIC_INSTRUCTION, Problem, arithmetic, load_dataset
+from stand.tts.problems import ARITHMETIC_INSTRUCTION, ARITHMETIC_SUFFIX, Problem, arithmetic, load_dataset
 from stand.tts.report import sample_accuracy, summary_lines, write_json
 from stand.tts.solve import SolveConfig, decide
 from stand.tts.vote import ScoredSample
@@ -42,7 +42,7 @@ def recompute(text: str) -> tuple[int, list[int]]:
 def test_answers_are_exact(level):
     problems = arithmetic(100, level=level, seed=3)
     for p in problems:
-        assert p.prompt == ARITHMETIC_INSTRUCTION + p.meta["question"]
+        assert p.prompt == ARITHMETIC_INSTRUCTION + p.meta["question"] + ARITHMETIC_SUFFIX
         value, counts = recompute(p.meta["question"])
         assert p.answer == str(value), p.meta["question"]
         assert min(counts) > 0  # nobody gives away what they do not have
@@ -68,7 +68,7 @@ def test_levels_differ():
     largest = {lv: max(max(n) for n in ns) for lv, ns in per_level.items()}
     answers = {lv: sum(int(p.answer) for p in arithmetic(200, level=lv)) / 200 for lv in per_level}
     assert mean_count[1] < mean_count[2] < mean_count[3]  # more steps
-    assert largest[1] < largest[2] <= largest[3]  # larger numbers
+    assert largest[1] <= largest[2] < largest[3]  # larger numbers
     assert answers[1] < answers[2] < answers[3]
     assert all(max(n) <= 9 and min(n) >= 2 for n in per_level[1])
 
@@ -78,6 +78,7 @@ def test_load_dataset_names():
     assert [p.answer for p in load_dataset("arithmetic:3", 4)] == [p.answer for p in arithmetic(4, level=3)]
     assert [p.prompt for p in load_dataset("arithmetic:2:11", 3)] == [p.prompt for p in arithmetic(3, level=2, seed=11)]
     assert load_dataset("arithmetic:2", 1, instruction="Q: ")[0].prompt.startswith("Q: ")
+    assert arithmetic(1, instruction="", suffix="")[0].prompt == arithmetic(1)[0].meta["question"]
     assert load_dataset("arithmetic:2", 1)[0].category == "level 2"
     for bad in ("arithmetic:9", "arithmetic:0", "arithmetic:x", "arithmetic:1:2:3", "arithmetic:"):
         with pytest.raises(StandError, match="arithmetic"):

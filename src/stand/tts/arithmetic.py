@@ -1,13 +1,15 @@
 """Generated arithmetic word problems with exact integer answers: a dataset small models can sometimes solve.
 
-`arithmetic(limit, level=1, seed=0)`. Problem i of a (level, seed) pair comes from its own random stream,
-so it is the same whatever `limit` is and whichever other problems are drawn; the same seed always gives
-the same problems. Levels:
+`generate(index, level, seed)`. Problem i of a (level, seed) pair comes from its own random stream, so it
+is the same whatever the number of problems asked for; the same seed always gives the same problems.
+Levels, with SmolLM2-135M-Instruct's single-sample accuracy (T=0.6, 256 tokens, 10 problems x 4 samples):
 
-1. three people's counts added up ("Sam has 4 apples, Mia has 7 apples and Ben has 3 apples. How many
-   apples do they have altogether?"): two additions of numbers 2..9;
-2. a story of a start and three events (finds more, gives some away), numbers 2..20;
-3. a story of a start and four events, buying boxes of k items each among them, numbers up to 30.
+1. two people's counts added ("Sam has 4 apples and Mia has 7 apples. How many apples do they have
+   altogether?"), numbers 2..9: 14/40 (seed 0) and 8/40 (seed 1). One step is what the default model gets
+   right sometimes: even "What is 4 + 7 + 5?" it gets right about one time in twenty;
+2. three people's counts added (two additions), numbers 2..9: 0/40;
+3. a story of a start and four events (finds more, gives some to someone, buys boxes of k items each),
+   numbers 2..30.
 
 Every count in a story stays positive. Answers are computed with the events, never parsed from text.
 """
@@ -36,8 +38,8 @@ class Level:
 
 
 LEVELS = {
-    1: Level("together", 2, 2, 9),
-    2: Level("story", 3, 2, 20, ("find", "give")),
+    1: Level("together", 1, 2, 9),
+    2: Level("together", 2, 2, 9),
     3: Level("story", 4, 2, 30, ("find", "give", "boxes")),
 }
 

@@ -18,7 +18,8 @@ from stand.errors import StandError
 from stand.tts import arithmetic as arith
 
 MATH_INSTRUCTION = "Solve the following math problem step by step. Put the final answer in \\boxed{}.\n\n"
-ARITHMETIC_INSTRUCTION = "Solve the following math problem step by step. Put the final answer in \\boxed{}.\n\n"
+ARITHMETIC_INSTRUCTION = "Solve the following math problem step by step.\n\n"
+ARITHMETIC_SUFFIX = " Put the final answer in \\boxed{}."  # after the question: small models follow it more often there
 CODE_INSTRUCTION = "Complete the following Python function. Answer with the whole function in one ```python block.\n\n"
 
 
@@ -60,16 +61,18 @@ def humaneval(limit: int | None = None, instruction: str = CODE_INSTRUCTION) -> 
     return out
 
 
-def arithmetic(limit: int | None = None, instruction: str = ARITHMETIC_INSTRUCTION, level: int = 1,
-               seed: int = 0) -> list[Problem]:
+def arithmetic(limit: int | None = None, instruction: str = ARITHMETIC_INSTRUCTION, level: int = 1, seed: int = 0,
+               suffix: str = ARITHMETIC_SUFFIX) -> list[Problem]:
     """Generated word problems with exact integer answers (tts/arithmetic.py): `limit` of them (default
-    arith.DEFAULT_SIZE); problem i is the same for a (level, seed) whatever the limit."""
+    arith.DEFAULT_SIZE); problem i is the same for a (level, seed) whatever the limit. The prompt is
+    instruction + question + suffix: the answer format after the question (SmolLM2-135M boxed 6 of 80 answers
+    asked there, 0 of 40 asked in the instruction, and scored 22/80 against 8/40)."""
     count = arith.DEFAULT_SIZE if limit is None else limit
     out = []
     for i in range(count):
         g = arith.generate(i, level, seed)
-        out.append(Problem(f"arithmetic-{level}-{seed}/{i}", instruction + g.text, str(g.answer), f"level {level}",
-                           {"level": level, "seed": seed, "steps": g.steps, "question": g.text}))
+        out.append(Problem(f"arithmetic-{level}-{seed}/{i}", instruction + g.text + suffix, str(g.answer),
+                           f"level {level}", {"level": level, "seed": seed, "steps": g.steps, "question": g.text}))
     return out
 
 
