@@ -89,7 +89,7 @@ def test_request_cancelled_while_waiting_never_runs(served, slow_steps):
     admitted, cancelled = metric(base, "stand_admitted_rows_total"), metric(base, "stand_cancelled_rows_total")
 
     def fill(i: int):
-        return client.completions.create(model="tiny", prompt=PROMPT, n=4, max_tokens=60, temperature=0.7, seed=i,
+        return client.completions.create(model="tiny", prompt=PROMPT, n=4, max_tokens=150, temperature=0.7, seed=i,
                                          extra_body={"ignore_eos": True})
 
     with ThreadPoolExecutor(2) as pool:
@@ -99,7 +99,7 @@ def test_request_cancelled_while_waiting_never_runs(served, slow_steps):
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60,
                           headers={"Authorization": "Bearer test-key"}) as r:
             wait_until(lambda: worker.depth == 1, 10)  # it waits for room
-        assert [f.result().usage.completion_tokens for f in full] == [240, 240]
+        assert [f.result().usage.completion_tokens for f in full] == [600, 600]
     wait_until(lambda: worker.depth == 0 and not worker.live, 30)
     assert r.status_code == 200
     assert metric(base, "stand_admitted_rows_total") - admitted == 8  # the third never joined

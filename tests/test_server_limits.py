@@ -183,24 +183,32 @@ def test_ignore_eos(client):
 
 
 def test_rows_beyond_max_live_rows_wait(served, client):
+    """Six n=4 requests held until all have arrived: 24 rows asked for, 8 decode at a time."""
     base, app = served
     worker = app.state.stand.worker
-    step, peak = worker.engine.step, [0]
+    step, peak, go = worker.engine.step, [0], threading.Event()
 
     def counted(cb):
+        go.wait(30)
         peak[0] = max(peak[0], len(worker.engine.live) + len(worker.engine.waiting))
         return step(cb)
+
+    def ask(i: int):
+        return client.completions.create(model="tiny", prompt=f"{PROMPT} {i}", n=4, temperature=0.8, max_tokens=10,
+                                         seed=i, extra_body={"ignore_eos": True})
 
     worker.engine.step = counted
     try:
         with ThreadPoolExecutor(6) as pool:
-            results = list(pool.map(lambda i: client.completions.create(
-                model="tiny", prompt=f"{PROMPT} {i}", n=4, temperature=0.8, max_tokens=10, seed=i,
-                extra_body={"ignore_eos": True}), range(6)))
+            futures = [pool.submit(ask, i) for i in range(6)]
+            wait_until(lambda: len(worker.live) + worker.depth == 6, 30)
+            go.set()
+            results = [f.result() for f in futures]
     finally:
+        go.set()
         worker.engine.step = step
     assert [r.usage.completion_tokens for r in results] == [40] * 6
-    assert peak[0] == LIMITS["max_live_rows"]  # 24 rows asked for, 8 at a time
+    assert peak[0] == LIMITS["max_live_rows"]
     assert worker.rows == worker.tokens == 0 and not worker.live
 
 
