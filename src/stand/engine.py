@@ -60,7 +60,7 @@ class Engine:
         self.online: dict[int, OnlineAcceptance] | None = None  # group -> curve, for drafters without their own
         if grid is not None and drafter.acceptance_curve() is None:
             self.online = {}
-            self._costs: dict[int, np.ndarray] = {}  # rows -> [ONLINE_NODES + 1] ms of a pass with k nodes per row
+            self._costs: dict[int, tuple[np.ndarray, int]] = {}  # rows -> (ms with k nodes per row, probe size)
 
     @property
     def busy(self) -> bool:
@@ -188,6 +188,8 @@ class Engine:
         left, context left) and its hard share of the pass."""
         nodes, floor, cap = budget
         online = self._online_nodes(r, len(self.live)) if self.online is not None else None
+        if nodes == 0 or online == 0:
+            return DraftTree()  # no draft pays in this pass: plain decoding, and no drafting work
         with Timer(r):
             tree = self.drafter.propose(r, nodes, floor)
         if online is not None:
@@ -195,16 +197,19 @@ class Engine:
         tree = tree.clip(r.room(self.target.max_len))
         return tree if cap is None else tree.prefix(cap)
 
-    def _online_nodes(self, r: Row, rows: int) -> int | None:
+    def _online_nodes(self, r: Row, rows: int) -> int:
         """The first m nodes of the row's draft that its group's online curve says pay for themselves in a pass of
-        `rows` rows (None: the whole draft, before any evidence and every EXPLORE_EVERY steps)."""
+        `rows` rows. Before any evidence, and every EXPLORE_EVERY steps, a probe: the most nodes whose pass costs at
+        most twice a plain one (at least one), so the curve can learn and recover at a bounded price."""
+        if rows not in self._costs:
+            costs = np.array([self.grid(rows, k + 1) for k in range(ONLINE_NODES + 1)])  # [K] ms with k nodes per row
+            self._costs[rows] = costs, max(int(np.searchsorted(costs, 2 * costs[0], side="right")) - 1, 1)
+        costs, probe = self._costs[rows]
         stats = self.online.get(r.group)
         acc = None if stats is None else stats.curve()
         if acc is None or stats.steps % EXPLORE_EVERY == 0:
-            return None
-        if rows not in self._costs:
-            self._costs[rows] = np.array([self.grid(rows, k + 1) for k in range(ONLINE_NODES + 1)])
-        return best_nodes(acc, rows, self._costs[rows])
+            return probe
+        return best_nodes(acc, rows, costs)
 
     def _fit(self, trees: list[DraftTree]) -> list[DraftTree]:
         """Trees cut to what one pass of the backend holds: its sequences (a row, plus one per leaf beyond the
