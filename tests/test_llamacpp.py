@@ -165,18 +165,9 @@ def test_sampling_is_exact(small, method, options):
 
 def test_a_broken_verifier_fails_the_same_test(small, monkeypatch):
     """The power check: accepting every first child (no rejection) must be caught."""
-    import stand.engine
-    from stand.core.verify import Verdict
+    from test_mutants_power import accept_always
 
-    def accept_all(tree, logits, params, rng, probs=None):
-        kids, node, accepted = tree.children(), 0, []
-        while kids[node]:
-            node = kids[node][0]
-            accepted.append(node)
-        p = probs[node].double().numpy()
-        return Verdict(accepted, int(rng.choice(len(p), p=p / p.sum())))
-
-    monkeypatch.setattr(stand.engine, "verify", accept_all)
+    accept_always(monkeypatch)
     params = SamplingParams(temperature=1.0)
     samples, _ = engine_samples(small, SpecConfig(method="stand"), params, n=1500, batch=50)
     assert min(marginal_pvalues(samples, exact_joint(small, params)).values()) < 1e-6
