@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from stand.core.budget import CostGrid, nodes_per_row, resolve_grid
-from stand.lab.profile import measure_grid
+from stand.lab.profile import GridConfig, measure_grid
 from stand.drafters.stand import StandDrafter, node_acceptance
 from stand.core.sequence import Row
 from stand.engine import Engine
@@ -75,13 +75,16 @@ def test_engine_sizes_rows_by_the_grid(tiny):
 
 
 def test_measure_grid_on_tiny(tiny):
-    g = measure_grid(tiny, rows=(1, 2), tokens=(1, 4), reps=1, cache_len=16)
+    g = measure_grid(tiny, GridConfig(rows=(1, 2), tokens=(1, 4), reps=1, cache_len=16))
     assert set(g.ms) == {1, 2} and all(v > 0 for c in g.ms.values() for v in c.values())
+    assert len(g.meta["reference_ms"]) == 2 and "busy" in g.meta
 
 
-def test_noisy_grid_is_read_non_decreasing():
-    g = CostGrid({1: {1: 10.0, 2: 14.0, 3: 12.0, 4: 15.0}})
-    assert g(1, 3) == pytest.approx(14.0) and g(1, 4) == pytest.approx(15.0)
+def test_noisy_grid_is_read_non_decreasing_without_padding():
+    g = CostGrid({1: {1: 10.0, 2: 14.0, 3: 12.0, 4: 15.0}})  # a backend that cannot pad: a dip is noise
+    assert g(1, 3) == pytest.approx(14.0) and g(1, 4) == pytest.approx(15.0) and g.pad_to(1, 2) == 2
+    padded = g.with_padding(True)  # one that can: a pass of 2 runs as 3, at 3's cost
+    assert padded(1, 2) == pytest.approx(12.0) and padded.pad_to(1, 2) == 3 and padded(1, 4) == pytest.approx(15.0)
 
 
 def test_shipped_tree_is_calibrated_and_carries_its_grid():
@@ -139,14 +142,15 @@ def test_machine_grid_is_measured_once_per_machine_and_model(tiny, tmp_path, mon
     import stand.machine as machine
 
     monkeypatch.setenv("STAND_CACHE", str(tmp_path))
-    first = machine.machine_grid(tiny)
+    idle = GridConfig(cpu=lambda: None, busy_ratio=float("inf"))  # this shared machine may be busy: not the point here
+    first = machine.machine_grid(tiny, idle)
     assert first.meta["machine"]["cpu_flags"] is not None and 1 in first.ms and 16 in first.ms
 
     def no_measuring(*a, **k):
         raise AssertionError("measured again")
 
     monkeypatch.setattr(machine, "measure_grid", no_measuring)
-    assert machine.machine_grid(tiny).ms == first.ms  # from the cache
+    assert machine.machine_grid(tiny, idle).ms == first.ms  # from the cache
     monkeypatch.setattr(machine, "threads", lambda target: 64)  # another thread count: another machine
     with pytest.raises(AssertionError, match="measured again"):
-        machine.machine_grid(tiny)
+        machine.machine_grid(tiny, idle)

@@ -131,6 +131,28 @@ def test_best_first_trees_under_a_pass_floor_stay_exact(backends, backend):
     assert 1.02 < run.per_step < K, run.per_step
 
 
+@pytest.mark.parametrize("backend", ["hf", "lean"])
+@pytest.mark.parametrize("method", ["none", "stand"])
+def test_padded_passes_stay_exact(backends, backend, method, monkeypatch):
+    """A grid on which a wider pass is cheaper (4 tokens per row cost less than 1, 2 or 3): every pass of fewer
+    runs padded to 4, and the distribution is the model's."""
+    from stand.backends.torch import TorchCache
+
+    padded = []
+    real_step = TorchCache.step
+
+    def spy(self, trees, roots, width=None):
+        padded.append(width is not None and width > max(len(t) for t in trees) + 1)
+        return real_step(self, trees, roots, width)
+
+    monkeypatch.setattr(TorchCache, "step", spy)
+    grid = CostGrid({1: {1: 10.0, 64: 20.0}, 256: {1: 100.0, 2: 101.0, 3: 102.0, 4: 60.0, 5: 400.0, 6: 800.0}})
+    run = exact_run(backends(backend), SpecConfig(method=method), PLAIN, grid=grid)
+    assert sum(padded) > 0.2 * len(padded), (sum(padded), len(padded))
+    if method != "none":
+        assert 1.02 < run.per_step < K, run.per_step
+
+
 # ---- the reference sampler the expected distribution comes from ------------------------------------------------
 
 def test_reference_sampler_cuts_where_the_definition_says():

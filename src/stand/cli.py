@@ -24,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="auto | torch | llama.cpp (auto: llama.cpp for a .gguf file when llama-cpp-python is installed, else torch)")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="torch backend: auto | bfloat16 | float32 (auto: bfloat16 where the CPU has native bf16)")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="torch backend: auto | bfloat16 | float32 (auto: the faster here, measured once and cached)")]
 MethodOpt = Annotated[str, typer.Option("--method", help=" | ".join(METHODS))]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy")]
 TopPOpt = Annotated[float, typer.Option("--top-p")]
@@ -214,12 +214,15 @@ def profile_cmd(
     import torch
 
     from stand.core.files import write_json
-    from stand.lab.profile import ProfileConfig, as_json, cost_curves, measure_grid, ours, profile_targets, table_lines
+    from stand.lab.profile import GridConfig, ProfileConfig, as_json, cost_curves, ours, profile_targets, table_lines
+    from stand.machine import measure_here
 
     if cache_len < 1 or reps < 1 or (threads is not None and threads < 1):
         raise StandError("--cache-len, --reps and --threads must be at least 1")
     if threads:
         torch.set_num_threads(threads)
+    if dtype == "auto":  # the dtype stand decodes with here (measured the first time)
+        dtype = str(load(model, backend, dtype).dtype).replace("torch.", "")
     target = load(model, backend, dtype, forward="hf")
     curves = cost_curves(profile_targets(target), ProfileConfig(cache_len=cache_len, reps=reps),
                          progress=lambda msg: typer.echo(f"  {msg}", err=True))
@@ -230,9 +233,10 @@ def profile_cmd(
     if json_path:
         write_json(json_path, as_json(curves), indent=2)
     if grid_path:
-        grid = measure_grid(ours(target), reps=reps, progress=lambda msg: typer.echo(f"  grid: {msg}", err=True))
+        grid = measure_here(ours(target), GridConfig(reps=reps), lambda msg: typer.echo(f"  grid: {msg}", err=True))
         grid.save(grid_path)
-        typer.echo(f"ms per forward, rows x tokens per row (wrote {grid_path}):")
+        kept = f"busy machine, not cached: {grid.meta['busy']}" if grid.meta.get("busy") else "cached for this machine"
+        typer.echo(f"ms per forward, rows x tokens per row (wrote {grid_path}; {kept}):")
         for rows, curve in sorted(grid.ms.items()):
             typer.echo(f"{rows:>3} rows: " + "  ".join(f"{t}:{ms:.0f}" for t, ms in sorted(curve.items())))
 
@@ -266,9 +270,10 @@ def calibrate_cmd(
     if counts:
         from stand.core.budget import CostGrid
         from stand.lab.calibrate import recount
-        from stand.lab.profile import measure_grid
+        from stand.backends.protocol import pads
+        from stand.machine import machine_grid
 
-        cal, cfg = recount(counts, CostGrid.load(cost) if cost else measure_grid(target))
+        cal, cfg = recount(counts, (CostGrid.load(cost) if cost else machine_grid(target)).with_padding(pads(target)))
     else:
         prompts = calibration_prompts(target, cfg)
         with tqdm(total=len(prompts), desc="calibrate", unit="problem", file=sys.stderr) as bar:

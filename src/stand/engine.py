@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from stand.backends.protocol import Backend
+from stand.backends.protocol import Backend, pads
 from stand.core.budget import CostGrid, OnlineAcceptance, best_nodes, nodes_per_row
 from stand.core.drafter import Drafter, PromptDists
 from stand.core.sequence import OnCommit, Row
@@ -50,8 +50,10 @@ class Engine:
     def __init__(self, target: Backend, drafter: Drafter, step_tokens: int | None = None, grid: CostGrid | None = None):
         """step_tokens: most tokens one verification pass may carry over all rows (None: no cap).
         grid: what a pass costs here; with it, a drafter that knows its acceptance curve gets the tree size
-        per row that maximises tokens per second for the number of live rows (budget.py)."""
-        self.target, self.drafter, self.step_tokens, self.grid = target, drafter, step_tokens, grid
+        per row that maximises tokens per second for the number of live rows (budget.py), and on a backend that
+        pads, every pass runs at the cheapest width that holds it (the grid is read padded: what a pass costs as run)."""
+        self.target, self.drafter, self.step_tokens = target, drafter, step_tokens
+        self.grid = None if grid is None else grid.with_padding(pads(target))
         self._budgets: dict[int, Budget] = {}
         self.live: list[Row] = []  # rows in the cache, decoding
         self.waiting: list[Row] = []  # added, not admitted yet
@@ -140,7 +142,7 @@ class Engine:
     def _pass(self, live: list[Row], cache, on_commit: OnCommit | None) -> None:
         budget = self.budget(len(live))
         trees = self._fit([self._draft(r, budget) for r in live])
-        logits = cache.step(trees, [r.tokens[-1] for r in live])  # row b: [M_b + 1, V]
+        logits = cache.step(trees, [r.tokens[-1] for r in live], self._width(len(live), trees))  # row b: [M_b + 1, V]
         verdicts, probs = zip(*(self._verify(r, t, logits[b]) for b, (r, t) in enumerate(zip(live, trees))))
         cache.commit([[0] + v.accepted for v in verdicts])
         for b, (r, tree, p, v) in enumerate(zip(live, trees, probs, verdicts)):
@@ -210,6 +212,15 @@ class Engine:
         if acc is None or stats.steps % EXPLORE_EVERY == 0:
             return probe
         return best_nodes(acc, rows, costs)
+
+    def _width(self, rows: int, trees: list[DraftTree]) -> int | None:
+        """Tokens per row the pass runs at: the widest tree's (root included) padded to the cheapest width the grid
+        knows for `rows` rows (None: no padding). Padding positions are never verified nor committed."""
+        if self.grid is None or not self.grid.pads:
+            return None
+        need = max(len(t) for t in trees) + 1
+        width, limit = self.grid.pad_to(rows, need), self.target.max_pass_tokens
+        return width if width > need and (limit is None or width * rows <= limit) else None
 
     def _fit(self, trees: list[DraftTree]) -> list[DraftTree]:
         """Trees cut to what one pass of the backend holds: its sequences (a row, plus one per leaf beyond the

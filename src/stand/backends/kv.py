@@ -24,10 +24,12 @@ class TreeBatch:
     sizes: list[int]  # [B] real nodes per row (root included)
 
 
-def tree_batch(trees: list[DraftTree], roots: list[int], lengths: list[int], cache_len: int) -> TreeBatch:
-    """Inputs for one verification pass. roots[b] is row b's last committed token."""
+def tree_batch(trees: list[DraftTree], roots: list[int], lengths: list[int], cache_len: int,
+               width: int | None = None) -> TreeBatch:
+    """Inputs for one verification pass. roots[b] is row b's last committed token. width: tokens per row (at least
+    the largest tree + 1); positions past a row's tree are padding that sees only itself."""
     sizes = [len(t) + 1 for t in trees]
-    B, T, S = len(trees), max(sizes), cache_len
+    B, T, S = len(trees), max(max(sizes), width or 0), cache_len
     ids = np.zeros((B, T), dtype=np.int64)
     pos = np.zeros((B, T), dtype=np.int64)
     allowed = np.zeros((B, T, S + T), dtype=bool)

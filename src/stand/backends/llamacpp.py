@@ -96,6 +96,7 @@ class LlamaCppModel(TokenizerText):
     n_ctx: int = N_CTX
     flash_attn: bool = False
     kind = "llama.cpp"
+    pads = False  # a llama.cpp batch is a flat list of tokens: its cost grows with every token (nothing to pad to)
     max_sequences = MAX_SEQUENCES
     max_pass_tokens = N_BATCH
     generation: int = field(default=0, init=False)  # bumped whenever the KV memory is cleared
@@ -259,7 +260,8 @@ class LlamaCache:
                 on_logits(members, lo, self.llm.logits(n))
 
     @torch.inference_mode()
-    def step(self, trees: list[DraftTree], roots: list[int]) -> list[torch.Tensor]:
+    def step(self, trees: list[DraftTree], roots: list[int], width: int | None = None) -> list[torch.Tensor]:
+        """width: ignored (pads is False, the engine never widens a pass here)."""
         self._check()
         b = self.llm.batch
         at, spans = 0, []

@@ -33,29 +33,11 @@ def default_model_path() -> str:
     return path
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_has_bf16() -> bool:
-    """Native bfloat16 matrix products (avx512_bf16 or AMX) on this CPU."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A named dtype ("auto" is resolved by measurement in load_model, not here)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     choices = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
-    if dtype == "auto":
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
     if dtype not in choices:
         raise StandError(f"dtype must be auto, bfloat16 or float32, got {dtype!r}")
     return choices[dtype]
@@ -101,7 +83,8 @@ def choose_backend(path: str, backend: str) -> str:
 def load_model(path: str | None = None, dtype: str = "auto", backend: str = "auto", forward: str = "auto"):
     """A Backend for a Hugging Face model directory, a .gguf file, or (None) the embedded default.
 
-    dtype: the torch backend's compute type (llama.cpp computes as its GGUF file says).
+    dtype: the torch backend's compute type (llama.cpp computes as its GGUF file says); "auto": the faster of
+    bfloat16 and float32 on this machine, measured the first time (both loaded, a progress bar) and cached.
     forward: on torch, "lean" (our forward, llama/qwen2), "hf" (transformers) or "auto" (lean where supported).
     """
     if forward not in FORWARDS:
@@ -111,7 +94,17 @@ def load_model(path: str | None = None, dtype: str = "auto", backend: str = "aut
         from stand.backends.llamacpp import load_llamacpp
 
         return load_llamacpp(path)
+    if dtype == "auto":
+        from stand.machine import fastest_dtype
+
+        return fastest_dtype(path, forward, lambda name, fresh: open_torch(path, name, forward, fresh))
+    return open_torch(path, dtype, forward)
+
+
+def open_torch(path: str, dtype: str, forward: str, fresh: bool = False):
+    """The model on the torch backend in a named dtype. fresh: a copy of its own rather than the one load_hf
+    keeps (a candidate that is measured and may be dropped)."""
     from stand.backends.lean import with_forward
     from stand.backends.torch import load_hf
 
-    return with_forward(load_hf(path, resolve_dtype(dtype)), forward)
+    return with_forward((load_hf.__wrapped__ if fresh else load_hf)(path, resolve_dtype(dtype)), forward)

@@ -26,10 +26,13 @@ class Cache(Protocol):
         computed once. on_logits(rows, start, logits [C, V]): the logits after prefix tokens start..start+C-1 of
         the new rows `rows` (indices into prefixes: those sharing that prefix), chunk by chunk (C <= PREFILL_CHUNK): never all at once."""
 
-    def step(self, trees: list[DraftTree], roots: list[int]) -> Sequence[torch.Tensor]:
+    def step(self, trees: list[DraftTree], roots: list[int], width: int | None = None) -> Sequence[torch.Tensor]:
         """One verification pass. roots[b]: row b's last committed token, not yet in the cache; its tree hangs
         below it. Returns row b's logits [len(trees[b]) + 1, V] at the root and every node (root-0 indexing).
-        The tensors may be views of the backend's buffers: valid until the next call."""
+        The tensors may be views of the backend's buffers: valid until the next call.
+        width: tokens per row the pass runs at (None: the widest tree's, root included); a backend that pads
+        (Backend.pads) fills each row up to it with padding positions that see only themselves and whose logits
+        and KV are dropped, so no output changes; a backend that does not pad is never given one."""
 
     def commit(self, paths: list[list[int]]) -> None:
         """After step: row b keeps nodes paths[b] (root-0 indices, root first, each the child of the one before)."""
@@ -42,6 +45,7 @@ class Backend(Protocol):
     kind: str  # "torch", "llama.cpp"
     name: str  # the model's name
     dtype: object  # what the weights compute in (a torch dtype, or a GGUF type name)
+    pads: bool  # Cache.step honours `width`: a pass can be widened to a faster shape (core/budget.py CostGrid)
 
     @property
     def vocab_size(self) -> int: ...
@@ -75,3 +79,8 @@ class Backend(Protocol):
 
     def fingerprint(self) -> str:
         """A short string that changes when the weights change (for caches of model-derived tables)."""
+
+
+def pads(target) -> bool:
+    """Whether the backend can widen a pass with padding (False for one that does not say)."""
+    return bool(getattr(target, "pads", False))

@@ -62,6 +62,7 @@ class Target(TokenizerText):
     name: str
     dtype: torch.dtype
     kind = "torch"
+    pads = True  # a pass can be widened: padding positions in tree_batch
     max_sequences = None
     max_pass_tokens = None
 
@@ -156,9 +157,12 @@ class TorchCache:
         self.lengths.append(part.lengths[0])
 
     @torch.inference_mode()
-    def step(self, trees: list[DraftTree], roots: list[int]) -> torch.Tensor:
+    def step(self, trees: list[DraftTree], roots: list[int], width: int | None = None) -> torch.Tensor:
+        """Logits [B, T, V], T the widest tree + 1; a pass widened to `width` drops the padding's logits here and
+        its KV at commit (slots past the accepted paths)."""
         self._S = max(self.lengths)
-        return self.target.forward(self.inner, tree_batch(trees, roots, self.lengths, self._S))  # [B, T, V]
+        logits = self.target.forward(self.inner, tree_batch(trees, roots, self.lengths, self._S, width))
+        return logits[:, : max(len(t) for t in trees) + 1]  # [B, T, V]
 
     def commit(self, paths: list[list[int]]) -> None:
         self.lengths = self.inner.commit(paths, self.lengths, self._S)

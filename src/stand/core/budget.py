@@ -6,7 +6,8 @@ profile --grid`, or by `stand calibrate`, which stores it with the tree). A draf
 acceptance curve acc[m] (expected tokens per step with its m best nodes, acc[0] = 1) gets, for B
 live rows, the m that maximises B * acc[m] / grid(B, m + 1). On a CPU where a wide forward costs
 much more than a narrow one, this shrinks the trees as the batch grows, down to plain decoding
-(m = 0) where drafting cannot pay.
+(m = 0) where drafting cannot pay. Costs are read as the engine runs a pass: on a backend that pads, a pass
+costs what the cheapest shape at least as wide costs (CostGrid), so the curve the budget sees never decreases.
 """
 
 from __future__ import annotations
@@ -25,39 +26,94 @@ GRID_MAX_TOKENS = 160  # largest pass measured (rows x tokens per row)
 
 
 def interpolate(points: dict[int, float], x: float) -> float:
-    """Linear between measured points {size: ms}, extended linearly from the last two (flat below the first)."""
+    """Linear between measured points {size: ms}, flat below the first, extended from the last two (never downward:
+    a last point that dipped says nothing about sizes beyond it)."""
     xs = np.array(sorted(points), dtype=np.float64)
     ys = np.array([points[int(k)] for k in xs])
     if x <= xs[-1] or len(xs) < 2:
         return float(np.interp(x, xs, ys))
-    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
     return float(ys[-1] + slope * (x - xs[-1]))
+
+
+def suffix_argmin(ms: np.ndarray) -> np.ndarray:
+    """[K] -> [K] index of the least value at or after each position (the smallest such index on ties)."""
+    out = np.empty(len(ms), dtype=np.int64)
+    best = len(ms) - 1
+    for i in range(len(ms) - 1, -1, -1):
+        if ms[i] <= ms[best]:
+            best = i
+        out[i] = best
+    return out
 
 
 @dataclass
 class CostGrid:
-    """ms of one forward: rows -> {tokens per row -> ms}."""
+    """ms of one forward as measured: rows -> {tokens per row -> ms}.
+
+    The budget reads it through `grid(rows, tokens)`, the cost a pass of that shape has *as the engine runs it*,
+    and the engine runs a pass at `pad_to(rows, tokens)` tokens per row. pads: whether the backend can widen a
+    pass with padding positions whose logits are dropped (backends/protocol.py). With padding, a pass of t tokens
+    costs the least measured cost of any width t' >= t and runs at that width: on some CPUs a wider pass is faster
+    (oneDNN picks its kernels by shape: measured 23 ms for one token, 17 ms for two). Without it, the measured
+    curve is read non-decreasing (a dip is timing noise the engine cannot use).
+    """
 
     ms: dict[int, dict[int, float]]
     meta: dict = field(default_factory=dict)
+    pads: bool = False
+    _curves: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # rows -> (ms [K], width [K])
 
     def __post_init__(self):
         if not self.ms or any(not row for row in self.ms.values()):
             raise StandError("a cost grid needs at least one measured size per row count")
 
-    def row_curve(self, rows: int, tokens: float) -> float:
-        """ms for `rows` rows of `tokens` tokens; the measured curve made non-decreasing (timing noise)."""
-        sizes = sorted(self.ms[rows])
-        return interpolate(dict(zip(sizes, np.maximum.accumulate([self.ms[rows][t] for t in sizes]))), tokens)
+    def with_padding(self, pads: bool) -> "CostGrid":
+        """The same measurements read for a backend that pads (True) or does not (False)."""
+        return self if pads == self.pads else CostGrid(self.ms, self.meta, pads)
 
-    def __call__(self, rows: int, tokens: float) -> float:
-        """ms of a pass of `rows` rows with `tokens` tokens each: interpolated between measured row counts;
-        beyond the largest (Bm), the Bm-row curve at tokens * rows / Bm (the same number of tokens)."""
+    def measured(self, rows: int, tokens: float) -> float:
+        """ms of `rows` rows of `tokens` tokens, interpolated between measured sizes and row counts; beyond the
+        largest row count (Bm), the Bm-row curve at tokens * rows / Bm (the same number of tokens)."""
         bs = sorted(self.ms)
         if rows >= bs[-1]:
-            return self.row_curve(bs[-1], tokens * rows / bs[-1])
-        xs = np.array(bs, dtype=np.float64)
-        return float(np.interp(rows, xs, [self.row_curve(b, tokens) for b in bs]))
+            return interpolate(self.ms[bs[-1]], tokens * rows / bs[-1])
+        return float(np.interp(rows, np.array(bs, dtype=np.float64), [interpolate(self.ms[b], tokens) for b in bs]))
+
+    def widest(self, rows: int) -> int:
+        """The most tokens per row measured around `rows` rows (both neighbouring row counts measured it)."""
+        bs = sorted(self.ms)
+        top = {b: max(self.ms[b]) for b in bs}
+        if rows >= bs[-1]:
+            return max(int(top[bs[-1]] * bs[-1] / rows), 1)
+        below = [b for b in bs if b <= rows] or bs[:1]
+        return min(top[below[-1]], top[min(b for b in bs if b >= rows)])
+
+    def curve(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ms [K], width [K]): for k = 1..K tokens per row (index k - 1), the cost of the pass as run and the tokens
+        per row it runs at; K = widest(rows)."""
+        if rows not in self._curves:
+            raw = np.array([self.measured(rows, k) for k in range(1, self.widest(rows) + 1)])  # [K]
+            if self.pads:
+                best = suffix_argmin(raw)
+                self._curves[rows] = raw[best], best + 1
+            else:
+                self._curves[rows] = np.maximum.accumulate(raw), np.arange(1, len(raw) + 1)
+        return self._curves[rows]
+
+    def __call__(self, rows: int, tokens: float) -> float:
+        """ms of a pass of `rows` rows with `tokens` tokens each, as the engine runs it (padded where that is
+        cheaper); beyond the widest measured pass, the measured curve extended (never below the widest)."""
+        ms, _ = self.curve(rows)
+        if tokens <= len(ms):
+            return float(np.interp(tokens, np.arange(1, len(ms) + 1, dtype=np.float64), ms))
+        return max(float(ms[-1]), self.measured(rows, tokens))
+
+    def pad_to(self, rows: int, tokens: int) -> int:
+        """Tokens per row a pass of `rows` rows that needs `tokens` per row runs at: the cheapest width >= tokens
+        (tokens itself without padding, or beyond the widest measured pass)."""
+        _, width = self.curve(rows)
+        return int(width[tokens - 1]) if 1 <= tokens <= len(width) else tokens
 
     def to_dict(self) -> dict:
         return {"format": GRID_FORMAT, "ms": {str(b): {str(t): v for t, v in sorted(c.items())}

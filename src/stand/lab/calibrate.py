@@ -21,8 +21,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from stand.backends.probe import GridConfig
+from stand.backends.protocol import pads
 from stand.core.budget import CostGrid, acceptance_curve, interpolate
-from stand.lab.profile import measure_grid
+from stand.machine import measure_here
 from stand.errors import StandError
 from stand.drafters.templates import TreeTemplate, large_template, most_valuable
 
@@ -110,10 +112,12 @@ def count_hits(target, prompts: list[list[int]], template: TreeTemplate, cfg: Ca
 
 def calibrate(target, prompts: list[list[int]], cfg: CalibrateConfig, progress=None,
               grid: CostGrid | None = None) -> Calibration:
-    """grid: what a pass costs here (default: cfg.cost_curve, else measured now); its one-row curve picks M."""
+    """grid: what a pass costs here (default: cfg.cost_curve, else measured now); its one-row curve, read as the
+    engine runs passes on this backend (padded where it pads), picks M."""
     template = large_template(cfg.template_size)
     if grid is None:
-        grid = CostGrid.load(cfg.cost_curve) if cfg.cost_curve else measure_grid(target, reps=cfg.reps)
+        grid = CostGrid.load(cfg.cost_curve) if cfg.cost_curve else measure_here(target, GridConfig(reps=cfg.reps))
+    grid = grid.with_padding(pads(target))
     hits, steps, draft_node_ms = count_hits(target, prompts, template, cfg, progress)
     return from_counts(template, hits, steps, draft_node_ms, grid, cfg)
 

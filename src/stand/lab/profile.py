@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stand.backends.protocol import Backend
-from stand.machine import Probe, ProfileConfig, interleaved, measure_grid  # noqa: F401  (measure_grid: lab API)
+from stand.backends.probe import GridConfig, Probe, ProfileConfig, interleaved, measure_grid  # noqa: F401  (lab API)
 
 @dataclass
 class Curve:

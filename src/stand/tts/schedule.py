@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from dataclasses import replace
 
@@ -15,23 +14,16 @@ from stand.api import SCHEDULES, Target, make_engine, run_group
 from stand.core import files
 from stand.core.sequence import Row
 from stand.errors import StandError
+from stand.machine import cpu_model
 from stand.params import SamplingParams, SpecConfig
 
 PROBE_TOKENS = 48
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.machine())
-    except OSError:
-        return platform.machine()
-
-
 def schedule_key(target: Target, method: str, n: int, params: SamplingParams) -> str:
     """What the faster schedule depends on: model, backend, dtype, method, N, greedy or not, threads, CPU, torch."""
     return json.dumps({"model": target.name, "backend": target.kind, "dtype": str(target.dtype), "method": method,
-                       "n": n, "sampled": not params.greedy, "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+                       "n": n, "sampled": not params.greedy, "threads": torch.get_num_threads(), "cpu": cpu_model(),
                        "torch": torch.__version__}, sort_keys=True)
 
 
