@@ -312,3 +312,29 @@ def test_greedy_output_with_padding_equals_plain(forward, monkeypatch):
         assert [r.generated for r in rows] == [r.generated for r in plain], method
         assert any(w is not None and w > need for w, need in widths), (method, widths)
         assert all(w in (None, 6) for w, _ in widths), widths
+
+
+def test_profile_grid_remeasures_this_machine(cache, tmp_path, monkeypatch):
+    """`stand profile --grid FILE` measures now, writes FILE and replaces this machine's cached grid."""
+    from dataclasses import replace
+
+    from typer.testing import CliRunner
+
+    from stand.cli import app
+    from stand.testing import save_tiny
+
+    real = machine.measure_grid
+
+    def small_and_idle(target, cfg=None, progress=None):
+        grid = real(target, replace(cfg, rows=(1, 2), tokens=(1, 2)), progress)
+        grid.meta["busy"] = None  # this shared machine may be busy; the caching is what is tested
+        return grid
+
+    monkeypatch.setattr(machine, "measure_grid", small_and_idle)
+    out = tmp_path / "grid.json"
+    res = CliRunner().invoke(app, ["profile", "--model", save_tiny(str(tmp_path / "tiny")), "--dtype", "float32",
+                                   "--cache-len", "16", "--reps", "1", "--grid", str(out)])
+    assert res.exit_code == 0, res.output
+    cached = os.listdir(os.path.join(cache, "grids"))
+    assert len(cached) == 1 and "cached for this machine" in res.output
+    assert CostGrid.load(os.path.join(cache, "grids", cached[0])).ms == CostGrid.load(str(out)).ms
