@@ -299,7 +299,11 @@ def serve_cmd(
     max_live_rows: int = typer.Option(64, "--max-live-rows", help="Rows decoding at once; requests beyond wait in the queue"),
     max_live_tokens: Optional[int] = typer.Option(None, "--max-live-tokens", help="KV tokens running requests may reserve (prompts + n x max_tokens); default: the llama.cpp cache's size, unbounded on torch"),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="The largest request body (beyond: 413)"),
+    engine: str = typer.Option("stand", "--engine", help="stand | vllm: `vllm serve` with stand's proposer (scripts/setup-vllm.sh; README: Scale out)"),
 ):
+    if engine != "stand":  # this process becomes `vllm serve`
+        from stand.integrations.vllm.launch import serve_vllm
+        return serve_vllm(model, method, host, port, dtype, api_key, table, share_table, engine)
     from stand.server.app import ServerConfig, serve
 
     serve(ServerConfig(model=model, method=method, backend=backend, dtype=dtype, host=host, port=port,
@@ -307,6 +311,15 @@ def serve_cmd(
                        default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, max_n=max_n,
                        max_prompt_tokens=max_prompt_tokens, max_live_rows=max_live_rows,
                        max_live_tokens=max_live_tokens, max_body_bytes=max_body_bytes).validate())
+
+
+@app.command("convert")
+@user_errors
+def convert_cmd(gguf: str = typer.Argument(..., help="A .gguf model file"), outdir: str = typer.Argument(..., help="A new or empty directory")):
+    """A Hugging Face model directory (float32 weights, tokenizer) from a GGUF file, for vLLM and other engines."""
+    from stand.backends.convert import convert_gguf
+
+    typer.echo(f"wrote {convert_gguf(gguf, outdir)}")
 
 
 @app.command("solve")

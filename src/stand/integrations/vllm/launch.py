@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import sys
 
@@ -110,6 +111,13 @@ def _convert_into(gguf: str, out: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def torch_dtype_name(dtype: str) -> str:
+    """stand's --dtype as vLLM's: auto is bfloat16 where the CPU computes it natively, else float32 (as stand's)."""
+    from stand.backends.load import resolve_dtype
+
+    return str(resolve_dtype(dtype)).removeprefix("torch.")
+
+
 def serve_command(model_dir: str, method: str, host: str, port: int, dtype: str, k: int = DEFAULT_K,
                   api_key: str | None = None, max_model_len: int | None = None) -> list[str]:
     """`vllm serve` under vLLM's interpreter, with the speculative config of `method`."""
@@ -123,3 +131,30 @@ def serve_command(model_dir: str, method: str, host: str, port: int, dtype: str,
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
     return cmd
+
+
+def stand_method(method: str) -> str:
+    """The vLLM method for a stand --method: none -> plain vLLM, stand/consensus/ngrammys -> our proposers."""
+    name = "vllm" if method == "none" else f"vllm-{method}"
+    if name not in METHODS:
+        raise StandError(f"--engine vllm runs --method none, stand, consensus, ngrammys (or ngram, suffix: vLLM's "
+                         f"own), not {method!r}")
+    return name
+
+
+def serve_vllm(model: str | None, method: str, host: str, port: int, dtype: str, api_key: str | None = None,
+               table: str | None = None, share_table: bool = False, engine: str = "vllm") -> None:
+    """Replaces this process with `vllm serve` (OpenAI-compatible: n > 1, streaming, continuous batching) drafting
+    with stand's proposer; prints the command first. --table and --share-table go to the STAND proposer."""
+    if engine != "vllm":
+        raise StandError(f"--engine must be stand or vllm, got {engine!r}")
+    name = stand_method(method)
+    options = {k: v for k, v in (("table", table), ("share_across_prompts", share_table)) if v}
+    if options and name != "vllm-stand":
+        raise StandError("--table and --share-table are options of --method stand")
+    env = vllm_env(in_process=False)
+    if options:
+        env["STAND_VLLM_OPTIONS"] = json.dumps(options)
+    cmd = serve_command(hf_dir(model), name, host, port, torch_dtype_name(dtype), api_key=api_key)
+    print(" ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
+    os.execve(cmd[0], cmd, env)
