@@ -333,7 +333,7 @@ def solve_cmd(
     instruction: Optional[str] = typer.Option(None, "--instruction", help="Put before each prompt (default per dataset)"),
     n: int = typer.Option(8, "--n", help="Samples per question"),
     strategy: str = typer.Option("self-consistency", "--strategy", help="self-consistency | best-of-n"),
-    schedule: str = typer.Option("auto", "--schedule", help="batched | sequential | auto (measured once, cached)"),
+    schedule: str = typer.Option("auto", "--schedule", help="batched | sequential | auto (k samples at a time, k from this machine's cost grid)"),
     method: MethodOpt = "none",
     temperature: TemperatureOpt = 0.6,
     top_p: TopPOpt = 1.0,
