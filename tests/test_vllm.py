@@ -135,3 +135,27 @@ def test_without_the_cpu_fix_sampling_is_wrong(engines, exact):
         assert "out of bounds" in str(e) or "nan" in str(e).lower(), e
         return
     assert min(marginal_pvalues(samples, exact).values()) < 1e-6
+
+
+# ---- the bench ------------------------------------------------------------------------------------------------
+
+def test_bench_runs_vllm_rows_beside_ours(engines, tmp_path):
+    """`stand bench` rows for vLLM: one engine per method for the whole run, the same problems and sampling as
+    our rows, the engine named in the JSON, ratios against plain vLLM."""
+    from stand.backends.load import load_model
+    from stand.lab.bench import BenchConfig, bench
+    from stand.testing import tiny_target
+
+    target = tiny_target(hidden=128)
+    target.model.save_pretrained(tmp_path / "tiny")
+    target.tokenizer.save_pretrained(tmp_path / "tiny")
+    target = load_model(str(tmp_path / "tiny"), "float32", "torch")
+    cfg = BenchConfig(["none", "vllm", "vllm-stand"], "arithmetic", 2, [1, 2],
+                      SamplingParams(0.6, max_new_tokens=16, seed=0, ignore_eos=True), model=str(tmp_path / "tiny"))
+    rows = bench(target, cfg)
+    got = {(r["method"], r["n"]): r for r in rows}
+    assert set(got) == {(m, n) for m in cfg.methods for n in (1, 2)}
+    for (method, n), r in got.items():
+        assert r["engine"] == ("stand" if method == "none" else "vllm") and r["new_tokens"] == 2 * n * 16
+        assert r["speedup_vs_vllm"] is not None and r["tok_per_s"] > 0
+    assert got[("vllm-stand", 2)]["draft_share"] is not None and got[("vllm", 1)]["draft_share"] is None

@@ -136,7 +136,7 @@ def generate_cmd(
 @app.command("bench")
 @user_errors
 def bench_cmd(
-    methods: str = typer.Option("none,pld", "--methods", help="Comma-separated methods (plus hf, hf-pld, hf-batched)"),
+    methods: str = typer.Option("none,pld", "--methods", help="Comma-separated methods (plus the anchors hf, hf-pld, hf-batched, llama.cpp, llama.cpp-pld, vllm, vllm-ngram, vllm-suffix, vllm-stand, vllm-consensus, vllm-ngrammys)"),
     dataset: str = typer.Option("champ", "--dataset"),
     problems: int = typer.Option(4, "--problems"),
     first: int = typer.Option(0, "--first", help="Index of the first problem"),
@@ -166,7 +166,7 @@ def bench_cmd(
 
     cfg = BenchConfig(_names(methods), dataset, problems, _int_list(n, "--n"),
                       sampling(temperature, top_p, top_k, max_new_tokens, seed), speculation("none", tree, table, cost),
-                      _names(schedules), repeats, warmup, first).validate()
+                      _names(schedules), repeats, warmup, first, model).validate()
     json_path = out_file(json_path, "--json")
     rows = _bench_with_bar(load(model, backend, dtype), cfg)
     if json_path:  # files first: a Ctrl-C may also have closed the pipe behind stdout
