@@ -7,6 +7,7 @@
 #   bash benchmarks/run.sh sweep      # only the sweep
 #   bash benchmarks/run.sh smoke      # a 1-problem, 32-token check of the whole pipeline (into /tmp)
 #   bash benchmarks/run.sh llamacpp   # our methods on the llama.cpp backend beside llama.cpp itself
+#   bash benchmarks/run.sh vllm       # stand's proposers inside vLLM beside vLLM's own; our stand against our suffix
 #
 # Knobs (environment): DTYPE (auto = bfloat16 where the CPU has native bf16), REPEATS, PROBLEMS, TOKENS.
 # A Ctrl-C still prints and writes the rows of the problems that every method finished.
@@ -62,6 +63,20 @@ run_llamacpp() {  # issue 13: our methods on the llama.cpp backend beside llama.
     | tee -i "$OUT/llamacpp_greedy_agreement.txt"
 }
 
+run_vllm() {  # issue 14 (needs scripts/setup-vllm.sh): held-out CHAMP, T=0.6 and greedy, n=1 and 8, one run each
+  machine "$OUT/vllm.machine.txt"
+  "$(python3 -c 'from stand.integrations.vllm.launch import vllm_python; print(vllm_python())')" -c \
+    'import vllm; print("vllm", vllm.__version__, "k", __import__("os").environ.get("STAND_VLLM_K", 5))' >> "$OUT/vllm.machine.txt"
+  local first=${FIRST:-240} problems=${PROBLEMS:-4} tokens=${TOKENS:-256} backend=${BACKEND:-torch}
+  for t in 0.6 0; do
+    stand bench --backend "$backend" --dtype "$DTYPE" --dataset champ --first "$first" --problems "$problems" \
+      --methods none,stand,suffix,consensus,vllm,vllm-ngram,vllm-suffix,vllm-stand,vllm-consensus --n 1,8 \
+      --temperature "$t" --max-new-tokens "$tokens" --seed 0 --repeats "$REPEATS" --json "$OUT/vllm_t$t.json" \
+      | tee -i "$OUT/vllm_t$t.txt"
+    python3 -m stand.lab.report "$OUT/vllm_t$t.json" > "$OUT/vllm_t$t.md"
+  done
+}
+
 run_smoke() {
   OUT=$(mktemp -d /tmp/stand-bench-smoke.XXXX)
   stand bench --methods "$MAIN_METHODS" --dataset champ --problems 1 --n 1,2 --temperature 0.6 \
@@ -77,5 +92,6 @@ case "$WHAT" in
   sweep) run_sweep ;;
   smoke) run_smoke ;;
   llamacpp) run_llamacpp ;;
-  *) echo "usage: $0 [all|main|sweep|smoke|llamacpp]" >&2; exit 2 ;;
+  vllm) run_vllm ;;
+  *) echo "usage: $0 [all|main|sweep|smoke|llamacpp|vllm]" >&2; exit 2 ;;
 esac

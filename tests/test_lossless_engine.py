@@ -35,8 +35,10 @@ CASES = [
     ("stand-dynamic", {}),
     ("stand-dynamic", {"stochastic": False}),
     ("recycle", {}),
+    ("suffix", {}),  # one-hot trees from arctic-inference's suffix trees
+    ("suffix", {"tree": False}),
 ]
-TRUNCATED_METHODS = {"pld", "stand", "stand-dynamic"}
+TRUNCATED_METHODS = {"pld", "stand", "stand-dynamic", "suffix"}
 RUNS = [(m, e, PLAIN) for m, e in CASES] + [(m, e, TRUNCATED) for m, e in CASES if m in TRUNCATED_METHODS and not e]
 BACKENDS = ("hf", "lean", "llama.cpp")
 BATCH = {"hf": 250, "lean": 250, "llama.cpp": 50}  # llama.cpp: 256 sequences a pass, so 5 leaves per row of 50

@@ -9,8 +9,11 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency, chisquare
 
-from stand.tts import answers, report, schedule as tts_schedule, solve as tts, vote
-from stand.api import run_group
+from stand.tts import answers, report, solve as tts, vote
+from dataclasses import replace
+
+from stand.api import make_engine, run_group, schedule_label
+from stand.core.budget import CostGrid
 from stand.tts.problems import Problem, champ
 from stand.drafters.registry import make_drafter
 from stand.core.sequence import Row
@@ -270,30 +273,36 @@ def test_reference_checked_and_samples_written(tiny, tmp_path):
     assert data["accuracy"]["correct"] == 1 and len(data["solutions"][0]["samples"]) == 3
 
 
-def test_auto_schedule_is_measured_once_and_cached(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("STAND_CACHE", str(tmp_path))
-    calls = []
-
-    def fake_probe(target, spec, n, params, ids, schedule, tokens=48):
-        calls.append(schedule)
-        return {"batched": 10.0, "sequential": 20.0}[schedule]
-
-    monkeypatch.setattr(tts_schedule, "probe", fake_probe)
-    kw = dict(model=tiny, n=2, schedule="auto", params=SamplingParams(0.6, max_new_tokens=3, seed=0),
-              extractor=first_chars, chat=False)
-    assert solve(PROMPTS[0], **kw)[0].schedule == "sequential"
-    assert solve(PROMPTS[0], **kw)[0].schedule == "sequential"
-    assert calls.count("sequential") == 1  # the second solve read the cache
-    cached = json.loads((tmp_path / "schedule.json").read_text())
-    assert [v["schedule"] for v in cached.values()] == ["sequential"]
+def _grid(per_row: float, per_token: float, power: float = 1.0) -> CostGrid:
+    """A pass of b rows x t tokens costs 10 + per_row * b ** power + per_token * b * t ms."""
+    return CostGrid({b: {t: 10 + per_row * b ** power + per_token * b * t for t in (1, 2, 4, 8, 16)}
+                     for b in (1, 2, 4, 8)})
 
 
-def test_real_probe_runs(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("STAND_CACHE", str(tmp_path))
+def test_auto_schedule_follows_the_cost_grid(tiny):
+    """Rows nearly free: all n at once; rows dearer together than apart: one at a time."""
     ids = tiny.encode(PROMPTS[0], chat=False)
-    choice = tts_schedule.choose_schedule(tiny, SpecConfig("pld"), 2, SamplingParams(0.6, seed=0), ids, tokens=4)
-    assert choice in ("batched", "sequential")
-    assert tts_schedule.choose_schedule(tiny, SpecConfig("pld"), 1, SamplingParams(0.6), ids) == "batched"
+    cheap_rows, dear_rows = _grid(0.1, 0.5), _grid(50.0, 0.1, power=1.5)
+    stand_spec = SpecConfig("stand")
+    assert make_engine(tiny, replace(stand_spec, cost_grid="off")).best_live(8) == 8  # no grid: batched
+    engine = make_engine(tiny, stand_spec)
+    engine.grid = cheap_rows
+    assert engine.best_live(8) == 8 and engine.best_live(6) == 6
+    engine.grid, engine._budgets = dear_rows, {}
+    assert engine.best_live(8) == 1
+    rows = [Row(ids, SamplingParams(0.6, max_new_tokens=3, seed=0), index=j) for j in range(4)]
+    assert run_group(engine, rows, "auto") == "sequential" and all(r.done for r in rows)
+
+
+def test_auto_schedule_can_mix(tiny):
+    """Rows cheap up to 4, dear beyond: 4 at a time."""
+    engine = make_engine(tiny, SpecConfig("none"))
+    engine.grid = CostGrid({1: {1: 10.0}, 2: {1: 10.5}, 4: {1: 11.0}, 8: {1: 80.0}})
+    assert engine.best_live(8) == 4
+    assert schedule_label(4, 8) == "4 at a time" and schedule_label(8, 8) == "batched"
+    kw = dict(model=tiny, n=8, schedule="auto", params=SamplingParams(0.6, max_new_tokens=3, seed=0),
+              extractor=first_chars, chat=False)
+    assert solve(PROMPTS[0], **kw, spec=SpecConfig("none", cost_grid="off"))[0].schedule == "batched"
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(n=0), "n must be"), (dict(strategy="vote"), "strategy"),

@@ -15,13 +15,13 @@ from stand.machine import machine_grid
 from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
 
-SCHEDULES = ("batched", "sequential")  # how the n samples of a prompt run
-AUTO = "auto"  # solve only: the faster of SCHEDULES, measured once (tts/schedule.py)
+SCHEDULES = ("batched", "sequential")  # how the n samples of a prompt run: all at once, or one after another
+AUTO = "auto"  # as many at once as this machine's cost grid and the drafter's curve say is fastest (Engine.best_live)
 
 
-def check_schedule(schedule: str, auto: bool = False) -> str:
-    """The one check of a schedule name; auto: "auto" is allowed too."""
-    choices = SCHEDULES + ((AUTO,) if auto else ())
+def check_schedule(schedule: str) -> str:
+    """The one check of a schedule name."""
+    choices = SCHEDULES + (AUTO,)
     if schedule not in choices:
         raise StandError(f"schedule must be one of {', '.join(choices)}, got {schedule!r}")
     return schedule
@@ -73,9 +73,21 @@ def make_engine(target: Target, spec: SpecConfig, drafter: Drafter | None = None
     return Engine(target, drafter, spec.step_tokens, resolve_grid(spec.cost_grid, drafter, lambda: machine_grid(target)))
 
 
-def run_group(engine: Engine, rows: list[Row], schedule: str, on_commit: OnCommit | None = None) -> None:
-    """The N samples of one prompt: together as one batch, or one after another (later ones draft from earlier)."""
-    engine.run(rows, on_commit, max_live=None if check_schedule(schedule) == "batched" else 1)
+def live_rows(engine: Engine, n: int, schedule: str) -> int:
+    """How many of a prompt's n samples decode at once under `schedule`."""
+    return {"batched": n, "sequential": 1}.get(check_schedule(schedule)) or engine.best_live(n)
+
+
+def schedule_label(live: int, n: int) -> str:
+    return "batched" if live == n else "sequential" if live == 1 else f"{live} at a time"
+
+
+def run_group(engine: Engine, rows: list[Row], schedule: str, on_commit: OnCommit | None = None) -> str:
+    """The N samples of one prompt: together as one batch, one after another (later ones draft from earlier), or
+    (auto) k at a time, k from the cost grid. Returns what ran (schedule_label)."""
+    live = live_rows(engine, len(rows), schedule)
+    engine.run(rows, on_commit, max_live=live)
+    return schedule_label(live, len(rows))
 
 
 def to_sample(row: Row) -> Sample:

@@ -136,7 +136,7 @@ def generate_cmd(
 @app.command("bench")
 @user_errors
 def bench_cmd(
-    methods: str = typer.Option("none,pld", "--methods", help="Comma-separated methods (plus hf, hf-pld, hf-batched)"),
+    methods: str = typer.Option("none,pld", "--methods", help="Comma-separated methods (plus the anchors hf, hf-pld, hf-batched, llama.cpp, llama.cpp-pld, vllm, vllm-ngram, vllm-suffix, vllm-stand, vllm-consensus, vllm-ngrammys)"),
     dataset: str = typer.Option("champ", "--dataset"),
     problems: int = typer.Option(4, "--problems"),
     first: int = typer.Option(0, "--first", help="Index of the first problem"),
@@ -166,7 +166,7 @@ def bench_cmd(
 
     cfg = BenchConfig(_names(methods), dataset, problems, _int_list(n, "--n"),
                       sampling(temperature, top_p, top_k, max_new_tokens, seed), speculation("none", tree, table, cost),
-                      _names(schedules), repeats, warmup, first).validate()
+                      _names(schedules), repeats, warmup, first, model).validate()
     json_path = out_file(json_path, "--json")
     rows = _bench_with_bar(load(model, backend, dtype), cfg)
     if json_path:  # files first: a Ctrl-C may also have closed the pipe behind stdout
@@ -214,8 +214,7 @@ def profile_cmd(
     import torch
 
     from stand.core.files import write_json
-    from stand.lab.profile import GridConfig, ProfileConfig, as_json, cost_curves, ours, profile_targets, table_lines
-    from stand.machine import measure_here
+    from stand.lab.profile import ProfileConfig, as_json, cost_curves, ours, profile_targets, remeasure, table_lines
 
     if cache_len < 1 or reps < 1 or (threads is not None and threads < 1):
         raise StandError("--cache-len, --reps and --threads must be at least 1")
@@ -233,12 +232,8 @@ def profile_cmd(
     if json_path:
         write_json(json_path, as_json(curves), indent=2)
     if grid_path:
-        grid = measure_here(ours(target), GridConfig(reps=reps), lambda msg: typer.echo(f"  grid: {msg}", err=True))
-        grid.save(grid_path)
-        kept = f"busy machine, not cached: {grid.meta['busy']}" if grid.meta.get("busy") else "cached for this machine"
-        typer.echo(f"ms per forward, rows x tokens per row (wrote {grid_path}; {kept}):")
-        for rows, curve in sorted(grid.ms.items()):
-            typer.echo(f"{rows:>3} rows: " + "  ".join(f"{t}:{ms:.0f}" for t, ms in sorted(curve.items())))
+        for line in remeasure(ours(target), reps, grid_path, lambda msg: typer.echo(f"  grid: {msg}", err=True)):
+            typer.echo(line)
 
 
 @app.command("calibrate")
@@ -304,7 +299,11 @@ def serve_cmd(
     max_live_rows: int = typer.Option(64, "--max-live-rows", help="Rows decoding at once; requests beyond wait in the queue"),
     max_live_tokens: Optional[int] = typer.Option(None, "--max-live-tokens", help="KV tokens running requests may reserve (prompts + n x max_tokens); default: the llama.cpp cache's size, unbounded on torch"),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="The largest request body (beyond: 413)"),
+    engine: str = typer.Option("stand", "--engine", help="stand | vllm: `vllm serve` with stand's proposer (scripts/setup-vllm.sh; README: Scale out)"),
 ):
+    if engine != "stand":  # this process becomes `vllm serve`
+        from stand.integrations.vllm.launch import serve_vllm
+        return serve_vllm(model, method, host, port, dtype, api_key, table, share_table, engine)
     from stand.server.app import ServerConfig, serve
 
     serve(ServerConfig(model=model, method=method, backend=backend, dtype=dtype, host=host, port=port,
@@ -312,6 +311,15 @@ def serve_cmd(
                        default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, max_n=max_n,
                        max_prompt_tokens=max_prompt_tokens, max_live_rows=max_live_rows,
                        max_live_tokens=max_live_tokens, max_body_bytes=max_body_bytes).validate())
+
+
+@app.command("convert")
+@user_errors
+def convert_cmd(gguf: str = typer.Argument(..., help="A .gguf model file"), outdir: str = typer.Argument(..., help="A new or empty directory")):
+    """A Hugging Face model directory (float32 weights, tokenizer) from a GGUF file, for vLLM and other engines."""
+    from stand.backends.convert import convert_gguf
+
+    typer.echo(f"wrote {convert_gguf(gguf, outdir)}")
 
 
 @app.command("solve")
@@ -325,7 +333,7 @@ def solve_cmd(
     instruction: Optional[str] = typer.Option(None, "--instruction", help="Put before each prompt (default per dataset)"),
     n: int = typer.Option(8, "--n", help="Samples per question"),
     strategy: str = typer.Option("self-consistency", "--strategy", help="self-consistency | best-of-n"),
-    schedule: str = typer.Option("auto", "--schedule", help="batched | sequential | auto (measured once, cached)"),
+    schedule: str = typer.Option("auto", "--schedule", help="batched | sequential | auto (k samples at a time, k from this machine's cost grid)"),
     method: MethodOpt = "none",
     temperature: TemperatureOpt = 0.6,
     top_p: TopPOpt = 1.0,

@@ -185,6 +185,20 @@ class Engine:
             self._budgets[rows] = (nodes, floor, cap)
         return self._budgets[rows]
 
+    def best_live(self, n: int) -> int:
+        """How many of a question's n samples to decode at once (a divisor of n: 1 is sequential, n batched) for the
+        most expected tokens per ms on this machine: k rows with m nodes each bring k * acc[m] tokens in
+        grid(k, m + 1) ms (a drafter without a known curve counts as plain decoding). Without a grid: all n."""
+        if self.grid is None:
+            return n
+        acc = self.drafter.acceptance_curve()
+
+        def rate(k: int) -> float:
+            m = 0 if acc is None else min(self.budget(k)[0] or 0, len(acc) - 1)
+            return k * (1.0 if acc is None else float(acc[m])) / self.grid(k, m + 1)
+
+        return max((k for k in range(1, n + 1) if n % k == 0), key=rate)
+
     def _draft(self, r: Row, budget: Budget) -> DraftTree:
         """The drafter's tree (asked for `nodes` nodes worth at least `floor`), cut to the row's room (tokens
         left, context left) and its hard share of the pass."""

@@ -11,7 +11,7 @@ from stand.errors import StandError
 
 # every --method; drafters/registry.py maps each to its drafter class
 METHODS = ("none", "pld", "stand", "stand-heuristic", "stand-dynamic", "recycle", "consensus", "ngrammys",
-           "stand+consensus")
+           "stand+consensus", "suffix")
 # the smallest temperature above 0: below it float32 logits / T overflow (1e-45 gave NaN probabilities), and long
 # before that sampling is greedy in all but rounding; such temperatures are refused (0 asks for greedy)
 MIN_TEMPERATURE = 1e-3

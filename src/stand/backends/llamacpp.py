@@ -100,6 +100,7 @@ class LlamaCppModel(TokenizerText):
     max_sequences = MAX_SEQUENCES
     max_pass_tokens = N_BATCH
     generation: int = field(default=0, init=False)  # bumped whenever the KV memory is cleared
+    _logits: tuple = field(default=(None, torch.zeros(0, 0)), init=False, repr=False)  # (address, [R, V] view)
 
     def __post_init__(self):
         _quiet()
@@ -184,9 +185,15 @@ class LlamaCppModel(TokenizerText):
             raise RuntimeError(f"llama_decode failed with code {rc}")
 
     def logits(self, rows: int) -> torch.Tensor:
-        """[rows, V] float32: the logits of the last decode's outputs, a view of llama.cpp's buffer."""
-        ptr = _lib().llama_get_logits(self.ctx)
-        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size)))
+        """[rows, V] float32: the logits of the last decode's outputs, a view of llama.cpp's buffer (a view of its
+        current address is kept and re-made when the buffer moves or the view is too short)."""
+        address = ctypes.cast(_lib().llama_get_logits(self.ctx), ctypes.c_void_p).value
+        at, view = self._logits
+        if address != at or len(view) < rows:
+            array = (ctypes.c_float * (rows * self.vocab_size)).from_address(address)
+            view = torch.from_numpy(np.ctypeslib.as_array(array)).view(rows, self.vocab_size)
+            self._logits = address, view
+        return view[:rows]
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
         _lib().llama_memory_seq_rm(self.memory, seq, p0, p1)

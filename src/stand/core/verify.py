@@ -58,10 +58,25 @@ def verify_greedy(tree: DraftTree, argmax: list[int]) -> Verdict:
         node = nxt
 
 
+DRAW_BLOCK = 256  # tokens per block of the two-level search in _draw
+
+
+def _pick(c: np.ndarray, u: float) -> int:
+    """The index i with c[i-1] <= u < c[i] in a cumulative sum c; rounding past the end: the last step of c."""
+    i = int(np.searchsorted(c, u, side="right"))
+    if i < len(c):
+        return i
+    return int(np.flatnonzero(np.diff(c, prepend=0.0) > 0)[-1])
+
+
 def _draw(p: np.ndarray, total: float, rng: np.random.Generator) -> int:
-    """One token from unnormalised p (float64 [V]) whose sum is total."""
-    c = np.cumsum(p)
-    return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
+    """One token from unnormalised p (float64 [V]) whose sum is total: inverse-CDF sampling in two levels (the
+    block, then the token in it), so only V / DRAW_BLOCK + DRAW_BLOCK numbers are summed in sequence."""
+    blocks = np.cumsum(np.add.reduceat(p, np.arange(0, len(p), DRAW_BLOCK)))  # [ceil(V / DRAW_BLOCK)]
+    u = rng.random() * blocks[-1]
+    k = _pick(blocks, u)
+    inner = np.cumsum(p[k * DRAW_BLOCK:(k + 1) * DRAW_BLOCK])  # [DRAW_BLOCK]
+    return k * DRAW_BLOCK + _pick(inner, u - (blocks[k - 1] if k else 0.0))
 
 
 def _proposal(q: SparseDist | None, token: int, drawn: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ DRAFTERS: dict[str, str] = {
     "consensus": "consensus:ConsensusDrafter",
     "ngrammys": "ngrammys:NGrammys",
     "stand+consensus": "combined:StandConsensus",
+    "suffix": "suffix:SuffixDrafter",
 }
 
 

@@ -26,10 +26,11 @@ from stand.params import SamplingParams, SpecConfig, check_method
 from stand.tts.answers import extract_answer, is_correct
 from stand.tts.problems import Problem, load_dataset
 from stand.lab.llamacpp_anchors import LLAMACPP_METHODS, anchor_generate
+from stand.lab.vllm_anchors import VLLM_METHODS, close_engines, engine_dtype, vllm_run
 from stand.tts.vote import majority_vote
 
 HF_METHODS = ("hf", "hf-pld", "hf-batched")
-ANCHORS = HF_METHODS + LLAMACPP_METHODS  # other tools' own loops on the same model: one schedule each
+ANCHORS = HF_METHODS + LLAMACPP_METHODS + VLLM_METHODS  # other engines on the same model: one schedule each
 MEMORY_EVERY = 16  # sample the drafter's table memory every this many commits
 
 Variant = tuple[str, int, str]  # (method, n, schedule)
@@ -48,6 +49,7 @@ class BenchConfig:
     repeats: int = 1  # every problem this many times; rows give the median and the spread of tok/s
     warmup: bool = True  # one short untimed run of every variant first (lazy init, kernel packing, disk caches)
     first: int = 0  # problems [first, first + problems) of the dataset
+    model: str | None = None  # the model's path (vLLM rows read it as a Hugging Face directory); None: the default
 
     def __post_init__(self):
         self.ns = [self.n] if isinstance(self.n, int) else list(self.n)
@@ -101,7 +103,8 @@ def label(v: Variant) -> str:
 
 def anchor_schedule(method: str) -> str | None:
     """An anchor's schedule label: the tool it runs (its own loop decides how samples are scheduled)."""
-    return "hf" if method in HF_METHODS else "llama.cpp" if method in LLAMACPP_METHODS else None
+    return "hf" if method in HF_METHODS else "llama.cpp" if method in LLAMACPP_METHODS else \
+        "vllm" if method in VLLM_METHODS else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,8 +225,16 @@ def run_llamacpp(target: Target, method: str, n: int, problem: Problem, cfg: Ben
     return Run(sum(map(len, outs)), seconds, 0, None, None, _majority_correct(texts, problem.answer))
 
 
+def run_vllm(target: Target, method: str, n: int, problem: Problem, cfg: BenchConfig, seed: int) -> Run:
+    r = vllm_run(cfg.model, target, method, problem.prompt, n, replace(cfg.params, seed=seed))
+    return Run(r["new_tokens"], r["seconds"], r["steps"], r["draft_seconds"], None,
+               _majority_correct(r["texts"], problem.answer))
+
+
 def run_variant(target: Target, v: Variant, problem: Problem, cfg: BenchConfig, seed: int) -> Run:
     method, n, schedule = v
+    if method in VLLM_METHODS:
+        return run_vllm(target, method, n, problem, cfg, seed)
     if method in HF_METHODS:
         return run_hf(target, method, n, problem, cfg, seed)
     if method in LLAMACPP_METHODS:
@@ -276,6 +287,8 @@ def bench(target: Target, cfg: BenchConfig, progress: Progress | None = None) ->
                         progress(label(v), True)
     except KeyboardInterrupt:
         interrupted = True
+    finally:
+        close_engines()
     return summarise(runs, cfg, target, interrupted)
 
 
@@ -295,7 +308,7 @@ def summarise(runs: dict[Variant, dict[tuple[int, int], Run]], cfg: BenchConfig,
 
     tok_per_s is the median over repeats (each repeat: all its problems' tokens / all their seconds),
     tok_per_s_min / _max the spread. speedup_vs_none divides by the fastest `none` schedule at the same
-    n, speedup_vs_hf by `hf` and speedup_vs_llamacpp by `llama.cpp` at the same n (all medians).
+    n, speedup_vs_hf by `hf`, speedup_vs_llamacpp by `llama.cpp` and speedup_vs_vllm by `vllm` at the same n (all medians).
     """
     keys = common_keys(runs)
     rows = [variant_row(v, [runs[v][k] for k in keys], keys, cfg, target, interrupted) for v in runs] if keys else []
@@ -303,7 +316,7 @@ def summarise(runs: dict[Variant, dict[tuple[int, int], Run]], cfg: BenchConfig,
     for r in rows:
         none = [t for (m, n, _), t in tps.items() if m == "none" and n == r["n"] and t]
         r["speedup_vs_none"] = round(r["tok_per_s"] / max(none), 3) if none else None
-        for key, anchor in (("speedup_vs_hf", "hf"), ("speedup_vs_llamacpp", "llama.cpp")):
+        for key, anchor in (("speedup_vs_hf", "hf"), ("speedup_vs_llamacpp", "llama.cpp"), ("speedup_vs_vllm", "vllm")):
             base = tps.get((anchor, r["n"], anchor_schedule(anchor)))
             r[key] = round(r["tok_per_s"] / base, 3) if base else None
     return rows
@@ -327,14 +340,16 @@ def variant_row(v: Variant, runs: list[Run], keys: list[tuple[int, int]], cfg: B
     judged = [x.correct for x in runs if x.correct is not None]
     accepted = sum((x.accepted for x in runs), Counter())
     return {
-        "method": method, "schedule": schedule, "backend": target.kind, "dtype": str(target.dtype).split(".")[-1],
+        "method": method, "schedule": schedule, "engine": anchor_schedule(method) or "stand",
+        "backend": "vllm" if method in VLLM_METHODS else target.kind,
+        "dtype": engine_dtype(target) if method in VLLM_METHODS else str(target.dtype).split(".")[-1],
         "n": n, "temperature": cfg.params.temperature, "top_p": cfg.params.top_p, "top_k": cfg.params.top_k,
         "model": target.name, "dataset": cfg.dataset, "problems": len({p for _, p in keys}), "repeats": len(tps),
         "max_new_tokens": cfg.params.max_new_tokens,
         "new_tokens": tokens, "seconds": round(seconds, 3),
         "tok_per_s": round(statistics.median(tps), 2), "tok_per_s_min": round(min(tps), 2),
         "tok_per_s_max": round(max(tps), 2),
-        "speedup_vs_none": None, "speedup_vs_hf": None, "speedup_vs_llamacpp": None,  # filled in by summarise
+        "speedup_vs_none": None, "speedup_vs_hf": None, "speedup_vs_llamacpp": None, "speedup_vs_vllm": None,  # summarise
         "mean_accepted": round(mean_accepted(tokens, steps), 3) if steps else None,
         "draft_seconds": None if draft is None else round(draft, 3),
         "draft_share": None if draft is None or not seconds else round(draft / seconds, 4),
@@ -345,8 +360,8 @@ def variant_row(v: Variant, runs: list[Run], keys: list[tuple[int, int]], cfg: B
     }
 
 
-COLUMNS = ("method", "schedule", "backend", "dtype", "n", "temperature", "new_tokens", "seconds", "tok_per_s", "tok_per_s_min",
-           "tok_per_s_max", "speedup_vs_none", "speedup_vs_hf", "speedup_vs_llamacpp", "mean_accepted", "draft_share", "table_bytes",
+COLUMNS = ("method", "schedule", "engine", "backend", "dtype", "n", "temperature", "new_tokens", "seconds", "tok_per_s", "tok_per_s_min",
+           "tok_per_s_max", "speedup_vs_none", "speedup_vs_hf", "speedup_vs_llamacpp", "speedup_vs_vllm", "mean_accepted", "draft_share", "table_bytes",
            "accuracy")
 
 

@@ -14,6 +14,7 @@ import torch
 
 from stand.backends.protocol import Backend
 from stand.backends.probe import GridConfig, Probe, ProfileConfig, interleaved, measure_grid  # noqa: F401  (lab API)
+from stand.machine import measure_here
 
 @dataclass
 class Curve:
@@ -79,3 +80,14 @@ def profile_targets(target: Backend) -> dict[str, Backend]:
     """On torch (target loaded with forward="hf"): ours beside the Hugging Face forward of the same weights;
     on another backend: that backend alone."""
     return {"ours": ours(target), "hf": target} if target.kind == "torch" else {"ours": target}
+
+
+def remeasure(target: Backend, reps: int, path: str, progress=None) -> list[str]:
+    """`stand profile --grid PATH`: this machine's grid measured now (and cached, unless the machine was busy),
+    written to PATH; returns its lines of text."""
+    grid = measure_here(target, GridConfig(reps=reps), progress)
+    grid.save(path)
+    kept = f"busy machine, not cached: {grid.meta['busy']}" if grid.meta.get("busy") else "cached for this machine"
+    return [f"ms per forward, rows x tokens per row (wrote {path}; {kept}):"] + [
+        f"{rows:>3} rows: " + "  ".join(f"{t}:{ms:.0f}" for t, ms in sorted(curve.items()))
+        for rows, curve in sorted(grid.ms.items())]

@@ -1,8 +1,9 @@
 """Test-time scaling: N samples per question, then self-consistency (majority vote) or best-of-N.
 
 `solve` runs the N samples of each question as one drafter group, batched (together, as rows of one
-batch) or sequential (one after another: later samples draft from what earlier ones taught the
-drafter), or `auto` (a short timed probe of both on this model and machine, cached on disk).
+batch), sequential (one after another: later samples draft from what earlier ones taught the
+drafter), or `auto` (k at a time, the k that this machine's cost grid and the drafter's acceptance
+curve say is fastest: Engine.best_live).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
 from stand.tts.answers import Extractor, answer_key, extract_answer, is_correct
 from stand.tts.problems import Problem
-from stand.tts.schedule import choose_schedule
 from stand.tts.vote import ScoredSample, Scorer, best_of_n, majority_vote, mean_logprob
 
 STRATEGIES = ("self-consistency", "best-of-n")
@@ -32,7 +32,7 @@ class SolveConfig:
 
     n: int = 8
     strategy: str = "self-consistency"
-    schedule: str = AUTO  # batched | sequential | auto
+    schedule: str = AUTO  # batched | sequential | auto (k at a time, from the cost grid)
     scorer: Scorer = mean_logprob  # best-of-n: (question, sample) -> score, higher is better
     extractor: Extractor = extract_answer  # text -> answer or None
     normalizer: Callable[[str], str] = answer_key  # answers with equal keys vote together
@@ -43,7 +43,7 @@ class SolveConfig:
             raise StandError(f"n must be an integer >= 1, got {self.n}")
         if self.strategy not in STRATEGIES:
             raise StandError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        check_schedule(self.schedule, auto=True)
+        check_schedule(self.schedule)
         for name in ("extractor", "scorer", "normalizer"):
             if not callable(getattr(self, name)):
                 raise StandError(f"{name} must be a callable")
@@ -106,7 +106,8 @@ def solve(questions: str | Problem | list[str | Problem], model: Target | str | 
     extractor(text) -> answer or None (default: math answers, `extract_answer`); normalizer(answer) -> key,
     answers with equal keys vote together (default: `answer_key`, math-aware).
     scorer(question, sample) -> float, higher is better (default: mean token log-probability).
-    schedule: "batched", "sequential" or "auto" (measured once per model/method/N/machine, cached).
+    schedule: "batched", "sequential" or "auto" (k samples at a time, the k this machine's cost grid and the
+    drafter's acceptance curve say is fastest; Solution.schedule says what ran).
     The samples are what plain decoding of the model gives (same tokens at T=0, same distribution
     when sampling); spec.method only changes the speed. Every sample carries its stats (mean_accepted
     per sample index shows later samples drafting better under the sequential schedule).
@@ -126,19 +127,16 @@ def iter_solve(questions: str | Problem | list[str | Problem], model: Target | s
     target = resolve_target(model, backend, dtype)
     prompt_ids = encode_prompts(target, [p.prompt for p in problems], config.chat)
     engine = make_engine(target, spec)
-    schedule = config.schedule
-    if schedule == AUTO:
-        schedule = choose_schedule(target, spec, config.n, params, prompt_ids[0])
     for i, (problem, ids) in enumerate(zip(problems, prompt_ids)):
-        yield solve_one(engine, problem, ids, i, params, config, schedule, progress)
+        yield solve_one(engine, problem, ids, i, params, config, progress)
 
 
 def solve_one(engine: Engine, problem: Problem, prompt_ids: list[int], group: int, params: SamplingParams,
-              config: SolveConfig, schedule: str, progress: Progress | None = None) -> Solution:
+              config: SolveConfig, progress: Progress | None = None) -> Solution:
     rows = [Row(prompt_ids, params, group=group, index=j, logprobs=[]) for j in range(config.n)]
     on_commit = (lambda r, new: progress(group, len(new))) if progress else None
     t = time.perf_counter()
-    run_group(engine, rows, schedule, on_commit)
+    schedule = run_group(engine, rows, config.schedule, on_commit)
     seconds = time.perf_counter() - t
     samples = [score_sample(problem.prompt, r, config) for r in rows]
     return decide(problem, samples, config, schedule, seconds)

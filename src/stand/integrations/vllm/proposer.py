@@ -1,0 +1,147 @@
+"""vLLM's `custom_class` proposer contract, once for every stand proposer.
+
+What vLLM 0.32 does with a custom proposer (read from vllm/v1/spec_decode/custom_class_proposer.py and
+vllm/v1/worker/gpu_model_runner.py): it builds `Class(vllm_config)` in the worker, calls `load_model(model)` once
+(on CPU), and after every step, once the step's tokens are booked, calls
+
+    propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None) -> list[list[int]]
+
+sampled_token_ids: [B] the tokens each batch row committed this step (empty: none, e.g. a prefill chunk);
+num_tokens_no_spec: [>=B] the tokens each row holds, this step's included; token_ids_cpu: [>=B, max_model_len]
+those tokens (prompt, then output). The answer is one draft chain per row (empty: no draft), at most
+num_speculative_tokens long. vLLM verifies chains with its rejection sampler and, given no draft probabilities,
+treats each draft token as deterministic (one-hot q): accept with the target's p(x), else resample from p with x
+removed, the rule stand's verifier applies to deterministic drafts (DESIGN.md section 2). Any chain is therefore
+exact; a chain only has to be likely to be accepted to pay.
+
+vLLM gives the proposer token ids only: no request ids, no logits. Rows are recognised by content (rows.py), and
+drafters learn from the tokens vLLM committed (the one-hot distribution of each committed token), not from the
+target's distributions. A proposer's knobs come as JSON in the environment variable STAND_VLLM_OPTIONS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import weakref
+from dataclasses import dataclass
+
+from stand.core.drafter import Drafter, NoOptions, parse_options
+from stand.core.sequence import Row
+from stand.core.tree import DraftTree
+from stand.core.verify import Verdict
+from stand.errors import StandError
+from stand.integrations.vllm.rows import RowTracker, Step
+
+ENV_OPTIONS = "STAND_VLLM_OPTIONS"
+LIVE: "weakref.WeakSet[ChainProposer]" = weakref.WeakSet()  # proposers of this process (worker.py reads their stats)
+
+
+@dataclass
+class ProposerStats:
+    calls: int = 0
+    drafts: int = 0  # rows given a non-empty chain
+    drafted: int = 0  # draft tokens proposed
+    seconds: float = 0.0  # inside propose
+
+
+@dataclass
+class Limits:
+    k: int  # num_speculative_tokens: the longest chain
+    max_len: int  # max_model_len: a chain never runs past it
+    vocab_size: int
+    model: str  # the target's path (drafters that build tables from the model read it)
+
+
+def limits(vllm_config) -> Limits:
+    spec, model = vllm_config.speculative_config, vllm_config.model_config
+    return Limits(int(spec.num_speculative_tokens), int(model.max_model_len), int(model.get_vocab_size()),
+                  str(model.model))
+
+
+def env_options(options_class: type, method: str):
+    """The proposer's options dataclass from STAND_VLLM_OPTIONS (a JSON object; absent: the defaults)."""
+    text = os.environ.get(ENV_OPTIONS, "").strip()
+    try:
+        given = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise StandError(f"{ENV_OPTIONS} is not JSON: {e}") from None
+    if not isinstance(given, dict):
+        raise StandError(f"{ENV_OPTIONS} must be a JSON object, got {text!r}")
+    return parse_options(options_class, given, method)
+
+
+def committed_step(new: list[int]) -> tuple[DraftTree, Verdict]:
+    """The tokens a row committed in one step, as a drafter's observe() sees a step: a chain of the accepted ones
+    and the last as the bonus token."""
+    return DraftTree.chain(new[:-1]), Verdict(list(range(1, len(new))), new[-1])
+
+
+def first_path(tree: DraftTree, k: int) -> list[int]:
+    """The chain that takes every node's first child (a drafter's most likely path), at most k tokens."""
+    kids, node, out = tree.children(), 0, []
+    while kids[node] and len(out) < k:
+        node = kids[node][0]
+        out.append(tree.tokens[node - 1])
+    return out
+
+
+class ChainProposer:
+    """A stand drafter behind vLLM's custom_class interface: rows followed by content, one chain per row."""
+
+    method = "none"
+    Options: type = NoOptions
+
+    def __init__(self, vllm_config):
+        self.limits = limits(vllm_config)
+        self.options = env_options(self.Options, self.method)
+        self.tracker = RowTracker()
+        self.drafter = self.make_drafter()
+        self.stats = ProposerStats()
+        LIVE.add(self)
+
+    def make_drafter(self) -> Drafter:
+        raise NotImplementedError
+
+    def load_model(self, *args, **kwargs) -> None:
+        """Model-free: nothing to load (vLLM calls this once with the target)."""
+
+    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None) -> list[list[int]]:
+        t = time.perf_counter()
+        steps, gone = self.tracker.step(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        for row in gone:
+            self.drafter.finish(row)
+        out = [[] if s is None else self._one(s) for s in steps]
+        self._count(out, time.perf_counter() - t)
+        return out
+
+    def _one(self, s: Step) -> list[int]:
+        if s.fresh:
+            self.start(s.row)
+        self.observe(s.row, s.new)
+        self.tracker.commit(s.row, s.new)
+        room = min(self.limits.k, self.limits.max_len - len(s.row.tokens) - 1)
+        return self.chain(s.row, room) if room > 0 else []
+
+    def _count(self, out: list[list[int]], seconds: float) -> None:
+        st = self.stats
+        st.calls += 1
+        st.drafts += sum(1 for c in out if c)
+        st.drafted += sum(map(len, out))
+        st.seconds += seconds
+
+    # ---- what a proposer may change -------------------------------------------------------------
+
+    def start(self, row: Row) -> None:
+        """A row first seen (its prompt known, this step's tokens not yet observed)."""
+        self.drafter.start(row, None)
+
+    def observe(self, row: Row, new: list[int]) -> None:
+        """The tokens the row committed this step (row.tokens does not hold them yet)."""
+        tree, verdict = committed_step(new)
+        self.drafter.observe(row, tree, None, verdict)
+
+    def chain(self, row: Row, k: int) -> list[int]:
+        """The draft for the row's next step: at most k tokens."""
+        return first_path(self.drafter.propose(row, k), k)
