@@ -31,14 +31,19 @@ class Clock:
 
 
 class FakeCache:
+    """Like llama.cpp's, one cache at a time: a new cache invalidates the older ones."""
+
     def __init__(self, backend: "FakeBackend"):
         self.backend, self.rows = backend, 0
+        backend.generation += 1
+        self.generation = backend.generation
 
     def prefill(self, prefixes, on_logits=None):
         self.rows += len(prefixes)
 
     def step(self, trees, roots, width=None):
         b = self.backend
+        assert self.generation == b.generation, "a cache used after a newer one was made"
         b.calls += 1
         tokens = max(len(t) for t in trees) + 1
         b.clock.now += b.cost(self.rows, tokens) * b.slowdown(b) / 1000.0
@@ -54,7 +59,8 @@ class FakeBackend:
     kind, vocab_size, threads, pads = "fake", 16, 1, True
 
     def __init__(self, cost, clock: Clock, slowdown=lambda b: 1.0, name: str = "fake", dtype: str = "float32"):
-        self.cost, self.clock, self.slowdown, self.name, self.dtype, self.calls = cost, clock, slowdown, name, dtype, 0
+        self.cost, self.clock, self.slowdown, self.name, self.dtype = cost, clock, slowdown, name, dtype
+        self.calls = self.generation = 0
 
     def new_cache(self):
         return FakeCache(self)

@@ -145,7 +145,7 @@ class Watch:
 
     def busy(self) -> str | None:
         """Why the measurement looks disturbed, or None."""
-        before, after = self.reference
+        before, after = (max(ms, 1e-9) for ms in self.reference)
         if max(after / before, before / after) > self.cfg.busy_ratio:
             return f"one row of one token took {before:.1f} ms at the start and {after:.1f} ms at the end"
         others, free = self.others_cores(), max(self.cfg.cpus - self.threads, 0)
@@ -154,22 +154,27 @@ class Watch:
         return None
 
 
+def reference_ms(target: Backend, cfg: GridConfig) -> float:
+    """The reference pass (one row of REFERENCE_TOKENS) on a fresh cache of cfg.cache_len tokens: a backend may hold
+    one cache at a time (llama.cpp), and the same cache length makes the start and the end comparable."""
+    return fastest(Probe(target, 1, cfg.cache_len, cfg.clock), [REFERENCE_TOKENS], cfg)[REFERENCE_TOKENS]
+
+
 @torch.inference_mode()
 def measure_grid(target: Backend, cfg: GridConfig | None = None, progress=None) -> CostGrid:
     """Least ms per forward for every (rows, tokens per row) with rows x tokens <= GRID_MAX_TOKENS (see the module
     docstring). meta["busy"]: why the machine looked busy while measuring, or None."""
     cfg = cfg or GridConfig()
     watch = Watch(cfg, threads(target))
-    reference = Probe(target, 1, cfg.cache_len, cfg.clock)
     watch.start()
-    watch.reference.append(fastest(reference, [REFERENCE_TOKENS], cfg)[REFERENCE_TOKENS])
+    watch.reference.append(reference_ms(target, cfg))
     ms: dict[int, dict[int, float]] = {}
     for b in cfg.rows:
         sizes = [t for t in cfg.tokens if b * t <= GRID_MAX_TOKENS]
         ms[b] = fastest(Probe(target, b, cfg.cache_len, cfg.clock), sizes, cfg)
         if progress:
             progress(f"{b} rows")
-    watch.reference.append(fastest(reference, [REFERENCE_TOKENS], cfg)[REFERENCE_TOKENS])
+    watch.reference.append(reference_ms(target, cfg))
     meta = {"model": target.name, "dtype": str(target.dtype).replace("torch.", ""), "cache_len": cfg.cache_len,
             "threads": watch.threads, "measured": time.time(), "reference_ms": watch.reference, "busy": watch.busy()}
     return CostGrid(ms, meta)
