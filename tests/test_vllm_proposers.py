@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from stand.errors import StandError
+from stand.integrations.vllm.chains import Calibration, StepCost, select
 from stand.integrations.vllm.consensus_proposer import ConsensusProposer
 from stand.integrations.vllm.cpu_fix import expand_on_cpu
 from stand.integrations.vllm.rows import RowTracker
@@ -62,7 +63,8 @@ def test_rows_are_followed_when_vllm_moves_them():
     assert gone == [a]  # absent for more than forget_after steps
 
 
-def test_stand_proposer_drafts_from_the_groups_text():
+def test_stand_proposer_drafts_from_the_groups_text(monkeypatch):
+    monkeypatch.setenv("STAND_VLLM_OPTIONS", '{"min_prob": 0.0}')  # whole chains: nothing cut by value or cost
     proposer, batch = StandProposer(vllm_config(k=4)), Batch()
     prompt = [10, 11, 12, 13, 14, 15]
     batch.put(0, prompt + [10])
@@ -80,12 +82,15 @@ def test_stand_chain_stops_where_the_table_is_unsure():
     table = NGramTable(2, 4, 64)
     table.insert(tails_of([1, 2], 2), np.array([[2, 3], [5, 6]]), np.array([[0.6, 0.4], [0.3, 0.2]]))
     tail = tuple(tails_of([1], 2)[-1].tolist())
-    assert best_chain(table, tail, 5, 0.1) == [2, 5]  # 0.6, then 0.6 * 0.6 (5 after 2), then no entry
-    assert best_chain(table, tail, 5, 0.5) == [2]  # 0.36 < 0.5
-    assert best_chain(table, tail, 1, 0.0) == [2]
+    # estimates: 0.6 of a context seen once, discounted by 1/2; then 0.3/0.5 after (1, 2), discounted; then no entry
+    tokens, estimates = best_chain(table, tail, 5)
+    assert tokens == [2, 5] and np.allclose(estimates, [0.3, 0.3])
+    assert best_chain(table, tail, 5, floor=0.1)[0] == [2]  # 0.3 * 0.3 < 0.1
+    assert best_chain(table, tail, 1)[0] == [2]
 
 
-def test_chains_never_pass_the_context_limit():
+def test_chains_never_pass_the_context_limit(monkeypatch):
+    monkeypatch.setenv("STAND_VLLM_OPTIONS", '{"min_prob": 0.0}')
     proposer, batch = StandProposer(vllm_config(k=8)), Batch()
     seq = [1, 2, 3, 4] * 15 + [1, 2, 3]  # 63 tokens of a repeating text: room for the bonus token only
     batch.put(0, seq)
@@ -95,13 +100,35 @@ def test_chains_never_pass_the_context_limit():
 
 
 def test_consensus_proposer_drafts_what_another_sample_wrote(monkeypatch):
-    monkeypatch.setenv("STAND_VLLM_OPTIONS", '{"k": 2}')
+    monkeypatch.setenv("STAND_VLLM_OPTIONS", '{"k": 2, "min_prob": 0.0}')
     proposer, batch = ConsensusProposer(vllm_config(k=4)), Batch()
     batch.put(0, [7, 8, 9, 30, 31, 32, 33, 34])
     batch.put(1, [7, 8, 9, 30])
     batch.step(proposer, [[30, 31, 32, 33, 34], [30]])
     batch.put(1, [7, 8, 9, 30, 31])
     assert batch.step(proposer, [[], [31]])[1] == [32, 33, 34]
+
+
+def test_calibration_learns_what_vllm_accepted():
+    cal = Calibration()
+    assert 0.5 < cal.chances([0.55])[0] < 0.6  # the prior: the bin's centre
+    for _ in range(50):
+        cal.update([0.95, 0.95, 0.95], accepted=1)  # the first token always accepted, the second never
+    assert cal.chances([0.95])[0] == pytest.approx(0.5, abs=0.02)  # 50 hits in 100 trials (third never reached)
+
+
+def test_step_cost_and_selection():
+    cost = StepCost()
+    for tokens, ms in [(8, 40), (8, 42), (16, 56), (24, 72), (24, 71)]:
+        cost.add(tokens, ms / 1000)
+    a, b = cost.fit()
+    assert b == pytest.approx(0.002, rel=0.1) and a == pytest.approx(0.024, rel=0.2)
+    values = [np.array([0.9, 0.8, 0.3]), np.array([0.6, 0.05])]
+    assert select(values, None, 0.1) == [3, 1]  # no cost: the floor
+    assert select(values, (0.024, 0.002), 0.0) == [3, 1]  # cheap tokens: all worth more than b E / cost
+    assert select(values, (0.010, 0.010), 0.0) == [2, 0]  # dearer tokens: 0.6 < b E / cost = 0.74 after two
+    assert select(values, (0.010, 0.030), 0.0) == [1, 0]  # dear tokens: only the surest
+    assert select(values, None, 0.95) == [0, 0]
 
 
 @pytest.mark.parametrize("text,message", [("{", "is not JSON"), ("[1]", "must be a JSON object"),

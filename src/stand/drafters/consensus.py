@@ -239,17 +239,22 @@ def build_dag(continuations) -> ConsensusDAG:
 
 def best_path(dag: ConsensusDAG, alpha: float) -> list[int]:
     """Tokens of the path maximising sum_d prod_{j<=d} w_j (expected accepted length)."""
+    return [dag.tokens[v] for v, _ in best_path_edges(dag, alpha)]
+
+
+def best_path_edges(dag: ConsensusDAG, alpha: float) -> list[tuple[int, float]]:
+    """(node, weight of the edge into it) along the best path (see best_path)."""
     out = dag.out_edges(dag.weights(alpha))
     value = [0.0] * len(dag.tokens)
-    choice = [-1] * len(dag.tokens)
+    choice: list[tuple[int, float]] = [(-1, 0.0)] * len(dag.tokens)
     for v in sorted(range(len(dag.tokens)), key=lambda n: -dag.depths[n]):  # children before parents
         for w, c in out[v]:
             if w * (1 + value[c]) > value[v]:
-                value[v], choice[v] = w * (1 + value[c]), c
+                value[v], choice[v] = w * (1 + value[c]), (c, w)
     path, v = [], choice[0]
-    while v >= 0:
-        path.append(dag.tokens[v])
-        v = choice[v]
+    while v[0] >= 0:
+        path.append(v)
+        v = choice[v[0]]
     return path
 
 

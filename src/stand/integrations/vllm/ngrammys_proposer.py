@@ -10,15 +10,15 @@ model is in memory while it is built, about a minute for a 135M model on 2 cores
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from stand.drafters.ngrammys import NGrammys, NGrammysOptions, model_tables
-from stand.integrations.vllm.proposer import ChainProposer
+from stand.integrations.vllm.proposer import ChainOptions, ChainProposer
 from stand.params import SpecConfig
 
 
 @dataclass
-class NGrammysChainOptions(NGrammysOptions):
+class NGrammysChainOptions(NGrammysOptions, ChainOptions):
     model_tables: bool = True  # build (or read) the model's bigram table; False: context drafts only
 
 
@@ -39,7 +39,7 @@ class NGrammysProposer(ChainProposer):
     Options = NGrammysChainOptions
 
     def make_drafter(self) -> NGrammys:
-        own = {k: v for k, v in asdict(self.options).items() if k != "model_tables"}
+        own = {f.name: getattr(self.options, f.name) for f in fields(NGrammysOptions)}
         drafter = NGrammys(SpecConfig(method="ngrammys", options=own), self.limits.vocab_size)
         if self.options.model_tables:
             drafter.set_tables(model_tables(load_target(self.limits.model), progress=False))

@@ -27,11 +27,14 @@ import time
 import weakref
 from dataclasses import dataclass
 
-from stand.core.drafter import Drafter, NoOptions, parse_options
+import numpy as np
+
+from stand.core.drafter import Drafter, parse_options
 from stand.core.sequence import Row
 from stand.core.tree import DraftTree
 from stand.core.verify import Verdict
 from stand.errors import StandError
+from stand.integrations.vllm.chains import Calibration, StepCost, select
 from stand.integrations.vllm.rows import RowTracker, Step
 
 ENV_OPTIONS = "STAND_VLLM_OPTIONS"
@@ -87,11 +90,31 @@ def first_path(tree: DraftTree, k: int) -> list[int]:
     return out
 
 
+@dataclass
+class Chain:
+    tokens: list[int]  # [D] the draft
+    values: np.ndarray  # [D] cumulative calibrated chance that the row commits each token from the draft
+    estimates: np.ndarray  # [D] the drafter's own estimate per token (what the calibration maps)
+
+
+@dataclass
+class ChainOptions:
+    """Knobs every stand proposer has (each proposer's options add its drafter's)."""
+
+    min_prob: float = 0.1  # a draft token whose calibrated chance of being committed is lower is never proposed
+    cost_aware: bool = True  # size chains by the learnt cost of a vLLM step (else by min_prob alone)
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_prob <= 1.0:
+            raise StandError(f"min_prob must be in [0, 1], got {self.min_prob}")
+
+
 class ChainProposer:
-    """A stand drafter behind vLLM's custom_class interface: rows followed by content, one chain per row."""
+    """A stand drafter behind vLLM's custom_class interface: rows followed by content, one chain per row, chains
+    sized by calibrated chances of acceptance against the learnt cost of a step (chains.py)."""
 
     method = "none"
-    Options: type = NoOptions
+    Options: type = ChainOptions
 
     def __init__(self, vllm_config):
         self.limits = limits(vllm_config)
@@ -99,6 +122,10 @@ class ChainProposer:
         self.tracker = RowTracker()
         self.drafter = self.make_drafter()
         self.stats = ProposerStats()
+        self.calibration, self.cost = Calibration(), StepCost()
+        self.pending: dict[int, Chain] = {}  # row uid -> the chain it was last given
+        self.step_tokens: int | None = None  # tokens of the step the last call scheduled (None: not decode only)
+        self.step_start = 0.0  # when that step began (the last call's end)
         LIVE.add(self)
 
     def make_drafter(self) -> Drafter:
@@ -110,19 +137,46 @@ class ChainProposer:
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None) -> list[list[int]]:
         t = time.perf_counter()
         steps, gone = self.tracker.step(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        if self.step_tokens is not None and all(s is not None and not s.fresh for s in steps):
+            self.cost.add(self.step_tokens, t - self.step_start)
         for row in gone:
+            self.pending.pop(row.uid, None)
             self.drafter.finish(row)
-        out = [[] if s is None else self._one(s) for s in steps]
-        self._count(out, time.perf_counter() - t)
+        chains = [None if s is None else self._candidate(s) for s in steps]
+        out = self._cut(steps, chains)
+        self.step_tokens = sum(1 + len(c) for c in out) if all(s is not None for s in steps) else None
+        self.step_start = time.perf_counter()
+        self._count(out, self.step_start - t)
         return out
 
-    def _one(self, s: Step) -> list[int]:
+    def _candidate(self, s: Step) -> Chain:
+        """Learns from the row's new tokens (the last chain's fate, the drafter's observation), then its next chain."""
         if s.fresh:
             self.start(s.row)
+        last = self.pending.pop(s.row.uid, None)
+        if last is not None and last.tokens:
+            self.calibration.update(last.estimates, accepted_prefix(last.tokens, s.new))
         self.observe(s.row, s.new)
         self.tracker.commit(s.row, s.new)
         room = min(self.limits.k, self.limits.max_len - len(s.row.tokens) - 1)
-        return self.chain(s.row, room) if room > 0 else []
+        tokens, estimates = self.chain(s.row, room) if room > 0 else ([], [])
+        estimates = np.asarray(estimates, dtype=np.float64)
+        return Chain(list(tokens), np.cumprod(self.calibration.chances(estimates)), estimates)
+
+    def _cut(self, steps: list[Step | None], chains: list[Chain | None]) -> list[list[int]]:
+        """Each row's chain cut to the length select() keeps; remembered per row for the next step's calibration."""
+        live = [c for c in chains if c is not None]
+        cost = self.cost.fit() if self.options.cost_aware else None
+        keep = iter(select([c.values for c in live], cost, self.options.min_prob))
+        out = []
+        for s, c in zip(steps, chains):
+            if c is None:
+                out.append([])
+                continue
+            k = next(keep)
+            self.pending[s.row.uid] = Chain(c.tokens[:k], c.values[:k], c.estimates[:k])
+            out.append(c.tokens[:k])
+        return out
 
     def _count(self, out: list[list[int]], seconds: float) -> None:
         st = self.stats
@@ -142,6 +196,16 @@ class ChainProposer:
         tree, verdict = committed_step(new)
         self.drafter.observe(row, tree, None, verdict)
 
-    def chain(self, row: Row, k: int) -> list[int]:
-        """The draft for the row's next step: at most k tokens."""
-        return first_path(self.drafter.propose(row, k), k)
+    def chain(self, row: Row, k: int) -> tuple[list[int], list[float]]:
+        """The draft for the row's next step (at most k tokens) and the drafter's estimate for each token in
+        [0, 1] (here: none, 1.0 each; the calibration learns what a token at each depth is worth)."""
+        tokens = first_path(self.drafter.propose(row, k), k)
+        return tokens, [1.0] * len(tokens)
+
+
+def accepted_prefix(draft: list[int], new: list[int]) -> int:
+    """Draft tokens vLLM accepted: the committed tokens start with them (a rejected one is resampled unequal)."""
+    n = 0
+    while n < len(draft) and n < len(new) and draft[n] == new[n]:
+        n += 1
+    return n

@@ -10,8 +10,9 @@ each token followed each context in the group's text, merged by the same running
 distributions are in our engine.
 
 The chain: from the row's context, the most likely stored token of the longest matching suffix, appended, again,
-while the product of the table's probabilities along the chain (its estimated chance of being accepted whole)
-stays at least min_prob, up to num_speculative_tokens.
+up to num_speculative_tokens. Each token's estimate is the table's probability of it discounted for a context seen
+few times (c observations: times c / (c + 1); a context seen once does not promise its continuation); chains.py
+calibrates the estimates against what vLLM accepted and cuts the chains to what a step can afford.
 """
 
 from __future__ import annotations
@@ -23,21 +24,21 @@ import numpy as np
 from stand.core.drafter import PromptDists
 from stand.drafters.ngram_table import NGramTable, tails_of
 from stand.drafters.stand import StandDrafter, StandOptions, node_tails
-from stand.errors import StandError
-from stand.integrations.vllm.proposer import ChainProposer, committed_step
+from stand.integrations.vllm.proposer import ChainOptions, ChainProposer, committed_step
 from stand.params import SpecConfig
 
 
+CHAIN_FLOOR = 0.01  # a chain stops where the product of its estimates falls below this (select cuts it anyway)
+
+
 @dataclass
-class StandChainOptions(StandOptions):
-    min_prob: float = 0.1  # the chain stops where its estimated chance of acceptance falls below this
+class StandChainOptions(StandOptions, ChainOptions):
     share_across_prompts: bool = False  # one table for every request instead of one per prompt group
     table: str = ""  # a table file: loaded at start, saved when the last row using it leaves
 
     def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.min_prob <= 1.0:
-            raise StandError(f"min_prob must be in [0, 1], got {self.min_prob}")
+        StandOptions.__post_init__(self)
+        ChainOptions.__post_init__(self)
 
 
 def one_hot(tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -46,10 +47,11 @@ def one_hot(tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return ids, np.ones(ids.shape)
 
 
-def best_chain(table: NGramTable, tail: tuple, k: int, min_prob: float) -> list[int]:
-    """Up to k tokens: the most likely stored next token after the longest stored suffix of tail (max_n ids,
-    left-padded with -1), appended while the product of their probabilities stays >= min_prob."""
-    out, value = [], 1.0
+def best_chain(table: NGramTable, tail: tuple, k: int, floor: float = CHAIN_FLOOR) -> tuple[list[int], list[float]]:
+    """Up to k tokens and their estimates: the most likely stored next token after the longest stored suffix of tail
+    (max_n ids, left-padded with -1), its probability times c / (c + 1) for a context seen c times; appended while
+    the product of the estimates stays >= floor."""
+    out, estimates, value = [], [], 1.0
     while len(out) < k:
         slot, _ = table.longest(tail)
         if slot < 0:
@@ -57,13 +59,15 @@ def best_chain(table: NGramTable, tail: tuple, k: int, min_prob: float) -> list[
         ids, p = table.dist(slot)
         if len(ids) == 0:
             break
-        j = int(np.argmax(p))
-        value *= float(p[j] / p.sum())
-        if value < min_prob:
+        j, c = int(np.argmax(p)), float(table.counts[slot])
+        estimate = float(p[j] / p.sum()) * c / (c + 1.0)
+        value *= estimate
+        if value < floor:
             break
         out.append(int(ids[j]))
+        estimates.append(estimate)
         tail = tail[1:] + (int(ids[j]),)
-    return out
+    return out, estimates
 
 
 class StandProposer(ChainProposer):
@@ -91,8 +95,8 @@ class StandProposer(ChainProposer):
         tails = node_tails(self._tail(row), tree)  # [len(new), max_n]: the context of each committed token
         self.drafter.table_for(row).insert(tails, *one_hot(new))
 
-    def chain(self, row, k: int) -> list[int]:
-        return best_chain(self.drafter.table_for(row), tuple(self._tail(row).tolist()), k, self.options.min_prob)
+    def chain(self, row, k: int) -> tuple[list[int], list[float]]:
+        return best_chain(self.drafter.table_for(row), tuple(self._tail(row).tolist()), k)
 
     def _tail(self, row) -> np.ndarray:
         """[max_n] the row's last max_n tokens, left-padded with -1."""

@@ -1,0 +1,87 @@
+"""How long each row's chain is: calibrated chances of acceptance against what a vLLM step costs, both learnt online.
+
+A drafter's estimate for a draft token (STAND: the table's probability of the token, discounted for contexts seen
+few times; consensus: the DAG edge's weight) is not a probability of acceptance. `Calibration` maps it to one: per
+bin of estimates, the share of the drafted tokens that vLLM accepted when it verified them (a token counts once the
+tokens before it in its chain were accepted). A chain's value at depth d is the product of the calibrated chances of
+its first d tokens: the chance that the row commits that token from the draft.
+
+`StepCost` learns the wall time of a vLLM step against the tokens it computed (the rows plus their draft tokens), from
+the time between the end of one propose call and the start of the next, on steps that only decoded: a line fitted
+through the median time at each token count. With it, `select` keeps draft tokens best first while the step's
+expected tokens per second rise: a token of value v joins when v > b * E / (a + b * T), with a + b * T the step's
+cost so far and E its expected tokens (one per row plus the values kept). Without a fit yet (the first steps, or when
+every step had the same size) it keeps tokens of value >= a floor, which also keeps the cost model supplied with steps
+of several sizes.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BINS = 10  # estimate bins over [0, 1]
+PRIOR = 2.0  # pseudo-trials per bin, at the bin's centre: a bin trusts its data after a few drafted tokens
+TIMES_PER_SIZE = 16  # step times kept per token count (the median is used)
+
+
+@dataclass
+class Calibration:
+    hits: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
+    trials: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
+
+    @staticmethod
+    def bins(estimates) -> np.ndarray:
+        return np.minimum((np.asarray(estimates, dtype=np.float64) * BINS).astype(np.int64), BINS - 1)
+
+    def chances(self, estimates) -> np.ndarray:
+        """[D] calibrated chance of acceptance of each estimate."""
+        b = self.bins(estimates)
+        centre = (b + 0.5) / BINS
+        return (self.hits[b] + PRIOR * centre) / (self.trials[b] + PRIOR)
+
+    def update(self, estimates, accepted: int) -> None:
+        """A chain with these estimates [D] was verified and its first `accepted` tokens were accepted."""
+        b = self.bins(estimates)[: accepted + 1]  # tokens reached: the accepted ones and the first rejected
+        np.add.at(self.trials, b, 1.0)
+        np.add.at(self.hits, b[:accepted], 1.0)
+
+
+@dataclass
+class StepCost:
+    times: dict[int, deque] = field(default_factory=dict)  # tokens in the step -> recent wall times (s)
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.times.setdefault(tokens, deque(maxlen=TIMES_PER_SIZE)).append(seconds)
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b): seconds = a + b * tokens, through the medians (weighted by samples); None with one size only."""
+        if len(self.times) < 2:
+            return None
+        sizes = np.array(sorted(self.times), dtype=np.float64)
+        med = np.array([statistics.median(self.times[int(t)]) for t in sizes])
+        w = np.array([len(self.times[int(t)]) for t in sizes], dtype=np.float64)
+        b, a = np.polyfit(sizes, med, 1, w=np.sqrt(w))
+        b = max(float(b), 1e-6)
+        return max(float(a), 0.0), b
+
+
+def select(values: list[np.ndarray], cost: tuple[float, float] | None, floor: float) -> list[int]:
+    """How many tokens of each row's chain to keep: values[i] [D_i] are the chain's cumulative values (never rising
+    along the chain). With a cost (a, b), best first while each raises expected tokens per second; else >= floor."""
+    if cost is None:
+        return [int(np.sum(v >= floor)) for v in values]
+    a, b = cost
+    order = sorted(((float(x), i) for i, v in enumerate(values) for x in v), reverse=True)
+    keep = [0] * len(values)
+    tokens = expected = float(len(values))
+    for v, i in order:
+        if v < floor or v <= b * expected / (a + b * tokens):
+            break
+        keep[i] += 1
+        tokens += 1
+        expected += v
+    return keep
