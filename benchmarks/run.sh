@@ -7,6 +7,8 @@
 #   bash benchmarks/run.sh sweep      # only the sweep
 #   bash benchmarks/run.sh smoke      # a 1-problem, 32-token check of the whole pipeline (into /tmp)
 #   bash benchmarks/run.sh llamacpp   # our methods on the llama.cpp backend beside llama.cpp itself
+#   bash benchmarks/run.sh torch      # our methods on the torch backend (dtype auto), n=1 and 8
+#   bash benchmarks/run.sh arithmetic # stand solve on generated arithmetic: single-sample vs vote accuracy, none vs stand
 #   bash benchmarks/run.sh vllm       # stand's proposers inside vLLM beside vLLM's own; our stand against our suffix
 #
 # Knobs (environment): DTYPE (auto = bfloat16 where the CPU has native bf16), REPEATS, PROBLEMS, TOKENS.
@@ -52,15 +54,34 @@ run_llamacpp() {  # issue 13: our methods on the llama.cpp backend beside llama.
   machine "$OUT/llamacpp.machine.txt"
   local first=${FIRST:-240} problems=${PROBLEMS:-5} tokens=${TOKENS:-256}
   for t in 0.6 0; do
-    stand bench --backend llama.cpp --methods none,pld,recycle,stand,stand-dynamic,llama.cpp,llama.cpp-pld \
+    stand bench --backend llama.cpp --methods none,pld,recycle,stand,stand-dynamic,suffix,llama.cpp,llama.cpp-pld \
       --dataset champ --first "$first" --problems "$problems" --n 1 --temperature "$t" --max-new-tokens "$tokens" \
       --seed 0 --repeats "$REPEATS" --json "$OUT/llamacpp_n1_t$t.json" | tee -i "$OUT/llamacpp_n1_t$t.txt"
   done
-  stand bench --backend llama.cpp --methods none,pld,recycle,stand,consensus,stand+consensus --dataset champ \
+  stand bench --backend llama.cpp --methods none,pld,recycle,stand,consensus,stand+consensus,suffix --dataset champ \
     --first "$first" --problems "${PROBLEMS8:-3}" --n 8 --temperature 0.6 --max-new-tokens "$tokens" --seed 0 \
-    --schedule batched,sequential --json "$OUT/llamacpp_n8_t0.6.json" | tee -i "$OUT/llamacpp_n8_t0.6.txt"
+    --schedule batched,sequential,auto --json "$OUT/llamacpp_n8_t0.6.json" | tee -i "$OUT/llamacpp_n8_t0.6.txt"
   python3 benchmarks/greedy_agreement.py --first "$first" --problems "$problems" --max-new-tokens "$tokens" \
     | tee -i "$OUT/llamacpp_greedy_agreement.txt"
+}
+
+run_torch() {  # issue 17: our methods on the torch backend (dtype auto: measured), held-out CHAMP, n=1 and n=8
+  machine "$OUT/torch.machine.txt"
+  local first=${FIRST:-240} problems=${PROBLEMS:-4} tokens=${TOKENS:-256}
+  stand bench --backend torch --dtype "$DTYPE" --methods none,pld,recycle,stand,stand-dynamic,consensus,ngrammys,suffix,hf \
+    --dataset champ --first "$first" --problems "$problems" --n 1 --temperature 0.6 --max-new-tokens "$tokens" \
+    --seed 0 --repeats "$REPEATS" --json "$OUT/torch_n1_t0.6.json" | tee -i "$OUT/torch_n1_t0.6.txt"
+  stand bench --backend torch --dtype "$DTYPE" --methods none,pld,recycle,stand,consensus,suffix --dataset champ \
+    --first "$first" --problems "${PROBLEMS8:-2}" --n 8 --temperature 0.6 --max-new-tokens "$tokens" --seed 0 \
+    --schedule batched,sequential,auto --json "$OUT/torch_n8_t0.6.json" | tee -i "$OUT/torch_n8_t0.6.txt"
+}
+
+run_arithmetic() {  # issue 17: self-consistency pays on a set the default model can solve; lossless: none = stand
+  machine "$OUT/arithmetic.machine.txt"
+  for m in none stand; do
+    stand solve --dataset arithmetic:1 --problems "${PROBLEMS:-40}" --n 8 --method "$m" --temperature 0.6 \
+      --max-new-tokens 96 --seed 0 --json "$OUT/arithmetic_$m.json" | tail -n 3 | tee -i "$OUT/arithmetic_$m.txt"
+  done
 }
 
 run_vllm() {  # issue 14 (needs scripts/setup-vllm.sh): held-out CHAMP, T=0.6 and greedy, n=1 and 8, one run each
@@ -93,5 +114,7 @@ case "$WHAT" in
   smoke) run_smoke ;;
   llamacpp) run_llamacpp ;;
   vllm) run_vllm ;;
-  *) echo "usage: $0 [all|main|sweep|smoke|llamacpp|vllm]" >&2; exit 2 ;;
+  torch) run_torch ;;
+  arithmetic) run_arithmetic ;;
+  *) echo "usage: $0 [all|main|sweep|smoke|llamacpp|vllm|torch|arithmetic]" >&2; exit 2 ;;
 esac
