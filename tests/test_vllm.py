@@ -121,8 +121,8 @@ def test_stand_proposer_samples_the_exact_distribution(engines, exact):
     samples, spec = sampled(engines("vllm-stand"))
     pvals = marginal_pvalues(samples, exact)
     assert min(pvals.values()) > 1e-4, pvals
-    rate = spec["num_accepted_tokens"] / spec["num_draft_tokens"]
-    assert 0.1 < rate < 0.9, spec
+    accepted = spec["num_accepted_tokens"]
+    assert accepted > 500 and spec["num_draft_tokens"] - accepted > 100, spec
 
 
 def test_without_the_cpu_fix_sampling_is_wrong(engines, exact):

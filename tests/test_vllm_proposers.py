@@ -78,6 +78,34 @@ def test_stand_proposer_drafts_from_the_groups_text(monkeypatch):
     assert proposer.stats.drafted == 8 and proposer.stats.calls == 2
 
 
+def peaked(model, *tokens) -> None:
+    """One step's logits through the model's logits layer: one position per token, peaked on it."""
+    x = torch.full((len(tokens), V), -10.0)
+    x[range(len(tokens)), list(tokens)] = 10.0
+    model.logits_processor(x)
+
+
+@pytest.mark.parametrize("positions_match", [True, False])
+def test_stand_learns_the_targets_distributions(monkeypatch, positions_match):
+    """Where the step's logits match its rows, the table learns the target's distribution (here peaked on 9 while
+    the row committed 7, as sampling may); where they do not, the committed token, one-hot."""
+    monkeypatch.setenv("STAND_VLLM_OPTIONS", '{"min_prob": 0.0}')
+    proposer, batch = StandProposer(vllm_config(k=3)), Batch()
+    model = torch.nn.Module()
+    model.logits_processor = torch.nn.Identity()
+    proposer.load_model(model)
+    batch.put(0, [1, 2, 3, 4])
+    peaked(model, 4)  # the prefill's position: after [1, 2, 3]
+    assert batch.step(proposer, [[4]]) == [[]]  # nothing follows 4 yet
+    batch.put(0, [1, 2, 3, 4, 7])
+    peaked(model, *([9] if positions_match else [9, 9]))  # after [..., 4]: one position (no draft was given)
+    batch.step(proposer, [[7]])
+    row = next(iter(proposer.tracker.live.values())).row
+    table = proposer.drafter.table_for(row)
+    ids, p = table.dist(table.longest(tails_of([1, 2, 3, 4], 4)[-1])[0])
+    assert ids[np.argmax(p)] == (9 if positions_match else 7)
+
+
 def test_stand_chain_stops_where_the_table_is_unsure():
     table = NGramTable(2, 4, 64)
     table.insert(tails_of([1, 2], 2), np.array([[2, 3], [5, 6]]), np.array([[0.6, 0.4], [0.3, 0.2]]))

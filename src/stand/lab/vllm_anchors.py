@@ -14,6 +14,7 @@ STAND_VLLM_K sets num_speculative_tokens (default 5) for every speculative metho
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import time
 from collections import Counter
@@ -22,7 +23,7 @@ from stand.errors import StandError
 from stand.integrations.vllm.launch import DEFAULT_K, METHODS, hf_dir, torch_dtype_name
 
 VLLM_METHODS = tuple(METHODS)
-_ENGINES: dict[tuple, object] = {}  # (model dir, method, dtype, k) -> VllmProcess, for the life of this process
+_ENGINES: dict[tuple, object] = {}  # (model dir, method, dtype, k, options) -> VllmProcess, for this process
 
 
 def engine_k() -> int:
@@ -39,13 +40,16 @@ def engine_dtype(target) -> str:
     return name if name in ("bfloat16", "float32", "float16") else torch_dtype_name("auto")
 
 
-def engine(model: str | None, target, method: str):
-    """The method's vLLM engine for this model, started on first use."""
+def engine(model: str | None, target, method: str, temperature: float):
+    """The method's vLLM engine for this model, started on first use. STAND's proposer is told the temperature
+    (its table stores the distribution the sampler draws from)."""
     from stand.integrations.vllm.client import EngineConfig, VllmProcess
 
-    key = (hf_dir(model), method, engine_dtype(target), engine_k())
+    options = {"temperature": temperature} if METHODS[method] == "stand" else {}
+    key = (hf_dir(model), method, engine_dtype(target), engine_k(), json.dumps(options))
     if key not in _ENGINES:
-        _ENGINES[key] = VllmProcess(EngineConfig(key[0], method, dtype=key[2], k=key[3],
+        env = {"STAND_VLLM_OPTIONS": key[4]} if options else {}
+        _ENGINES[key] = VllmProcess(EngineConfig(key[0], method, dtype=key[2], k=key[3], env=env,
                                                  max_model_len=min(target.max_len, 8192)))
     return _ENGINES[key]
 
@@ -58,7 +62,7 @@ def close_engines() -> None:
 
 def vllm_generate(model: str | None, target, method: str, prompt_ids: list[int], n: int, params) -> tuple[list, dict]:
     """n samples of new token ids for one prompt, and vLLM's speculative counters of the call."""
-    reply = engine(model, target, method).generate(
+    reply = engine(model, target, method, params.temperature).generate(
         [prompt_ids], n, params.temperature, params.max_new_tokens, top_p=params.top_p, top_k=params.top_k,
         seed=params.seed, stop_token_ids=sorted(target.eos_ids), ignore_eos=params.ignore_eos)
     return reply.outputs[0], reply.spec

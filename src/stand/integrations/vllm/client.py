@@ -26,6 +26,7 @@ class EngineConfig:
     eager: bool = True
     max_num_seqs: int = 64  # rows vLLM decodes at once
     tokenizer: bool = True  # False: the directory has no tokenizer (vLLM then takes and returns ids only)
+    in_process: bool = True  # vLLM's engine core in the worker's process (False: vLLM's own subprocess and CPU binding)
     env: dict = field(default_factory=dict)  # extra environment (e.g. STAND_VLLM_OPTIONS)
 
     def engine_line(self) -> dict:
@@ -47,7 +48,7 @@ class VllmProcess:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"stand-{config.method}-", suffix=".log", delete=False)
-        env = {**vllm_env(), **config.env}
+        env = {**vllm_env(config.in_process), **config.env}
         self.proc = subprocess.Popen([vllm_python(), "-m", "stand.integrations.vllm.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         self.version = self._send(config.engine_line()).get("vllm")

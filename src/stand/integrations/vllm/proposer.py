@@ -142,6 +142,7 @@ class ChainProposer:
         for row in gone:
             self.pending.pop(row.uid, None)
             self.drafter.finish(row)
+        self.prepare(steps)
         chains = [None if s is None else self._candidate(s) for s in steps]
         out = self._cut(steps, chains)
         self.step_tokens = sum(1 + len(c) for c in out) if all(s is not None for s in steps) else None
@@ -156,7 +157,7 @@ class ChainProposer:
         last = self.pending.pop(s.row.uid, None)
         if last is not None and last.tokens:
             self.calibration.update(last.estimates, accepted_prefix(last.tokens, s.new))
-        self.observe(s.row, s.new)
+        self.observe(s.row, s.new, [] if last is None else last.tokens)
         self.tracker.commit(s.row, s.new)
         room = min(self.limits.k, self.limits.max_len - len(s.row.tokens) - 1)
         tokens, estimates = self.chain(s.row, room) if room > 0 else ([], [])
@@ -187,12 +188,15 @@ class ChainProposer:
 
     # ---- what a proposer may change -------------------------------------------------------------
 
+    def prepare(self, steps: list[Step | None]) -> None:
+        """A step's rows are known and the drafts they were given (self.pending) not yet settled."""
+
     def start(self, row: Row) -> None:
         """A row first seen (its prompt known, this step's tokens not yet observed)."""
         self.drafter.start(row, None)
 
-    def observe(self, row: Row, new: list[int]) -> None:
-        """The tokens the row committed this step (row.tokens does not hold them yet)."""
+    def observe(self, row: Row, new: list[int], draft: list[int]) -> None:
+        """The tokens the row committed this step, after the draft it was given (row.tokens holds neither)."""
         tree, verdict = committed_step(new)
         self.drafter.observe(row, tree, None, verdict)
 

@@ -2,12 +2,14 @@
 request; option share_across_prompts: one for every request; option table: a file kept across restarts), drafting
 the best chain through the table, since vLLM verifies chains.
 
-What fills the table: vLLM 0.32 shows a custom proposer token ids only, not the target's distributions (custom
-logits processors are not applied at the draft positions of a verification pass, and requested logprobs go to
-the client), so every committed token is inserted as a one-hot distribution under each suffix of its context
-(orders 1..max_n), and the prompt's tokens once per group when the group starts. The table then holds how often
-each token followed each context in the group's text, merged by the same running mean as the target's
-distributions are in our engine.
+What fills the table: the target's distributions at every position vLLM verified, as in stand's engine. vLLM's
+propose() interface shows token ids only (its logits processors are not applied at draft positions, and requested
+logprobs go to the client), but vLLM hands the proposer the target model in load_model(), and a forward hook on the
+model's logits layer sees each step's logits (target_dists.py): after a step, each row's distributions after its
+last token and after every draft token (accepted or not: the contexts are real) are inserted under every suffix of
+their context (orders 1..max_n). Where a step's logits cannot be matched to its rows (target_dists.py says when),
+or with option target_dists=false, the row's committed tokens are inserted as one-hot distributions instead. The
+prompt's tokens go in once per group, one-hot (vLLM computes no distributions over the prompt).
 
 The chain: from the row's context, the most likely stored token of the longest matching suffix, appended, again,
 up to num_speculative_tokens. Each token's estimate is the table's probability of it discounted for a context seen
@@ -24,7 +26,9 @@ import numpy as np
 from stand.core.drafter import PromptDists
 from stand.drafters.ngram_table import NGramTable, tails_of
 from stand.drafters.stand import StandDrafter, StandOptions, node_tails
+from stand.core.tree import DraftTree
 from stand.integrations.vllm.proposer import ChainOptions, ChainProposer, committed_step
+from stand.integrations.vllm.target_dists import TargetDists
 from stand.params import SpecConfig
 
 
@@ -35,6 +39,8 @@ CHAIN_FLOOR = 0.01  # a chain stops where the product of its estimates falls bel
 class StandChainOptions(StandOptions, ChainOptions):
     share_across_prompts: bool = False  # one table for every request instead of one per prompt group
     table: str = ""  # a table file: loaded at start, saved when the last row using it leaves
+    target_dists: bool = True  # fill the table from the target's distributions (False: committed tokens only)
+    temperature: float = 1.0  # the requests' temperature: the table stores softmax(logits / T) (0: greedy, T=1)
 
     def __post_init__(self):
         StandOptions.__post_init__(self)
@@ -80,7 +86,25 @@ class StandProposer(ChainProposer):
         spec = SpecConfig(method="stand", share_across_prompts=o.share_across_prompts, table_path=o.table or None,
                           options=own)
         self.prompted: set[int] = set()  # groups whose prompt is in the table
+        self.dists = TargetDists(o.topk, o.temperature)
+        self.step_dists: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # row uid -> this step's distributions
         return StandDrafter(spec, self.limits.vocab_size)
+
+    def load_model(self, model=None, *args, **kwargs) -> None:
+        """vLLM's target model: its logits layer is hooked so the table learns the target's distributions."""
+        if self.options.target_dists and model is not None:
+            self.dists.attach(model)
+
+    def prepare(self, steps) -> None:
+        """Splits the step's captured distributions per row: 1 + the draft each row was given."""
+        self.step_dists = {}
+        if not self.dists.attached:
+            return
+        sizes = [1 + (len(self.pending[s.row.uid].tokens) if s is not None and s.row.uid in self.pending else 0)
+                 for s in steps]
+        blocks = self.dists.take(sizes)
+        if blocks is not None:
+            self.step_dists = {s.row.uid: b for s, b in zip(steps, blocks) if s is not None}
 
     def start(self, row) -> None:
         prompt = None
@@ -90,7 +114,14 @@ class StandProposer(ChainProposer):
             prompt = PromptDists(ids, probs, np.ones(len(ids)))
         self.drafter.start(row, prompt)
 
-    def observe(self, row, new: list[int]) -> None:
+    def observe(self, row, new: list[int], draft: list[int]) -> None:
+        """The target's distributions after the row's last token and each draft token where the step's logits
+        were matched to its rows, else the committed tokens one-hot."""
+        block = self.step_dists.pop(row.uid, None)
+        if block is not None and len(block[0]) == len(draft) + 1:
+            tails = node_tails(self._tail(row), DraftTree.chain(draft))  # [len(draft) + 1, max_n]
+            self.drafter.table_for(row).insert(tails, *block)
+            return
         tree, _ = committed_step(new)
         tails = node_tails(self._tail(row), tree)  # [len(new), max_n]: the context of each committed token
         self.drafter.table_for(row).insert(tails, *one_hot(new))

@@ -57,10 +57,10 @@ def requests(req: dict) -> tuple[list[dict], list]:
 
 def spec_counters(llm) -> dict:
     """vLLM's speculative-decoding counters so far (drafts, draft tokens, accepted tokens) and stand's drafting
-    time, summed over this process's proposers."""
+    time, summed over this process's proposers (none when vLLM runs its engine core in a process of its own)."""
     from stand.integrations.vllm.proposer import LIVE
 
-    out = {"draft_seconds": sum(p.stats.seconds for p in LIVE)}
+    out = {"draft_seconds": sum(p.stats.seconds for p in LIVE)} if len(LIVE) else {}
     for metric in llm.get_metrics():
         name = metric.name.removeprefix("vllm:spec_decode_")
         if metric.name.startswith("vllm:spec_decode_num_") and hasattr(metric, "value"):
