@@ -61,10 +61,15 @@ def cpu_key() -> dict:
 
 # ---- the cost grid -------------------------------------------------------------------------------------
 
+GRID_METHOD = 2  # how grids are measured (2: fastest of interleaved rounds, busy machines not cached); older grids
+# (medians, cached even when measured under load) are measured again
+
+
 def machine_key(target: Backend) -> dict:
-    """What a grid depends on: the model, the backend and its compute type, threads, the CPU and its flags."""
+    """What a grid depends on: the model, the backend and its compute type, threads, the CPU and its flags, and how
+    it is measured."""
     return {"model": target.name, "backend": target.kind, "dtype": str(target.dtype).replace("torch.", ""),
-            "weights": target.fingerprint(), "threads": threads(target), **cpu_key()}
+            "weights": target.fingerprint(), "threads": threads(target), **cpu_key(), "method": GRID_METHOD}
 
 
 def grid_path(key: dict) -> str:
