@@ -138,6 +138,58 @@ def test_engine_drafts_plainly_where_drafts_never_land(tiny, monkeypatch):
         [Row(row.prompt, row.params)])[0].generated
 
 
+def test_probes_back_off_while_drafts_do_not_pay():
+    from stand.core.budget import OnlineAcceptance
+
+    stats = OnlineAcceptance(explore_every=16, explore_max=256)
+    probes = [now for now in range(2000) if stats.explores(now, paying=False)]
+    assert probes[:5] == [0, 32, 96, 224, 480] and all(b - a == 256 for a, b in zip(probes[5:], probes[6:]))
+    again = OnlineAcceptance()
+    assert again.explores(0, paying=False) and again.explores(0, paying=False)  # every row of a probe pass is told
+    assert not again.explores(1, paying=False)
+    paying = OnlineAcceptance(explore_every=16)
+    assert [now for now in range(100) if paying.explores(now, paying=True)] == [0, 16, 32, 48, 64, 80, 96]
+
+
+def test_engine_probes_a_group_in_the_same_passes_whatever_its_rows(tiny, monkeypatch):
+    """Eight rows of a group probe together, as rarely as one row would (not every other pass)."""
+    from stand.core.tree import DraftTree
+    from stand.drafters.pld import PromptLookup
+
+    passes = []
+    real_fit = Engine._fit
+
+    def spy(self, trees):
+        passes.append(sum(len(t) > 0 for t in trees))
+        return real_fit(self, trees)
+
+    monkeypatch.setattr(Engine, "_fit", spy)
+    monkeypatch.setattr(PromptLookup, "propose", lambda self, row, *a: DraftTree.chain([7, 7, 7, 7]))
+    grid = CostGrid({b: {1: 10.0 * b, 2: 20.0 * b, 8: 80.0 * b} for b in (1, 8)})
+    e = Engine(tiny, make_drafter(SpecConfig(method="pld"), tiny.vocab_size), grid=grid)
+    params = SamplingParams(max_new_tokens=80, ignore_eos=True)
+    e.run([Row(tiny.encode("hello"), params, index=j) for j in range(8)])
+    probing = [i for i, k in enumerate(passes) if k]
+    assert all(passes[i] == 8 for i in probing[1:]), passes  # the whole group or none of it
+    assert len(probing) <= 5, probing  # the first pass, then ever rarer (32, 96 passes on)
+
+
+def test_a_drafter_that_never_pays_here_stays_idle(tiny, monkeypatch):
+    """STAND on a grid where every drafted token costs a whole pass: it never drafts, and learns nothing either."""
+    from stand.drafters.stand import StandDrafter
+
+    seen = []
+    monkeypatch.setattr(StandDrafter, "observe", lambda self, *a: seen.append(a))
+    steep = CostGrid({b: {t: 10.0 * b * t for t in (1, 2, 4, 8, 16, 32, 64)} for b in (1, 2, 4, 8, 16)})
+    e = Engine(tiny, make_drafter(SpecConfig(method="stand"), tiny.vocab_size), grid=steep)
+    assert e.idle
+    row = Row(tiny.encode("hello"), SamplingParams(0.6, max_new_tokens=20, seed=0, ignore_eos=True))
+    e.run([row])
+    assert not seen and row.stats.mean_accepted == 1.0
+    flat = CostGrid({b: {t: 10.0 for t in (1, 2, 4, 8, 16, 32, 64)} for b in (1, 2, 4, 8, 16)})
+    assert not Engine(tiny, make_drafter(SpecConfig(method="stand"), tiny.vocab_size), grid=flat).idle
+
+
 def test_machine_grid_is_measured_once_per_machine_and_model(tiny, tmp_path, monkeypatch):
     import stand.machine as machine
 

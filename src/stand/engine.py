@@ -20,8 +20,10 @@ from stand.core.tree import DraftTree
 from stand.core.verify import Verdict, sampler_probs, verify
 
 Budget = tuple[int | None, float, int | None]  # (nodes asked of each row, least worth of a node, hard cap per row)
-EXPLORE_EVERY = 16  # a drafter sized by its online curve drafts its whole tree this often, so the curve can recover
+EXPLORE_EVERY = 16  # a drafter sized by its online curve probes this often while drafts pay, so the curve can recover
+EXPLORE_MAX = 256  # ... and at least this often while they do not
 ONLINE_NODES = 64  # most nodes an online curve covers
+IDLE_ROWS = 16  # a drafter whose curve pays in no pass of 1..IDLE_ROWS rows stays idle (Engine._never_drafts)
 
 
 def token_logprobs(logits: torch.Tensor, nodes: list[int], tokens: list[int]) -> list[float]:
@@ -59,10 +61,12 @@ class Engine:
         self.waiting: list[Row] = []  # added, not admitted yet
         self.retiring: list[Row] = []  # ended; the drafter hears of it once the rows waiting behind them joined
         self.cache = None
+        self.passes = 0  # verification passes run
         self.online: dict[int, OnlineAcceptance] | None = None  # group -> curve, for drafters without their own
         if grid is not None and drafter.acceptance_curve() is None:
             self.online = {}
             self._costs: dict[int, tuple[np.ndarray, int]] = {}  # rows -> (ms with k nodes per row, probe size)
+        self.idle = self._never_drafts()
 
     @property
     def busy(self) -> bool:
@@ -109,7 +113,7 @@ class Engine:
             return
         if not self.live:
             self.cache = self.target.new_cache()
-        k = min(self.drafter.prompt_topk(), self.target.vocab_size)
+        k = 0 if self.idle else min(self.drafter.prompt_topk(), self.target.vocab_size)
         dists = [PromptDists.empty(len(r.prompt) - 1, k) for r in rows] if k else None
 
         def fill(members: list[int], start: int, logits: torch.Tensor) -> None:  # logits [C, V]
@@ -140,16 +144,19 @@ class Engine:
         self.retiring = []
 
     def _pass(self, live: list[Row], cache, on_commit: OnCommit | None) -> None:
+        self.passes += 1
         budget = self.budget(len(live))
         trees = self._fit([self._draft(r, budget) for r in live])
         logits = cache.step(trees, [r.tokens[-1] for r in live], self._width(len(live), trees))  # row b: [M_b + 1, V]
         verdicts, probs = zip(*(self._verify(r, t, logits[b]) for b, (r, t) in enumerate(zip(live, trees))))
         cache.commit([[0] + v.accepted for v in verdicts])
         for b, (r, tree, p, v) in enumerate(zip(live, trees, probs, verdicts)):
-            with Timer(r):
-                self.drafter.observe(r, tree, p, v)
+            if not self.idle:
+                with Timer(r):
+                    self.drafter.observe(r, tree, p, v)
             if self.online is not None:
-                self.online.setdefault(r.group, OnlineAcceptance(ONLINE_NODES)).record(len(tree), [0] + v.accepted)
+                self.online.setdefault(r.group, OnlineAcceptance(ONLINE_NODES, EXPLORE_EVERY, EXPLORE_MAX)).record(
+                    len(tree), [0] + v.accepted)
             new = r.append(v.tokens(tree), self.target.eos_ids, self.target.max_len, self.target.decode)
             if r.logprobs is not None:
                 r.logprobs += token_logprobs(logits[b], [0] + v.accepted, new)
@@ -158,7 +165,7 @@ class Engine:
 
     def _verify(self, r: Row, tree: DraftTree, logits: torch.Tensor) -> tuple[Verdict, torch.Tensor | None]:
         lg = logits[: len(tree) + 1]  # [M+1, V]
-        p = sampler_probs(lg, r.params) if (not r.params.greedy or self.drafter.wants_probs) else None
+        p = sampler_probs(lg, r.params) if not r.params.greedy or (self.drafter.wants_probs and not self.idle) else None
         return verify(tree, lg, r.params, r.rng, probs=p), p
 
     def _end(self, r: Row) -> None:
@@ -184,6 +191,13 @@ class Engine:
                 nodes = self.drafter.default_nodes if cap is None else min(cap, self.drafter.default_nodes)
             self._budgets[rows] = (nodes, floor, cap)
         return self._budgets[rows]
+
+    def _never_drafts(self) -> bool:
+        """A drafter with a known curve for which no pass of up to IDLE_ROWS rows pays on this grid never drafts here;
+        it then learns nothing either (no prompt distributions, no observe): it costs what plain decoding costs."""
+        if self.grid is None or self.drafter.acceptance_curve() is None:
+            return False
+        return all(self.budget(rows)[0] == 0 for rows in range(1, IDLE_ROWS + 1))
 
     def best_live(self, n: int) -> int:
         """How many of a question's n samples to decode at once (a divisor of n: 1 is sequential, n batched) for the
@@ -215,17 +229,19 @@ class Engine:
 
     def _online_nodes(self, r: Row, rows: int) -> int:
         """The first m nodes of the row's draft that its group's online curve says pay for themselves in a pass of
-        `rows` rows. Before any evidence, and every EXPLORE_EVERY steps, a probe: the most nodes whose pass costs at
-        most twice a plain one (at least one), so the curve can learn and recover at a bounded price."""
+        `rows` rows. Before any evidence, and in the group's probe passes (OnlineAcceptance.explores: every
+        EXPLORE_EVERY passes while drafts pay, ever rarer while they do not), a probe: the most nodes whose pass
+        costs at most twice a plain one (at least one), so the curve can learn and recover at a bounded price."""
         if rows not in self._costs:
             costs = np.array([self.grid(rows, k + 1) for k in range(ONLINE_NODES + 1)])  # [K] ms with k nodes per row
             self._costs[rows] = costs, max(int(np.searchsorted(costs, 2 * costs[0], side="right")) - 1, 1)
         costs, probe = self._costs[rows]
         stats = self.online.get(r.group)
         acc = None if stats is None else stats.curve()
-        if acc is None or stats.steps % EXPLORE_EVERY == 0:
+        if acc is None:
             return probe
-        return best_nodes(acc, rows, costs)
+        m = best_nodes(acc, rows, costs)
+        return probe if stats.explores(self.passes, paying=m > 0) else m
 
     def _width(self, rows: int, trees: list[DraftTree]) -> int | None:
         """Tokens per row the pass runs at: the widest tree's (root included) padded to the cheapest width the grid

@@ -173,10 +173,25 @@ class OnlineAcceptance:
     """For a drafter without a calibrated curve: how often its draft node i (in its own order) lay on the accepted
     path, counted from the steps verified so far, with a prior of one hit in two offers (optimistic at first)."""
 
-    def __init__(self, size: int = 64):
+    def __init__(self, size: int = 64, explore_every: int = 16, explore_max: int = 256):
         self.offered = np.zeros(size)
         self.hits = np.zeros(size)
         self.steps = 0
+        self.explore_every, self.explore_max = explore_every, explore_max
+        self.interval = explore_every  # passes between probes
+        self.probe_pass, self.next_probe = -1, 0
+
+    def explores(self, now: int, paying: bool) -> bool:
+        """Whether engine pass `now` is a probe for this group (all its rows draft a probe then): every explore_every
+        passes while the curve says drafts pay, backing off (the interval doubles, up to explore_max) while it says
+        they do not, so a drafter that cannot win here costs ever less."""
+        if now == self.probe_pass:
+            return True
+        if now < self.next_probe:
+            return False
+        self.interval = self.explore_every if paying else min(2 * self.interval, self.explore_max)
+        self.probe_pass, self.next_probe = now, now + self.interval
+        return True
 
     def record(self, nodes: int, accepted: list[int]) -> None:
         """nodes: the tree's size; accepted: the accepted nodes' indices (root-0 indexing, path order)."""
