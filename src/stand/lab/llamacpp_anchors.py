@@ -40,6 +40,9 @@ def anchor_generate(target, method: str, prompt_ids: list[int], n: int, params: 
 
 
 def _one(llm, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> list[int]:
+    """One sample, from a cold start: llama-cpp-python keeps the KV of its last call and would skip the part of the
+    prompt it shares with it (the whole prompt on a repeat or after the warm-up); our rows prefill their prompt."""
+    llm.reset()
     out = []
     for tok in llm.generate(prompt_ids, top_k=params.top_k, top_p=params.top_p, min_p=0.0, typical_p=1.0,
                             temp=params.temperature, repeat_penalty=1.0):
