@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 BINS = 10  # estimate bins over [0, 1]
-PRIOR = 2.0  # pseudo-trials per bin, at the bin's centre: a bin trusts its data after a few drafted tokens
+PRIOR = 8.0  # pseudo-trials per bin at the bin's centre scaled by the overall accepted/estimated ratio
 TIMES_PER_SIZE = 16  # step times kept per token count (the median is used)
+REFIT = 8  # steps between two fits of the cost line
 
 
 @dataclass
@@ -38,10 +39,14 @@ class Calibration:
         return np.minimum((np.asarray(estimates, dtype=np.float64) * BINS).astype(np.int64), BINS - 1)
 
     def chances(self, estimates) -> np.ndarray:
-        """[D] calibrated chance of acceptance of each estimate."""
+        """[D] calibrated chance of acceptance of each estimate: the bin's accepted share, pulled towards the bin's
+        centre times the ratio of all accepted tokens to all estimates (so a bin with little data, or one that
+        went quiet after a few misses, follows the others instead of locking at zero)."""
         b = self.bins(estimates)
-        centre = (b + 0.5) / BINS
-        return (self.hits[b] + PRIOR * centre) / (self.trials[b] + PRIOR)
+        centres = (np.arange(BINS) + 0.5) / BINS
+        ratio = (self.hits.sum() + PRIOR) / (self.trials @ centres + PRIOR)
+        prior = np.minimum(centres[b] * ratio, 1.0)
+        return np.minimum((self.hits[b] + PRIOR * prior) / (self.trials[b] + PRIOR), 0.999)
 
     def update(self, estimates, accepted: int) -> None:
         """A chain with these estimates [D] was verified and its first `accepted` tokens were accepted."""
@@ -53,11 +58,20 @@ class Calibration:
 @dataclass
 class StepCost:
     times: dict[int, deque] = field(default_factory=dict)  # tokens in the step -> recent wall times (s)
+    added: int = 0  # steps recorded since the line was last fitted
+    line: tuple[float, float] | None = None
 
     def add(self, tokens: int, seconds: float) -> None:
         self.times.setdefault(tokens, deque(maxlen=TIMES_PER_SIZE)).append(seconds)
+        self.added += 1
 
     def fit(self) -> tuple[float, float] | None:
+        """The cost line, refitted once REFIT steps have come in since the last fit."""
+        if self.added >= REFIT or (self.line is None and self.added):
+            self.line, self.added = self._fit(), 0
+        return self.line
+
+    def _fit(self) -> tuple[float, float] | None:
         """(a, b): seconds = a + b * tokens, through the medians (weighted by samples); None with one size only."""
         if len(self.times) < 2:
             return None

@@ -38,6 +38,7 @@ from stand.integrations.vllm.chains import Calibration, StepCost, select
 from stand.integrations.vllm.rows import RowTracker, Step
 
 ENV_OPTIONS = "STAND_VLLM_OPTIONS"
+EXPLORE_EVERY = 16  # every 16th step proposes the chains above min_prob whole, whatever the cost line says
 LIVE: "weakref.WeakSet[ChainProposer]" = weakref.WeakSet()  # proposers of this process (worker.py reads their stats)
 
 
@@ -143,15 +144,19 @@ class ChainProposer:
             self.pending.pop(row.uid, None)
             self.drafter.finish(row)
         self.prepare(steps)
-        chains = [None if s is None else self._candidate(s) for s in steps]
+        for s in steps:
+            if s is not None:
+                self._learn(s)
+        self.flush()
+        chains = [None if s is None else self._candidate(s.row) for s in steps]
         out = self._cut(steps, chains)
         self.step_tokens = sum(1 + len(c) for c in out) if all(s is not None for s in steps) else None
         self.step_start = time.perf_counter()
         self._count(out, self.step_start - t)
         return out
 
-    def _candidate(self, s: Step) -> Chain:
-        """Learns from the row's new tokens (the last chain's fate, the drafter's observation), then its next chain."""
+    def _learn(self, s: Step) -> None:
+        """The row's new tokens: the fate of the chain it was given (calibration), the drafter's observation."""
         if s.fresh:
             self.start(s.row)
         last = self.pending.pop(s.row.uid, None)
@@ -159,15 +164,19 @@ class ChainProposer:
             self.calibration.update(last.estimates, accepted_prefix(last.tokens, s.new))
         self.observe(s.row, s.new, [] if last is None else last.tokens)
         self.tracker.commit(s.row, s.new)
-        room = min(self.limits.k, self.limits.max_len - len(s.row.tokens) - 1)
-        tokens, estimates = self.chain(s.row, room) if room > 0 else ([], [])
+
+    def _candidate(self, row: Row) -> Chain:
+        """The row's next chain at full length, with its values."""
+        room = min(self.limits.k, self.limits.max_len - len(row.tokens) - 1)
+        tokens, estimates = self.chain(row, room) if room > 0 else ([], [])
         estimates = np.asarray(estimates, dtype=np.float64)
         return Chain(list(tokens), np.cumprod(self.calibration.chances(estimates)), estimates)
 
     def _cut(self, steps: list[Step | None], chains: list[Chain | None]) -> list[list[int]]:
         """Each row's chain cut to the length select() keeps; remembered per row for the next step's calibration."""
         live = [c for c in chains if c is not None]
-        cost = self.cost.fit() if self.options.cost_aware else None
+        explore = self.stats.calls % EXPLORE_EVERY == EXPLORE_EVERY - 1  # every chain whole: fresh data for both
+        cost = self.cost.fit() if self.options.cost_aware and not explore else None
         keep = iter(select([c.values for c in live], cost, self.options.min_prob))
         out = []
         for s, c in zip(steps, chains):
@@ -190,6 +199,9 @@ class ChainProposer:
 
     def prepare(self, steps: list[Step | None]) -> None:
         """A step's rows are known and the drafts they were given (self.pending) not yet settled."""
+
+    def flush(self) -> None:
+        """Every row of the step has been observed; the next chains are drafted after this."""
 
     def start(self, row: Row) -> None:
         """A row first seen (its prompt known, this step's tokens not yet observed)."""

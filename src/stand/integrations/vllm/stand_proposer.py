@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from stand.core.drafter import PromptDists
-from stand.drafters.ngram_table import NGramTable, tails_of
+from stand.drafters.ngram_table import NGramTable
 from stand.drafters.stand import StandDrafter, StandOptions, node_tails
 from stand.core.tree import DraftTree
 from stand.integrations.vllm.proposer import ChainOptions, ChainProposer, committed_step
@@ -88,6 +88,7 @@ class StandProposer(ChainProposer):
         self.prompted: set[int] = set()  # groups whose prompt is in the table
         self.dists = TargetDists(o.topk, o.temperature)
         self.step_dists: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # row uid -> this step's distributions
+        self.inserts: list[tuple[NGramTable, np.ndarray, np.ndarray, np.ndarray]] = []  # this step's, for flush()
         return StandDrafter(spec, self.limits.vocab_size)
 
     def load_model(self, model=None, *args, **kwargs) -> None:
@@ -118,13 +119,23 @@ class StandProposer(ChainProposer):
         """The target's distributions after the row's last token and each draft token where the step's logits
         were matched to its rows, else the committed tokens one-hot."""
         block = self.step_dists.pop(row.uid, None)
+        table = self.drafter.table_for(row)
         if block is not None and len(block[0]) == len(draft) + 1:
             tails = node_tails(self._tail(row), DraftTree.chain(draft))  # [len(draft) + 1, max_n]
-            self.drafter.table_for(row).insert(tails, *block)
+            self.inserts.append((table, tails, *block))
             return
         tree, _ = committed_step(new)
         tails = node_tails(self._tail(row), tree)  # [len(new), max_n]: the context of each committed token
-        self.drafter.table_for(row).insert(tails, *one_hot(new))
+        self.inserts.append((table, tails, *one_hot(new)))
+
+    def flush(self) -> None:
+        """The step's inserts, one call per table and width (rows of a group share a table): fewer, larger merges."""
+        groups: dict[tuple[int, int], list] = {}
+        for table, tails, ids, probs in self.inserts:
+            groups.setdefault((id(table), ids.shape[1]), []).append((table, tails, ids, probs))
+        for parts in groups.values():
+            parts[0][0].insert(*(np.concatenate([p[i] for p in parts]) for i in (1, 2, 3)))
+        self.inserts = []
 
     def chain(self, row, k: int) -> tuple[list[int], list[float]]:
         return best_chain(self.drafter.table_for(row), tuple(self._tail(row).tolist()), k)
@@ -132,4 +143,5 @@ class StandProposer(ChainProposer):
     def _tail(self, row) -> np.ndarray:
         """[max_n] the row's last max_n tokens, left-padded with -1."""
         n = self.options.max_n
-        return tails_of(row.tokens[-n:], n)[-1]
+        last = row.tokens[-n:]
+        return np.array([-1] * (n - len(last)) + last, dtype=np.int64)
