@@ -89,7 +89,7 @@ def peaked(model, *tokens) -> None:
 def test_stand_learns_the_targets_distributions(monkeypatch, positions_match):
     """Where the step's logits match its rows, the table learns the target's distribution (here peaked on 9 while
     the row committed 7, as sampling may); where they do not, the committed token, one-hot."""
-    monkeypatch.setenv("STAND_VLLM_OPTIONS", '{"min_prob": 0.0}')
+    monkeypatch.setenv("STAND_VLLM_OPTIONS", '{"min_prob": 0.0, "target_dists": true, "max_n": 4}')
     proposer, batch = StandProposer(vllm_config(k=3)), Batch()
     model = torch.nn.Module()
     model.logits_processor = torch.nn.Identity()
@@ -146,16 +146,17 @@ def test_calibration_learns_what_vllm_accepted():
 
 
 def test_step_cost_and_selection():
-    cost = StepCost()
-    for tokens, ms in [(8, 40), (8, 42), (16, 56), (24, 72), (24, 71)]:
-        cost.add(tokens, ms / 1000)
-    a, b = cost.fit()
-    assert b == pytest.approx(0.002, rel=0.1) and a == pytest.approx(0.024, rel=0.2)
+    cost = StepCost()  # 10 ms a step, 2 ms a row, 1 ms a draft token
+    for rows, drafts in [(8, 0), (8, 0), (8, 8), (8, 16), (4, 0), (4, 4), (4, 12), (2, 2)]:
+        cost.add(rows, drafts, (10 + 2 * rows + drafts) / 1000)
+    a, c, b = cost.fit()
+    assert (a, c, b) == pytest.approx((0.010, 0.002, 0.001), rel=1e-6)
+    assert cost.per_step(8) == pytest.approx((0.026, 0.001))
     values = [np.array([0.9, 0.8, 0.3]), np.array([0.6, 0.05])]
     assert select(values, None, 0.1) == [3, 1]  # no cost: the floor
-    assert select(values, (0.024, 0.002), 0.0) == [3, 1]  # cheap tokens: all worth more than b E / cost
-    assert select(values, (0.010, 0.010), 0.0) == [2, 0]  # dearer tokens: 0.6 < b E / cost = 0.74 after two
-    assert select(values, (0.010, 0.030), 0.0) == [1, 0]  # dear tokens: only the surest
+    assert select(values, (0.026, 0.001), 0.0) == [3, 1]  # cheap tokens: all worth more than b E / cost
+    assert select(values, (0.020, 0.005), 0.0) == [2, 0]  # dearer: after two, 0.6 < b E / cost = 0.0185 / 0.030
+    assert select(values, (0.020, 0.008), 0.0) == [1, 0]  # dear tokens: only the surest
     assert select(values, None, 0.95) == [0, 0]
 
 

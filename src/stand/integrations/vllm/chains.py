@@ -6,11 +6,11 @@ bin of estimates, the share of the drafted tokens that vLLM accepted when it ver
 tokens before it in its chain were accepted). A chain's value at depth d is the product of the calibrated chances of
 its first d tokens: the chance that the row commits that token from the draft.
 
-`StepCost` learns the wall time of a vLLM step against the tokens it computed (the rows plus their draft tokens), from
-the time between the end of one propose call and the start of the next, on steps that only decoded: a line fitted
-through the median time at each token count. With it, `select` keeps draft tokens best first while the step's
-expected tokens per second rise: a token of value v joins when v > b * E / (a + b * T), with a + b * T the step's
-cost so far and E its expected tokens (one per row plus the values kept). Without a fit yet (the first steps, or when
+`StepCost` learns the wall time of a vLLM step against its rows and its draft tokens, from the time between the end
+of one propose call and the start of the next, on steps that only decoded: seconds ~ a + c * rows + b * drafts. With
+it, `select` keeps draft tokens best first while the step's expected tokens per second rise: a token of value v
+joins when v > b * E / (a + c * R + b * D), with the denominator the step's cost so far and E its expected tokens
+(one per row plus the values kept). Without a fit yet (the first steps, or when
 every step had the same size) it keeps tokens of value >= a floor, which also keeps the cost model supplied with steps
 of several sizes.
 """
@@ -57,45 +57,58 @@ class Calibration:
 
 @dataclass
 class StepCost:
-    times: dict[int, deque] = field(default_factory=dict)  # tokens in the step -> recent wall times (s)
-    added: int = 0  # steps recorded since the line was last fitted
-    line: tuple[float, float] | None = None
+    """seconds ~ a + c * rows + b * drafts: a step's rows (each samples, is booked, is drafted for) and its draft
+    tokens (each verified) cost differently, so both are fitted (least squares through the median time of each
+    (rows, drafts) cell seen, weighted by its samples)."""
 
-    def add(self, tokens: int, seconds: float) -> None:
-        self.times.setdefault(tokens, deque(maxlen=TIMES_PER_SIZE)).append(seconds)
+    times: dict[tuple[int, int], deque] = field(default_factory=dict)  # (rows, drafts) -> recent wall times (s)
+    added: int = 0  # steps recorded since the last fit
+    line: tuple[float, float, float] | None = None  # (a, c, b)
+
+    def add(self, rows: int, drafts: int, seconds: float) -> None:
+        self.times.setdefault((rows, drafts), deque(maxlen=TIMES_PER_SIZE)).append(seconds)
         self.added += 1
 
-    def fit(self) -> tuple[float, float] | None:
-        """The cost line, refitted once REFIT steps have come in since the last fit."""
+    def fit(self) -> tuple[float, float, float] | None:
+        """(a, c, b), refitted once REFIT steps have come in since the last fit; None until cells of several draft
+        counts have been seen."""
         if self.added >= REFIT or (self.line is None and self.added):
             self.line, self.added = self._fit(), 0
         return self.line
 
-    def _fit(self) -> tuple[float, float] | None:
-        """(a, b): seconds = a + b * tokens, through the medians (weighted by samples); None with one size only."""
-        if len(self.times) < 2:
+    def _fit(self) -> tuple[float, float, float] | None:
+        cells = sorted(self.times)
+        if len({d for _, d in cells}) < 2:
             return None
-        sizes = np.array(sorted(self.times), dtype=np.float64)
-        med = np.array([statistics.median(self.times[int(t)]) for t in sizes])
-        w = np.array([len(self.times[int(t)]) for t in sizes], dtype=np.float64)
-        b, a = np.polyfit(sizes, med, 1, w=np.sqrt(w))
-        b = max(float(b), 1e-6)
-        return max(float(a), 0.0), b
+        x = np.array([[1.0, r, d] for r, d in cells])  # [C, 3]
+        y = np.array([statistics.median(self.times[c]) for c in cells])  # [C]
+        w = np.sqrt([len(self.times[c]) for c in cells])  # [C]
+        (a, c, b), *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
+        return float(a), float(c), max(float(b), 1e-6)
+
+    def per_step(self, rows: int) -> tuple[float, float] | None:
+        """(cost of a step of `rows` rows without drafts, cost of one draft token), from the fit."""
+        line = self.fit()
+        if line is None:
+            return None
+        a, c, b = line
+        return max(a + c * rows, b), b
 
 
 def select(values: list[np.ndarray], cost: tuple[float, float] | None, floor: float) -> list[int]:
     """How many tokens of each row's chain to keep: values[i] [D_i] are the chain's cumulative values (never rising
-    along the chain). With a cost (a, b), best first while each raises expected tokens per second; else >= floor."""
+    along the chain). With a cost (the step's cost without drafts, one draft token's), best first while each raises
+    expected tokens per second; else those >= floor."""
     if cost is None:
         return [int(np.sum(v >= floor)) for v in values]
-    a, b = cost
+    base, b = cost
     order = sorted(((float(x), i) for i, v in enumerate(values) for x in v), reverse=True)
     keep = [0] * len(values)
-    tokens = expected = float(len(values))
+    drafts, expected = 0, float(len(values))
     for v, i in order:
-        if v < floor or v <= b * expected / (a + b * tokens):
+        if v < floor or v <= b * expected / (base + b * drafts):
             break
         keep[i] += 1
-        tokens += 1
+        drafts += 1
         expected += v
     return keep

@@ -125,7 +125,7 @@ class ChainProposer:
         self.stats = ProposerStats()
         self.calibration, self.cost = Calibration(), StepCost()
         self.pending: dict[int, Chain] = {}  # row uid -> the chain it was last given
-        self.step_tokens: int | None = None  # tokens of the step the last call scheduled (None: not decode only)
+        self.step_tokens: int | None = None  # draft tokens of the step the last call scheduled (None: not decode only)
         self.step_start = 0.0  # when that step began (the last call's end)
         LIVE.add(self)
 
@@ -139,7 +139,7 @@ class ChainProposer:
         t = time.perf_counter()
         steps, gone = self.tracker.step(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         if self.step_tokens is not None and all(s is not None and not s.fresh for s in steps):
-            self.cost.add(self.step_tokens, t - self.step_start)
+            self.cost.add(len(steps), self.step_tokens, t - self.step_start)
         for row in gone:
             self.pending.pop(row.uid, None)
             self.drafter.finish(row)
@@ -150,7 +150,7 @@ class ChainProposer:
         self.flush()
         chains = [None if s is None else self._candidate(s.row) for s in steps]
         out = self._cut(steps, chains)
-        self.step_tokens = sum(1 + len(c) for c in out) if all(s is not None for s in steps) else None
+        self.step_tokens = sum(map(len, out)) if all(s is not None for s in steps) else None
         self.step_start = time.perf_counter()
         self._count(out, self.step_start - t)
         return out
@@ -176,7 +176,7 @@ class ChainProposer:
         """Each row's chain cut to the length select() keeps; remembered per row for the next step's calibration."""
         live = [c for c in chains if c is not None]
         explore = self.stats.calls % EXPLORE_EVERY == EXPLORE_EVERY - 1  # every chain whole: fresh data for both
-        cost = self.cost.fit() if self.options.cost_aware and not explore else None
+        cost = self.cost.per_step(len(live)) if self.options.cost_aware and not explore else None
         keep = iter(select([c.values for c in live], cost, self.options.min_prob))
         out = []
         for s, c in zip(steps, chains):

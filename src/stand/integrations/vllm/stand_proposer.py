@@ -2,19 +2,16 @@
 request; option share_across_prompts: one for every request; option table: a file kept across restarts), drafting
 the best chain through the table, since vLLM verifies chains.
 
-What fills the table: the target's distributions at every position vLLM verified, as in stand's engine. vLLM's
-propose() interface shows token ids only (its logits processors are not applied at draft positions, and requested
-logprobs go to the client), but vLLM hands the proposer the target model in load_model(), and a forward hook on the
-model's logits layer sees each step's logits (target_dists.py): after a step, each row's distributions after its
-last token and after every draft token (accepted or not: the contexts are real) are inserted under every suffix of
-their context (orders 1..max_n). Where a step's logits cannot be matched to its rows (target_dists.py says when),
-or with option target_dists=false, the row's committed tokens are inserted as one-hot distributions instead. The
-prompt's tokens go in once per group, one-hot (vLLM computes no distributions over the prompt).
-
-The chain: from the row's context, the most likely stored token of the longest matching suffix, appended, again,
-up to num_speculative_tokens. Each token's estimate is the table's probability of it discounted for a context seen
-few times (c observations: times c / (c + 1); a context seen once does not promise its continuation); chains.py
-calibrates the estimates against what vLLM accepted and cuts the chains to what a step can afford.
+What fills the table: by default the tokens vLLM committed, each inserted as a one-hot distribution under every
+suffix of its context (orders 1..max_n), and the prompt's tokens once per group; the table then holds how often each
+token followed each context in the group's text, merged by the running mean our engine uses for the target's
+distributions. vLLM's propose() interface shows token ids only (logits processors are not applied at the draft
+positions of a verification pass, and requested logprobs go to the client), but vLLM hands the proposer the target
+model in load_model(), and with option target_dists a forward hook on the model's logits layer keeps each step's
+distributions (target_dists.py): each row's distributions after its last token and after every draft token
+(accepted or not: the contexts are real) go into the table instead, as STAND prescribes, where a step's logits can
+be matched to its rows. On this CPU that was slower (the per-step softmax over the vocabulary costs about 5% of a
+step with 8 rows, and the chains were not accepted more often), hence the default.
 """
 
 from __future__ import annotations
@@ -37,9 +34,10 @@ CHAIN_FLOOR = 0.01  # a chain stops where the product of its estimates falls bel
 
 @dataclass
 class StandChainOptions(StandOptions, ChainOptions):
+    max_n: int = 8  # longer contexts than in our engine's trees: a chain's later tokens lean on them
     share_across_prompts: bool = False  # one table for every request instead of one per prompt group
     table: str = ""  # a table file: loaded at start, saved when the last row using it leaves
-    target_dists: bool = True  # fill the table from the target's distributions (False: committed tokens only)
+    target_dists: bool = False  # fill the table from the target's distributions instead (see above: slower here)
     temperature: float = 1.0  # the requests' temperature: the table stores softmax(logits / T) (0: greedy, T=1)
 
     def __post_init__(self):
