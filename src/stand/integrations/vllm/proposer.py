@@ -14,9 +14,10 @@ treats each draft token as deterministic (one-hot q): accept with the target's p
 removed, the rule stand's verifier applies to deterministic drafts (DESIGN.md section 2). Any chain is therefore
 exact; a chain only has to be likely to be accepted to pay.
 
-vLLM gives the proposer token ids only: no request ids, no logits. Rows are recognised by content (rows.py), and
-drafters learn from the tokens vLLM committed (the one-hot distribution of each committed token), not from the
-target's distributions. A proposer's knobs come as JSON in the environment variable STAND_VLLM_OPTIONS.
+propose() gets token ids only: no request ids, no logits. Rows are recognised by content (rows.py), and drafters
+learn from the tokens vLLM committed (the STAND proposer can also read the target's distributions through the model
+vLLM hands load_model(): target_dists.py). Chains are cut to what a step can afford (chains.py). A proposer's knobs
+come as JSON in the environment variable STAND_VLLM_OPTIONS.
 """
 
 from __future__ import annotations
