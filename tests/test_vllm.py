@@ -42,7 +42,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(model_dir, tmp_path_factory):
-    """engines(method, fix=True): one vLLM subprocess per (method, fix), started on first use, closed at the end."""
+    """engines(method, fix=True): one vLLM subprocess per (method, fix), started on first use; plain vLLM stays up,
+    any other is closed when the next one starts (each holds 2-3 GB), the rest at the end."""
     try:
         from stand.integrations.vllm.launch import vllm_python
 
@@ -58,7 +59,9 @@ def engines(model_dir, tmp_path_factory):
 
     def get(method: str, fix: bool = True) -> VllmProcess:
         if (method, fix) not in made:
-            env = {"STAND_CACHE": cache, **({} if fix else {"STAND_VLLM_CPU_FIX": "0"})}
+            for key in [k for k in made if k != ("vllm", True)]:  # plain vLLM and one other alive at a time (memory)
+                made.pop(key).close()
+            env = {"STAND_CACHE": cache, "VLLM_CPU_KVCACHE_SPACE": "1", **({} if fix else {"STAND_VLLM_CPU_FIX": "0"})}
             made[(method, fix)] = VllmProcess(EngineConfig(model_dir, method, dtype="float32", max_model_len=256,
                                                            tokenizer=False, max_num_seqs=128, env=env))
         return made[(method, fix)]
