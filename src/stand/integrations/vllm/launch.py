@@ -28,7 +28,7 @@ METHODS = {"vllm": None, "vllm-ngram": "ngram", "vllm-suffix": "suffix", "vllm-s
            "vllm-consensus": "consensus", "vllm-ngrammys": "ngrammys"}
 ENV = {
     "NUMBA_THREADING_LAYER": "workqueue",  # vLLM's n-gram proposer otherwise leaves torch one thread
-    "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache on CPU (vLLM's default takes a share of all memory)
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache per engine on CPU (vLLM's default takes a share of memory)
     "TOKENIZERS_PARALLELISM": "false",
 }
 
