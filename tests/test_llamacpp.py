@@ -184,3 +184,39 @@ def test_bench_puts_llamacpp_anchors_beside_our_rows(tmp_path):
     assert rows["llama.cpp"]["speedup_vs_llamacpp"] == 1.0
     assert rows["none"]["speedup_vs_llamacpp"] == pytest.approx(
         rows["none"]["tok_per_s"] / rows["llama.cpp"]["tok_per_s"], abs=2e-3)
+
+
+def prefill_logits(llm, ids: list[int]) -> torch.Tensor:
+    chunks = []
+    llm.new_cache().prefill([ids], lambda rows, start, logits: chunks.append(logits.clone()))
+    return torch.cat(chunks)
+
+
+@pytest.mark.parametrize("to, atol", [("f32", 1e-5), ("bf16", 0.1)])
+def test_convert_re_encodes_a_gguf_for_llama_cpp(llm, tmp_path, to, atol):
+    from typer.testing import CliRunner
+
+    from stand.cli import app
+
+    out = str(tmp_path / f"tiny-{to}.gguf")
+    result = CliRunner().invoke(app, ["convert", llm.path, out, "--to", to])
+    assert result.exit_code == 0 and os.path.isfile(out) and not os.path.exists(out + ".part"), result.output
+    ids = [5, 17, 99, 3, 200, 41, 7]
+    want, got = prefill_logits(llm, ids), prefill_logits(LlamaCppModel(out, byte_tokenizer()), ids)
+    assert torch.allclose(got, want, atol=atol), (got - want).abs().max()
+    assert (got != want).any() if to == "bf16" else True  # bf16 really rounds: the file is not a copy
+
+
+@pytest.mark.parametrize("to, exists", [("bf16", True), ("q3", False)])
+def test_convert_refuses_an_existing_file_or_an_unknown_type(llm, tmp_path, to, exists):
+    from typer.testing import CliRunner
+
+    from stand.cli import app
+
+    out = tmp_path / "out.gguf"
+    if exists:
+        out.write_text("keep me")
+    result = CliRunner().invoke(app, ["convert", llm.path, str(out), "--to", to])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert ("exists" in result.output) if exists else ("unknown --to 'q3'" in result.output)
+    assert out.read_text() == "keep me" if exists else not out.exists()

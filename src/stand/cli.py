@@ -43,8 +43,7 @@ def sampling(temperature: float, top_p: float = 1.0, top_k: int = 0, max_new_tok
     return SamplingParams(temperature, top_p, top_k, max_new_tokens, seed).validate()
 
 
-def speculation(method: str = "none", tree: str | None = None, table: str | None = None,
-                cost: str | None = None) -> SpecConfig:
+def speculation(method: str = "none", tree: str | None = None, table: str | None = None, cost: str | None = None) -> SpecConfig:
     """The drafting flags as a SpecConfig, checked (before any model is loaded): a --table PATH that is a directory
     or a file other than a stand table is refused now, not overwritten or crashed on after decoding."""
     if table is not None:
@@ -315,11 +314,12 @@ def serve_cmd(
 
 @app.command("convert")
 @user_errors
-def convert_cmd(gguf: str = typer.Argument(..., help="A .gguf model file"), outdir: str = typer.Argument(..., help="A new or empty directory")):
-    """A Hugging Face model directory (float32 weights, tokenizer) from a GGUF file, for vLLM and other engines."""
-    from stand.backends.convert import convert_gguf
+def convert_cmd(gguf: str = typer.Argument(..., help="A .gguf model file"), out: str = typer.Argument(..., help="A new or empty directory (--to hf); a new .gguf file (else)"),
+                to: str = typer.Option("hf", "--to", help="hf: a Hugging Face directory (float32) for vLLM | bf16, f16, q8_0, f32: a GGUF file re-encoded by llama.cpp")):
+    """A Hugging Face model directory (float32 weights, tokenizer) from a GGUF file, for vLLM; or the GGUF re-encoded."""
+    from stand.backends.convert import convert
 
-    typer.echo(f"wrote {convert_gguf(gguf, outdir)}")
+    typer.echo(f"wrote {convert(gguf, out, to)}")
 
 
 @app.command("solve")
