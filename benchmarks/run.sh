@@ -7,6 +7,7 @@
 #   bash benchmarks/run.sh sweep      # only the sweep
 #   bash benchmarks/run.sh smoke      # a 1-problem, 32-token check of the whole pipeline (into /tmp)
 #   bash benchmarks/run.sh llamacpp   # our methods on the llama.cpp backend beside llama.cpp itself
+#   bash benchmarks/run.sh llamacpp-bf16  # the same on a BF16 re-encoding of the default GGUF (stand convert --to bf16)
 #   bash benchmarks/run.sh torch      # our methods on the torch backend (dtype auto), n=1 and 8
 #   bash benchmarks/run.sh arithmetic # stand solve on generated arithmetic: single-sample vs vote accuracy, none vs stand
 #   bash benchmarks/run.sh vllm       # stand's proposers inside vLLM beside vLLM's own; our stand against our suffix
@@ -65,6 +66,23 @@ run_llamacpp() {  # issue 13: our methods on the llama.cpp backend beside llama.
     | tee -i "$OUT/llamacpp_greedy_agreement.txt"
 }
 
+run_llamacpp_bf16() {  # the default model's weights as BF16 (llama.cpp's quantizer): multi-token passes are cheap
+  machine "$OUT/llamacpp_bf16.machine.txt"
+  local first=${FIRST:-240} problems=${PROBLEMS:-4} tokens=${TOKENS:-256}
+  local gguf=${STAND_CACHE:-$HOME/.cache/stand}/models/SmolLM2-135M-Instruct.BF16.gguf
+  if [ ! -f "$gguf" ]; then
+    mkdir -p "$(dirname "$gguf")"
+    stand convert "$(python3 -c 'from stand.backends.load import default_model_path; print(default_model_path())')" "$gguf" --to bf16
+  fi
+  stand profile --backend llama.cpp --model "$gguf" --grid "$OUT/llamacpp_bf16.grid.json" | tee -i "$OUT/llamacpp_bf16.profile.txt"
+  stand bench --backend llama.cpp --model "$gguf" --methods none,pld,recycle,stand,stand-dynamic,suffix,llama.cpp \
+    --dataset champ --first "$first" --problems "$problems" --n 1 --temperature 0.6 --max-new-tokens "$tokens" \
+    --seed 0 --repeats "$REPEATS" --json "$OUT/llamacpp_bf16_n1_t0.6.json" | tee -i "$OUT/llamacpp_bf16_n1_t0.6.txt"
+  stand bench --backend llama.cpp --model "$gguf" --methods none,pld,recycle,stand,consensus,suffix --dataset champ \
+    --first "$first" --problems "${PROBLEMS8:-2}" --n 8 --temperature 0.6 --max-new-tokens "$tokens" --seed 0 \
+    --schedule batched,auto --json "$OUT/llamacpp_bf16_n8_t0.6.json" | tee -i "$OUT/llamacpp_bf16_n8_t0.6.txt"
+}
+
 run_torch() {  # issue 17: our methods on the torch backend (dtype auto: measured), held-out CHAMP, n=1 and n=8
   machine "$OUT/torch.machine.txt"
   local first=${FIRST:-240} problems=${PROBLEMS:-4} tokens=${TOKENS:-256}
@@ -113,8 +131,9 @@ case "$WHAT" in
   sweep) run_sweep ;;
   smoke) run_smoke ;;
   llamacpp) run_llamacpp ;;
+  llamacpp-bf16) run_llamacpp_bf16 ;;
   vllm) run_vllm ;;
   torch) run_torch ;;
   arithmetic) run_arithmetic ;;
-  *) echo "usage: $0 [all|main|sweep|smoke|llamacpp|vllm|torch|arithmetic]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|main|sweep|smoke|llamacpp|llamacpp-bf16|vllm|torch|arithmetic]" >&2; exit 2 ;;
 esac
