@@ -78,14 +78,19 @@ def test_lean_without_prepacking_equal_hf():
 
 @pytest.mark.parametrize("linear", ["auto", "dense", "fp32"])
 def test_lean_logits_close_bfloat16(linear):
-    """Within bfloat16 rounding: lean is much closer to HF bfloat16 than HF bfloat16 is to float32."""
+    """Within bfloat16 rounding: where lean runs HF's kernels (several tokens a row) it is much closer to HF bfloat16
+    than HF bfloat16 is to float32; with one token a row (one_query_attention, float32 inside) it is no farther from
+    float32 than HF bfloat16 is."""
     hf = tiny_target(seed=2, dtype=torch.bfloat16)
     exact = drive(tiny_target(seed=2, dtype=torch.float32), PROMPTS, STEPS)
     lean = LeanTarget.from_target(hf, linear=linear)
     for r, g, e in zip(drive(hf, PROMPTS, STEPS), drive(lean, PROMPTS, STEPS), exact):
         rounding = (r - e).abs().max()
         assert rounding > 0
-        assert (r - g).abs().max() <= 0.5 * rounding
+        if r.shape[1] > 1:
+            assert (r - g).abs().max() <= 0.5 * rounding
+        else:
+            assert (g - e).abs().max() <= 1.1 * rounding
 
 
 def test_lean_qwen2_with_qkv_bias_equal_hf():
@@ -270,3 +275,21 @@ def test_lean_llama_with_attention_bias_equal_hf():
     lean = LeanTarget.from_target(hf)
     for r, g in zip(drive(hf, PROMPTS, STEPS), drive(lean, PROMPTS, STEPS)):
         assert torch.allclose(r, g, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_query_attention_is_the_fused_kernel_in_float32(masked):
+    """The bfloat16 one-query path (every plain step) computes what scaled_dot_product_attention computes in float32,
+    grouped-query heads and the tree mask included, to bfloat16 rounding of its output."""
+    from stand.backends.lean import one_query_attention
+
+    torch.manual_seed(0)
+    B, H, Hkv, S, D = 3, 6, 2, 40, 16
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    mask = (torch.rand(B, 1, 1, S) < 0.7) | (torch.arange(S) == S - 1) if masked else None
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    got = one_query_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 0.3)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert torch.allclose(got.float(), want, atol=0.03), (got.float() - want).abs().max()
+    shuffled = one_query_attention(q.bfloat16(), k.bfloat16().roll(1, dims=1), v.bfloat16(), mask, 0.3)
+    assert not torch.allclose(shuffled.float(), want, atol=0.03)  # the head grouping matters: the check can fail

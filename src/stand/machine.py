@@ -61,8 +61,8 @@ def cpu_key() -> dict:
 
 # ---- the cost grid -------------------------------------------------------------------------------------
 
-GRID_METHOD = 2  # how grids are measured (2: fastest of interleaved rounds, busy machines not cached); older grids
-# (medians, cached even when measured under load) are measured again
+GRID_METHOD = 3  # how grids are measured (2: fastest of interleaved rounds, busy machines not cached; 3: the lean
+# forward's bfloat16 one-query attention): older grids and dtype choices are measured again
 
 
 def machine_key(target: Backend) -> dict:
@@ -138,7 +138,7 @@ def model_identity(path: str) -> dict:
 
 def dtype_key(path: str, forward: str) -> str:
     return json.dumps({**model_identity(path), "forward": forward, "threads": torch.get_num_threads(), **cpu_key(),
-                       "torch": torch.__version__}, sort_keys=True)
+                       "torch": torch.__version__, "method": GRID_METHOD}, sort_keys=True)
 
 
 def dtype_cache() -> str:
