@@ -206,3 +206,39 @@ def test_machine_grid_is_measured_once_per_machine_and_model(tiny, tmp_path, mon
     monkeypatch.setattr(machine, "threads", lambda target: 64)  # another thread count: another machine
     with pytest.raises(AssertionError, match="measured again"):
         machine.machine_grid(tiny, idle)
+
+
+def test_online_curve_counts_nodes_asked_even_when_none_is_drafted(tiny, monkeypatch):
+    """A pass costs its width whatever each row drafted: a drafter asked for nodes that delivers none (no match)
+    has them counted as offered and missed, so its curve learns that asking it does not pay."""
+    from stand.core.budget import OnlineAcceptance
+    from stand.core.tree import DraftTree
+    from stand.drafters.pld import PromptLookup
+
+    recorded = []
+    real_record = OnlineAcceptance.record
+    monkeypatch.setattr(OnlineAcceptance, "record", lambda self, nodes, acc: (recorded.append(nodes),
+                                                                              real_record(self, nodes, acc)))
+    monkeypatch.setattr(PromptLookup, "propose", lambda self, row, *a: DraftTree())
+    grid = CostGrid({1: {1: 10.0, 2: 11.0, 8: 18.0}})
+    e = Engine(tiny, make_drafter(SpecConfig(method="pld"), tiny.vocab_size), grid=grid)
+    e.run([Row(tiny.encode("hello"), SamplingParams(max_new_tokens=40, ignore_eos=True))])
+    assert recorded[0] > 0  # the first pass probes: asked for nodes, got an empty tree
+    assert recorded[-20:] == [0] * 20, recorded  # then it learns (past the optimistic prior): no nodes asked
+
+
+def test_stand_learns_nothing_in_passes_where_its_curve_drafts_nothing(tiny, monkeypatch):
+    """STAND on a grid where one row drafts but eight rows do not: eight rows' passes do not update its table."""
+    from stand.drafters.stand import StandDrafter
+
+    seen = []
+    monkeypatch.setattr(StandDrafter, "observe", lambda self, row, *a: seen.append(row.uid))
+    grid = CostGrid({1: {t: 10.0 for t in (1, 2, 4, 8, 16)},
+                     8: {t: 80.0 * t for t in (1, 2, 4, 8, 16)}, 16: {t: 160.0 * t for t in (1, 2, 4, 8, 16)}})
+    e = Engine(tiny, make_drafter(SpecConfig(method="stand"), tiny.vocab_size), grid=grid)
+    assert not e.idle and e.budget(1)[0] > 0 and e.budget(8)[0] == 0
+    params = SamplingParams(0.6, max_new_tokens=12, seed=0, ignore_eos=True)
+    e.run([Row(tiny.encode("hello"), params, index=j) for j in range(8)])
+    assert not seen
+    e.run([Row(tiny.encode("hello"), params)])
+    assert len(seen) == 12

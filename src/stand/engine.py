@@ -146,17 +146,19 @@ class Engine:
     def _pass(self, live: list[Row], cache, on_commit: OnCommit | None) -> None:
         self.passes += 1
         budget = self.budget(len(live))
-        trees = self._fit([self._draft(r, budget) for r in live])
+        asked, trees = zip(*(self._draft(r, budget) for r in live))
+        trees = self._fit(list(trees))
+        learns = self._learns(len(live))
         logits = cache.step(trees, [r.tokens[-1] for r in live], self._width(len(live), trees))  # row b: [M_b + 1, V]
         verdicts, probs = zip(*(self._verify(r, t, logits[b]) for b, (r, t) in enumerate(zip(live, trees))))
         cache.commit([[0] + v.accepted for v in verdicts])
         for b, (r, tree, p, v) in enumerate(zip(live, trees, probs, verdicts)):
-            if not self.idle:
+            if learns:
                 with Timer(r):
                     self.drafter.observe(r, tree, p, v)
             if self.online is not None:
                 self.online.setdefault(r.group, OnlineAcceptance(ONLINE_NODES, EXPLORE_EVERY, EXPLORE_MAX)).record(
-                    len(tree), [0] + v.accepted)
+                    asked[b], [0] + v.accepted)
             new = r.append(v.tokens(tree), self.target.eos_ids, self.target.max_len, self.target.decode)
             if r.logprobs is not None:
                 r.logprobs += token_logprobs(logits[b], [0] + v.accepted, new)
@@ -213,19 +215,28 @@ class Engine:
 
         return max((k for k in range(1, n + 1) if n % k == 0), key=rate)
 
-    def _draft(self, r: Row, budget: Budget) -> DraftTree:
-        """The drafter's tree (asked for `nodes` nodes worth at least `floor`), cut to the row's room (tokens
-        left, context left) and its hard share of the pass."""
+    def _draft(self, r: Row, budget: Budget) -> tuple[int, DraftTree]:
+        """The nodes asked of the row's drafter and its tree (asked for `nodes` nodes worth at least `floor`), cut
+        to the row's room (tokens left, context left) and its hard share of the pass."""
         nodes, floor, cap = budget
         online = self._online_nodes(r, len(self.live)) if self.online is not None else None
         if nodes == 0 or online == 0:
-            return DraftTree()  # no draft pays in this pass: plain decoding, and no drafting work
+            return 0, DraftTree()  # no draft pays in this pass: plain decoding, and no drafting work
         with Timer(r):
             tree = self.drafter.propose(r, nodes, floor)
         if online is not None:
             tree = tree.prefix(online)
         tree = tree.clip(r.room(self.target.max_len))
-        return tree if cap is None else tree.prefix(cap)
+        tree = tree if cap is None else tree.prefix(cap)
+        return (len(tree) if online is None else online), tree
+
+    def _learns(self, rows: int) -> bool:
+        """Whether the drafter is told what this pass of `rows` rows verified: not when idle, and not when it has a
+        known curve that gives no row of such a pass a node (its table updates would cost time that nothing
+        drafted from them in this batch repays; prompt distributions still go in when rows are admitted)."""
+        if self.idle:
+            return False
+        return self.online is not None or self.grid is None or self.budget(rows)[0] != 0
 
     def _online_nodes(self, r: Row, rows: int) -> int:
         """The first m nodes of the row's draft that its group's online curve says pay for themselves in a pass of

@@ -194,7 +194,9 @@ class OnlineAcceptance:
         return True
 
     def record(self, nodes: int, accepted: list[int]) -> None:
-        """nodes: the tree's size; accepted: the accepted nodes' indices (root-0 indexing, path order)."""
+        """nodes: how many draft nodes the row was asked for (a drafter that delivers fewer, say no match, misses
+        the rest: a pass costs its width whatever each row drafted); accepted: the accepted nodes' indices (root-0
+        indexing, path order)."""
         self.steps += 1
         self.offered[: min(nodes, len(self.offered))] += 1
         idx = np.asarray(accepted, dtype=np.int64) - 1
