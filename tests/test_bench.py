@@ -33,7 +33,8 @@ def test_every_variant_has_every_column(rows):
         assert set(COLUMNS) <= set(r), set(COLUMNS) - set(r)
         assert r["dtype"] == "float32" and r["temperature"] == 0.6 and r["problems"] == 2 and not r["interrupted"]
         assert 0 < r["new_tokens"] <= 2 * r["n"] * 32
-        assert r["seconds"] > 0 and r["tok_per_s"] == pytest.approx(r["new_tokens"] / r["seconds"], rel=0.01)
+        rounding = 0.0005 / r["seconds"]  # seconds are reported to the millisecond; tok/s from the unrounded time
+        assert r["seconds"] > 0 and r["tok_per_s"] == pytest.approx(r["new_tokens"] / r["seconds"], rel=0.01 + rounding)
         assert r["tok_per_s_min"] <= r["tok_per_s"] <= r["tok_per_s_max"]
         assert r["speedup_vs_none"] > 0 and r["speedup_vs_hf"] > 0
         assert r["accuracy"] is not None  # CHAMP has references
