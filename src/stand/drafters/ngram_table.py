@@ -59,6 +59,12 @@ def tails_of(tokens: np.ndarray, max_n: int) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(padded, max_n).copy()
 
 
+def last_tail(tokens, max_n: int) -> np.ndarray:
+    """[max_n] the last max_n tokens, left-padded with -1 (the last row of tails_of, without building the others)."""
+    last = list(tokens[-max_n:])
+    return np.array([-1] * (max_n - len(last)) + last, dtype=np.int64)
+
+
 def merge_topk(old_ids: np.ndarray, old_p: np.ndarray, counts: np.ndarray, new_ids: np.ndarray,
                new_p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(c*old + new)/(c+1) over the union of tokens, cut to the top k; ids -1 mark empty entries.

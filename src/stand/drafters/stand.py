@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from stand.errors import StandError
-from stand.drafters.ngram_table import NGramTable, TableMismatch, check_table_path, tails_of
+from stand.drafters.ngram_table import NGramTable, TableMismatch, check_table_path, last_tail, tails_of
 from stand.core.budget import acceptance_curve
 from stand.drafters.templates import (DEFAULT_PRIOR, TreeTemplate, check_vocab, fill, heuristic, most_valuable,
                                       shipped_tree_path)
@@ -295,8 +295,7 @@ class StandDrafter(Drafter):
 
     def _root_tail(self, row) -> np.ndarray:
         """[max_n] the row's last max_n tokens, left-padded with -1."""
-        n = self.options.max_n
-        return tails_of(row.tokens[-n:], n)[-1]
+        return last_tail(row.tokens, self.options.max_n)
 
     def draft(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool,
               kids: list[list[int]] | None = None) -> DraftTree:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from stand.core.drafter import PromptDists
-from stand.drafters.ngram_table import NGramTable
+from stand.drafters.ngram_table import NGramTable, last_tail
 from stand.drafters.stand import StandDrafter, StandOptions, node_tails
 from stand.core.tree import DraftTree
 from stand.integrations.vllm.proposer import ChainOptions, ChainProposer, committed_step
@@ -140,6 +140,4 @@ class StandProposer(ChainProposer):
 
     def _tail(self, row) -> np.ndarray:
         """[max_n] the row's last max_n tokens, left-padded with -1."""
-        n = self.options.max_n
-        last = row.tokens[-n:]
-        return np.array([-1] * (n - len(last)) + last, dtype=np.int64)
+        return last_tail(row.tokens, self.options.max_n)
