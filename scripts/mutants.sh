@@ -42,7 +42,7 @@ greedy-first-child|core/verify.py|if tree.tokens[c - 1] == argmax[node]), None)|
 gumbel-noise-reused|drafters/stand.py|self.pos += n|self.pos += 0|STAND
 noise-seed-shared|drafters/stand.py|seed = int(row.rng.integers(2**63))|seed = 0|STAND
 draft-from-q-squared|drafters/stand.py|keys = -q if deterministic else -(np.log(q) + noise.take(len(q)))|keys = -q if deterministic else -(2 * np.log(q) + noise.take(len(q)))|STAND
-verify-against-row-0|engine.py|self._verify(r, t, logits[b])|self._verify(r, t, logits[0])|ONE_HOT
+verify-against-row-0|engine.py|self._verify(r, t, logits[b], learns)|self._verify(r, t, logits[0], learns)|ONE_HOT
 commit-first-nodes|engine.py|cache.commit([[0] + v.accepted for v in verdicts])|cache.commit([[0] + list(range(1, len(v.accepted) + 1)) for v in verdicts])|GREEDY
 EOF
 )

@@ -150,7 +150,7 @@ class Engine:
         trees = self._fit(list(trees))
         learns = self._learns(len(live))
         logits = cache.step(trees, [r.tokens[-1] for r in live], self._width(len(live), trees))  # row b: [M_b + 1, V]
-        verdicts, probs = zip(*(self._verify(r, t, logits[b]) for b, (r, t) in enumerate(zip(live, trees))))
+        verdicts, probs = zip(*(self._verify(r, t, logits[b], learns) for b, (r, t) in enumerate(zip(live, trees))))
         cache.commit([[0] + v.accepted for v in verdicts])
         for b, (r, tree, p, v) in enumerate(zip(live, trees, probs, verdicts)):
             if learns:
@@ -165,9 +165,11 @@ class Engine:
             if on_commit and new:
                 on_commit(r, new)
 
-    def _verify(self, r: Row, tree: DraftTree, logits: torch.Tensor) -> tuple[Verdict, torch.Tensor | None]:
+    def _verify(self, r: Row, tree: DraftTree, logits: torch.Tensor,
+                learns: bool) -> tuple[Verdict, torch.Tensor | None]:
+        """learns: whether the drafter observes this pass (a greedy row needs probabilities only if it does)."""
         lg = logits[: len(tree) + 1]  # [M+1, V]
-        p = sampler_probs(lg, r.params) if not r.params.greedy or (self.drafter.wants_probs and not self.idle) else None
+        p = sampler_probs(lg, r.params) if not r.params.greedy or (self.drafter.wants_probs and learns) else None
         return verify(tree, lg, r.params, r.rng, probs=p), p
 
     def _end(self, r: Row) -> None:
