@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
-# Installs the vLLM extra after scripts/setup.sh: arctic-inference (SuffixDecoding's suffix tree) beside stand, and
-# vLLM in its own virtual environment, .venv-vllm: vLLM pins numpy, transformers and fastapi to other releases than
-# stand's, so it lives apart; the venv sees the main environment's packages (torch is not installed twice) and has
-# stand installed editable, so vLLM can load stand's proposers. stand starts vLLM with .venv-vllm/bin/python.
+# Installs the vLLM extra after scripts/setup.sh: vLLM in its own virtual environment, .venv-vllm. vLLM pins numpy,
+# transformers and fastapi to other releases than stand's, so it lives apart; the venv sees the main environment's
+# packages (torch and arctic-inference are not installed twice) and has stand installed editable, so vLLM can load
+# stand's proposers. stand starts vLLM with .venv-vllm/bin/python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${STAND_VLLM_VENV:-.venv-vllm}"
-PIP="python3 -m pip install -q --disable-pip-version-check"
-$PIP arctic-inference==0.3.0       # built from source by pip (a C++ extension, about 2 min on 2 cores; pip caches the wheel)
 python3 -m venv --system-site-packages "$VENV"
 VPIP="$VENV/bin/python -m pip install -q --disable-pip-version-check"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

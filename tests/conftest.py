@@ -21,7 +21,7 @@ def own_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from stand.testing import tiny_target
+    from tiny import tiny_target
 
     return tiny_target()
 

@@ -25,7 +25,7 @@ from stand.core.tree import DraftTree
 from stand.drafters.registry import make_drafter
 from stand.engine import Engine
 from stand.params import SamplingParams, SpecConfig
-from stand.testing import tiny_model
+from tiny import tiny_model
 
 V, K = 8, 3  # vocabulary, generated tokens
 PROMPT = [1, 2, 3, 1, 2, 3, 1, 2, 4, 5, 1, 2]  # repeats, so lookup drafters have matches
@@ -45,7 +45,7 @@ def small_target(seed: int = SEED, sharpness: float = SHARPNESS, forward: str = 
 
 def small_gguf(path: str, seed: int = SEED, sharpness: float = SHARPNESS) -> str:
     """The small model as a float32 GGUF file llama.cpp runs; returns the path."""
-    from stand.testing import save_gguf
+    from tiny import save_gguf
 
     model = tiny_model(vocab_size=V, seed=seed, sharpness=sharpness)
     return save_gguf(model, [f"t{i}" for i in range(V)], path, bos=0, eos=V - 1)

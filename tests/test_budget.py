@@ -191,7 +191,7 @@ def test_a_drafter_that_never_pays_here_stays_idle(tiny, monkeypatch):
 
 
 def test_machine_grid_is_measured_once_per_machine_and_model(tiny, tmp_path, monkeypatch):
-    import stand.machine as machine
+    import stand.backends.machine as machine
 
     monkeypatch.setenv("STAND_CACHE", str(tmp_path))
     idle = GridConfig(cpu=lambda: None, busy_ratio=float("inf"))  # this shared machine may be busy: not the point here

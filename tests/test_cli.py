@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stand.cli import app
-from stand.testing import save_tiny
+from tiny import save_tiny
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from stand.drafters.consensus import (PROMPT, ConsensusDrafter, GroupIndex, best
 from stand.core.sequence import Row
 from stand.engine import Engine
 from stand.params import SamplingParams, SpecConfig
-from stand.testing import tiny_target
+from tiny import tiny_target
 
 PATHS = [  # (tokens, the target's probability of each token when it was sampled)
     ([1, 2, 3], [0.9, 0.8, 0.7]),

@@ -11,7 +11,7 @@ from stand.api import make_engine
 from stand.backends.lean import with_forward
 from stand.core.sequence import Row
 from stand.params import SamplingParams, SpecConfig
-from stand.testing import byte_tokenizer, save_tiny_gguf, tiny_target
+from tiny import byte_tokenizer, save_tiny_gguf, tiny_target
 
 BACKENDS = ["hf", "lean"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
 

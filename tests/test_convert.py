@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from stand.cli import app
-from stand.testing import save_gguf, tiny_model
+from tiny import save_gguf, tiny_model
 
 TOKENS = ["a", "b", "ab", "c", "d", "<s>", "</s>", "<pad>"]  # one merge, a + b -> ab: a GGUF tokenizer transformers reads
 

@@ -75,7 +75,7 @@ def test_dataset_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from stand.testing import save_tiny
+    from tiny import save_tiny
 
     return save_tiny(str(tmp_path_factory.mktemp("tiny")))
 

@@ -25,7 +25,7 @@ from stand.drafters.ngram_table import FORMAT_VERSION, MAGIC, NGramTable
 from stand.drafters.registry import make_drafter
 from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
-from stand.testing import byte_tokenizer, save_tiny, save_tiny_gguf
+from tiny import byte_tokenizer, save_tiny, save_tiny_gguf
 from stand.tts.problems import jsonl
 
 HAS_LLAMACPP = importlib.util.find_spec("llama_cpp") is not None

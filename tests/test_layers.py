@@ -9,15 +9,15 @@ import pathlib
 SRC = pathlib.Path(__file__).resolve().parent.parent / "src" / "stand"
 # floors, lowest first: a module may import only from its own floor or below
 FLOORS = [
-    {"errors", "params"},
+    {"errors", "methods", "params"},
     {"core"},
-    {"backends", "machine"},  # machine: what passes of a backend cost here (and the dtype `load_model` picks)
+    {"backends"},
     {"drafters"},
     {"integrations"},
     {"engine"},
     {"api"},
     {"tts", "server"},
-    {"lab", "testing"},
+    {"lab"},
     {"cli", "__init__", "__main__"},
 ]
 # integrations (stand's drafters inside other engines) sit above drafters but off the main line: only these import them
@@ -97,7 +97,7 @@ def test_modules_and_functions_are_short():
         text = p.read_text()
         if len(text.splitlines()) > MAX_MODULE_LINES:
             long_modules.append(f"{m} ({len(text.splitlines())})")
-        if m == "cli":
+        if m.split(".")[0] == "cli":
             continue
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

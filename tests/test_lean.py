@@ -10,7 +10,7 @@ from stand.errors import StandError
 from stand.backends.kv import prefill_batch, tree_batch
 from stand.backends.lean import CACHE_CHUNK, LeanCache, LeanTarget
 from stand.params import SamplingParams, SpecConfig
-from stand.testing import tiny_target
+from tiny import tiny_target
 from stand.core.tree import DraftTree
 
 
@@ -214,7 +214,7 @@ def test_real_model_greedy_lean_equals_hf_float32():
 
 def test_load_model_backends(tmp_path):
     from stand.backends.load import load_model
-    from stand.testing import save_tiny
+    from tiny import save_tiny
 
     path = save_tiny(str(tmp_path / "tiny"))
     assert isinstance(load_model(path, "float32"), LeanTarget)
@@ -244,7 +244,7 @@ def test_profile_cli_writes_json(tmp_path):
     from typer.testing import CliRunner
 
     from stand.cli import app
-    from stand.testing import save_tiny
+    from tiny import save_tiny
 
     path = save_tiny(str(tmp_path / "tiny"))
     out = tmp_path / "curve.json"

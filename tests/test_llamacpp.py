@@ -3,26 +3,24 @@ random llamas written as float32 GGUF files in the test itself."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 
 import numpy as np
 import pytest
+from extras import require, require_method
 import torch
 
-if importlib.util.find_spec("llama_cpp") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI installs llama-cpp-python (scripts/setup.sh): these tests must run there")
-    pytest.skip("llama-cpp-python is not installed", allow_module_level=True)
+require("llama_cpp")
 
 from lossless import K, PROMPT, V, engine_samples, marginal_pvalues  # noqa: E402
 from stand.api import build_rows, make_engine  # noqa: E402
 from stand.backends.llamacpp import LlamaCppModel  # noqa: E402
 from stand.core.tree import DraftTree  # noqa: E402
 from stand.core.verify import sampler_probs  # noqa: E402
-from stand.params import METHODS, SamplingParams, SpecConfig  # noqa: E402
-from stand.testing import byte_tokenizer, save_gguf, save_tiny_gguf, tiny_model, tiny_target  # noqa: E402
+from stand.methods import names  # noqa: E402
+from stand.params import SamplingParams, SpecConfig  # noqa: E402
+from tiny import byte_tokenizer, save_gguf, save_tiny_gguf, tiny_model, tiny_target  # noqa: E402
 
 ATOL = 1e-4  # float32 weights: a multi-token pass may sum in another order than a one-token pass
 
@@ -127,8 +125,9 @@ def generate(llm, prompts, method: str, max_new_tokens: int = 40, n: int = 1, te
     return [r.generated for rows in groups for r in rows]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", names())
 def test_greedy_equals_plain_greedy(llm, method):
+    require_method(method)
     prompts = [list(b"the cat sat on the mat. the cat sat on the"), list(b"1, 2, 3, 1, 2, 3, 1, 2")]
     assert generate(llm, prompts, method, n=2) == generate(llm, prompts, "none", n=2)
 

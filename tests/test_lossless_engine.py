@@ -7,18 +7,17 @@ the model itself, so their drafts are rarely rejected), drafts made wrong on pur
 residual and the bonus token matter. tests/test_mutants_power.py shows that broken verifiers fail these checks.
 """
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
+from extras import require, require_method
 import torch
 
 from lossless import (K, N, PLAIN, TRUNCATED, V, WRONG, Run, engine_run, exact_joint, marginal_pvalues, params_id,
                       reference_probs, small_gguf, small_target, wrong_id)
 from stand.core.budget import CostGrid
 from stand.core.verify import sampler_probs
-from stand.drafters.registry import DRAFTERS, make_drafter
+from stand.drafters.registry import make_drafter
 from stand.engine import Engine
 from stand.params import SamplingParams, SpecConfig
 
@@ -68,10 +67,7 @@ def exact_run(target, spec: SpecConfig, params: SamplingParams, batch: int = 250
 def build(name: str, tmp_path_factory):
     if name != "llama.cpp":
         return small_target(forward=name)
-    if importlib.util.find_spec("llama_cpp") is None:
-        if os.environ.get("CI"):
-            raise RuntimeError("CI installs llama-cpp-python (scripts/setup.sh): these tests must run there")
-        pytest.skip("llama-cpp-python is not installed")
+    require("llama_cpp")
     import stand.backends.llamacpp as llamacpp
 
     with pytest.MonkeyPatch.context() as mp:  # one thread: on a shared 2-core machine two threads spin-wait ~15x slower
@@ -93,8 +89,7 @@ def backends(tmp_path_factory):
 
 @pytest.mark.parametrize("backend,method,extra,params", ENGINE_RUNS, ids=[f"{r[0]}-{run_id(r[1:])}" for r in ENGINE_RUNS])
 def test_engine_distribution_is_exact(backends, backend, method, extra, params):
-    if method not in DRAFTERS:
-        pytest.skip(f"{method} not registered")
+    require_method(method)
     run = exact_run(backends(backend), SpecConfig(method=method, options=extra), params, BATCH[backend])
     if method != "none":  # drafts were accepted (and, below K per step, rejected): the test exercised them
         assert 1.02 < run.per_step < K, run.per_step

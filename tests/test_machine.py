@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import stand.machine as machine
+import stand.backends.machine as machine
 from stand.backends.probe import GridConfig, measure_grid
 from stand.core.budget import CostGrid, nodes_per_row
 from stand.core.files import cache_dir
@@ -256,7 +256,7 @@ def test_the_session_caches_outside_the_home_directory():
 @pytest.fixture(scope="module", params=["hf", "lean"])
 def forward(request):
     from stand.backends.lean import with_forward
-    from stand.testing import tiny_target
+    from tiny import tiny_target
 
     return with_forward(tiny_target(seed=3), request.param)
 
@@ -327,7 +327,7 @@ def test_profile_grid_remeasures_this_machine(cache, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from stand.cli import app
-    from stand.testing import save_tiny
+    from tiny import save_tiny
 
     real = machine.measure_grid
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from stand.drafters.registry import make_drafter
-from stand.drafters.ngrammys import (ModelTables, NGrammys, build_tables, context_drafts, mix_drafts,
+from stand.drafters.ngrammys import (NGrammys, build_tables, context_drafts, mix_drafts,
                                      model_tables, table_path, trie)
 from stand.core.sequence import Row
 from stand.engine import Engine
 from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
-from stand.testing import tiny_target
+from tiny import tiny_target
 
 
 @pytest.fixture(scope="module")

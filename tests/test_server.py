@@ -20,7 +20,7 @@ from stand.api import generate
 from stand.backends.load import load_model
 from stand.params import SamplingParams, SpecConfig
 from stand.server import ServerConfig, TextStream, create_app
-from stand.testing import byte_tokenizer, save_tiny
+from tiny import byte_tokenizer, save_tiny
 
 KEY = "test-key"
 PROMPT = "Tell me a story about a cat."

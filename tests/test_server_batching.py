@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from stand.server import ServerConfig
-from stand.testing import save_tiny
+from tiny import save_tiny
 from test_server import healthy, metric, running, wait_until
 
 PROMPT = "Tell me a story about a cat."

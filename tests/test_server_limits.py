@@ -24,7 +24,7 @@ from stand.server import ServerConfig
 from stand.server.config import is_loopback, startup_warnings
 from stand.server.memory import CHUNK_COPIES, DEFAULT_SHAPE, ModelShape, kv_tokens, shape_of, table_bytes, worst_case
 from stand.server.protocol import MIN_TEMPERATURE, NEUTRAL, CommonRequest
-from stand.testing import save_tiny
+from tiny import save_tiny
 from test_server import healthy, running, wait_until
 
 PROMPT = "Tell me a story about a cat."

@@ -4,10 +4,9 @@ tests/test_lossless_engine.py with every other drafter."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import pytest
+from extras import require
 
 from stand.core.sequence import Row
 from stand.core.tree import DraftTree
@@ -17,10 +16,7 @@ from stand.engine import Engine
 from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
 
-if importlib.util.find_spec("arctic_inference") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI installs arctic-inference (scripts/setup-vllm.sh): these tests must run there")
-    pytest.skip("arctic-inference is not installed", allow_module_level=True)
+require("arctic_inference")
 
 from stand.drafters.suffix import SuffixDrafter, as_tree  # noqa: E402
 

@@ -11,7 +11,7 @@ from stand.core.drafter import Drafter
 from stand.core.sequence import OnCommit, Row
 from stand.drafters.registry import make_drafter
 from stand.engine import Engine
-from stand.machine import machine_grid
+from stand.backends.machine import machine_grid
 from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
 

@@ -7,21 +7,13 @@ from numbers import Integral, Real
 from dataclasses import dataclass, field
 
 from stand.errors import StandError
+from stand.methods import check_method
 
 
-# every --method; drafters/registry.py maps each to its drafter class
-METHODS = ("none", "pld", "stand", "stand-heuristic", "stand-dynamic", "recycle", "consensus", "ngrammys",
-           "stand+consensus", "suffix")
 # the smallest temperature above 0: below it float32 logits / T overflow (1e-45 gave NaN probabilities), and long
 # before that sampling is greedy in all but rounding; such temperatures are refused (0 asks for greedy)
 MIN_TEMPERATURE = 1e-3
 SEED_LIMIT = 2**63  # seeds are integers in [0, 2^63)
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise StandError(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
-    return method
 
 
 @dataclass

@@ -95,7 +95,7 @@ def load_model(path: str | None = None, dtype: str = "auto", backend: str = "aut
 
         return load_llamacpp(path)
     if dtype == "auto":
-        from stand.machine import fastest_dtype
+        from stand.backends.machine import fastest_dtype
 
         return fastest_dtype(path, forward, lambda name, fresh: open_torch(path, name, forward, fresh))
     return open_torch(path, dtype, forward)

@@ -1,24 +1,14 @@
-"""One drafter per file behind one interface (core/drafter.py); DRAFTERS maps --method to a class."""
+"""One drafter per file behind one interface (core/drafter.py); DRAFTERS maps each of our engine's methods
+(stand/methods.py) to its drafter class."""
 
 from __future__ import annotations
 
 import importlib
 
 from stand.core.drafter import Drafter
+from stand.methods import METHODS
 
-# method name -> "module:Class", imported on first use
-DRAFTERS: dict[str, str] = {
-    "none": "none:NoDrafter",
-    "pld": "pld:PromptLookup",
-    "stand": "stand:StandDrafter",
-    "stand-heuristic": "stand:HeuristicStandDrafter",
-    "stand-dynamic": "stand:DynamicStandDrafter",
-    "recycle": "recycle:TokenRecycling",
-    "consensus": "consensus:ConsensusDrafter",
-    "ngrammys": "ngrammys:NGrammys",
-    "stand+consensus": "combined:StandConsensus",
-    "suffix": "suffix:SuffixDrafter",
-}
+DRAFTERS: dict[str, str] = {name: m.target for name, m in METHODS.items() if m.engine == "stand"}  # "module:Class"
 
 
 def make_drafter(config, vocab_size: int, target=None) -> Drafter:

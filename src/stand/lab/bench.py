@@ -22,15 +22,15 @@ import torch
 from stand.api import Target, check_schedule, generate
 from stand.core.sequence import mean_accepted
 from stand.errors import StandError
-from stand.params import SamplingParams, SpecConfig, check_method
+from stand.methods import check_method, engine_of, names
+from stand.params import SamplingParams, SpecConfig
 from stand.tts.answers import extract_answer, is_correct
 from stand.tts.problems import Problem, load_dataset
-from stand.lab.llamacpp_anchors import LLAMACPP_METHODS, anchor_generate
-from stand.lab.vllm_anchors import VLLM_METHODS, close_engines, engine_dtype, vllm_run
+from stand.lab.llamacpp_anchors import anchor_generate
+from stand.lab.vllm_anchors import close_engines, engine_dtype, vllm_run
 from stand.tts.vote import majority_vote
 
-HF_METHODS = ("hf", "hf-pld", "hf-batched")
-ANCHORS = HF_METHODS + LLAMACPP_METHODS + VLLM_METHODS  # other engines on the same model: one schedule each
+HF_METHODS, LLAMACPP_METHODS, VLLM_METHODS = names("hf"), names("llama.cpp"), names("vllm")
 MEMORY_EVERY = 16  # sample the drafter's table memory every this many commits
 
 Variant = tuple[str, int, str]  # (method, n, schedule)
@@ -56,7 +56,8 @@ class BenchConfig:
         self.schedules = [self.schedule] if isinstance(self.schedule, str) else list(self.schedule)
 
     def validate(self) -> "BenchConfig":
-        check_methods(self.methods)
+        for m in self.methods:
+            check_method(m, engine=None)  # ours or another engine's (an anchor)
         if not self.methods:
             raise StandError("no methods given")
         if not isinstance(self.repeats, int) or self.repeats < 1:
@@ -78,7 +79,7 @@ class BenchConfig:
         out = []
         for n in self.ns:
             for m in self.methods:
-                one = n == 1 or m in ANCHORS
+                one = n == 1 or anchor_schedule(m) is not None
                 out += [(m, n, anchor_schedule(m) or s) for s in (self.schedules[:1] if one else self.schedules)]
         return out
 
@@ -103,8 +104,8 @@ def label(v: Variant) -> str:
 
 def anchor_schedule(method: str) -> str | None:
     """An anchor's schedule label: the tool it runs (its own loop decides how samples are scheduled)."""
-    return "hf" if method in HF_METHODS else "llama.cpp" if method in LLAMACPP_METHODS else \
-        "vllm" if method in VLLM_METHODS else None
+    engine = engine_of(method)
+    return None if engine == "stand" else engine
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,11 +366,3 @@ COLUMNS = ("method", "schedule", "engine", "backend", "dtype", "n", "temperature
            "accuracy")
 
 
-def check_methods(methods: list[str]) -> None:
-    """Our methods (params.check_method) or an anchor."""
-    for m in methods:
-        if m not in ANCHORS:
-            try:
-                check_method(m)
-            except StandError as e:
-                raise StandError(f"{e}; or an anchor: {', '.join(ANCHORS)}") from None

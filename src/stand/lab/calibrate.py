@@ -24,7 +24,7 @@ import numpy as np
 from stand.backends.probe import GridConfig
 from stand.backends.protocol import pads
 from stand.core.budget import CostGrid, acceptance_curve, interpolate
-from stand.machine import measure_here
+from stand.backends.machine import measure_here
 from stand.errors import StandError
 from stand.drafters.templates import TreeTemplate, large_template, most_valuable
 

@@ -10,7 +10,6 @@ import functools
 from stand.errors import StandError
 from stand.params import SamplingParams
 
-LLAMACPP_METHODS = ("llama.cpp", "llama.cpp-pld")
 PLD_TOKENS = 10
 
 

@@ -14,7 +14,7 @@ import torch
 
 from stand.backends.protocol import Backend
 from stand.backends.probe import GridConfig, Probe, ProfileConfig, interleaved, measure_grid  # noqa: F401  (lab API)
-from stand.machine import measure_here
+from stand.backends.machine import measure_here
 
 @dataclass
 class Curve:

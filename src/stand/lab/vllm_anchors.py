@@ -22,7 +22,6 @@ from collections import Counter
 from stand.errors import StandError
 from stand.integrations.vllm.launch import DEFAULT_K, METHODS, hf_dir, torch_dtype_name
 
-VLLM_METHODS = tuple(METHODS)
 _ENGINES: dict[tuple, object] = {}  # (model dir, method, dtype, k, options) -> VllmProcess, for this process
 
 

@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass
 
 from stand.errors import StandError
-from stand.params import SpecConfig, check_method
+from stand.methods import check_method
+from stand.params import SpecConfig
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"  # /v1/models' id for the embedded default model
 LIMITS = ("default_max_tokens", "max_tokens_limit", "max_n", "max_prompt_tokens", "max_live_rows", "max_body_bytes")

@@ -20,12 +20,12 @@ import sys
 from stand.core.files import cache_dir
 from stand.errors import StandError
 from stand.integrations.vllm import PROPOSERS
+from stand.methods import METHODS as ALL_METHODS, check_method
 
 VENV = ".venv-vllm"
 DEFAULT_K = 5  # num_speculative_tokens of every vLLM method (the longest chain a step verifies)
-# bench and CLI names -> stand's proposer method (custom_class) or vLLM's own
-METHODS = {"vllm": None, "vllm-ngram": "ngram", "vllm-suffix": "suffix", "vllm-stand": "stand",
-           "vllm-consensus": "consensus", "vllm-ngrammys": "ngrammys"}
+# bench and CLI names (stand/methods.py) -> stand's proposer method (custom_class) or vLLM's own
+METHODS = {name: m.target for name, m in ALL_METHODS.items() if m.engine == "vllm"}
 ENV = {
     "NUMBA_THREADING_LAYER": "workqueue",  # vLLM's n-gram proposer otherwise leaves torch one thread
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache per engine on CPU (vLLM's default takes a share of memory)
@@ -62,15 +62,9 @@ def vllm_env(in_process: bool = True) -> dict:
     return env
 
 
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise StandError(f"unknown vLLM method {method!r}; choose from {', '.join(METHODS)}")
-    return method
-
-
 def speculative_config(method: str, k: int = DEFAULT_K) -> dict | None:
     """vLLM's speculative_config for a vLLM method (None: plain decoding)."""
-    kind = METHODS[check_method(method)]
+    kind = METHODS[check_method(method, "vllm")]
     if kind is None:
         return None
     if kind == "ngram":

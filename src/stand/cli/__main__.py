@@ -1,0 +1,3 @@
+from stand.cli import main
+
+main()
