@@ -5,7 +5,7 @@ serve). The names below load on first use, so `stand.server.config` imports with
 import importlib
 
 __all__ = ["ServerConfig", "TextStream", "create_app", "serve"]
-_WHERE = {"ServerConfig": "config", "TextStream": "worker", "create_app": "app", "serve": "app"}
+_WHERE = {"ServerConfig": "config", "TextStream": "text", "create_app": "app", "serve": "app"}
 
 
 def __getattr__(name: str):

@@ -53,6 +53,12 @@ def bad_param(param: str, message: str) -> ApiError:
     return ApiError(400, message, param=param, code="invalid_value")
 
 
+def internal_error(what: str = "the server") -> ApiError:
+    """A failure that is not the client's: the details go to the server's log, not to the client."""
+    return ApiError(500, f"{what} failed on this request (the server's log has the details)", "server_error",
+                    code="internal_error")
+
+
 # ---- request bodies ----------------------------------------------------------------------------------
 
 
@@ -135,6 +141,8 @@ def sampling_params(req: CommonRequest, max_tokens: int, config: ServerConfig) -
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP:
         raise bad_param("stop", f"at most {MAX_STOP} stop sequences, got {len(stop)}")
+    for s in stop:
+        check_text(s, "stop", "a stop sequence")
     params = SamplingParams(effective_temperature(req.temperature), req.top_p, max(req.top_k, 0), max_tokens,
                             req.seed, stop, req.ignore_eos)
     try:
@@ -182,10 +190,15 @@ def check_context(ids: list[int], target: Target, limit: int, index: int = 0, pa
 
 def split_prompts(prompt) -> list:
     """A completions request's prompt -> its prompts (each a string or token ids)."""
-    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+    if isinstance(prompt, str):
+        return [check_text(prompt, "prompt", "the prompt")]
+    if prompt and all(isinstance(p, int) for p in prompt):
         return [prompt]
     if not prompt:
         raise bad_param("prompt", "prompt is empty")
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            check_text(p, "prompt", f"prompt {i}")
     return list(prompt)
 
 
@@ -196,14 +209,28 @@ def completion_prompts(prompts: list, target: Target, limit: int) -> list[list[i
     return [check_context(p, target, limit, i) for i, p in enumerate(ids)]
 
 
+def check_text(text: str, param: str, what: str) -> str:
+    """text, if it is valid Unicode (a lone surrogate such as "\\ud800" is not: no tokenizer can encode it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_param(param, f"{what} is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
 def message_text(content) -> str:
+    """A message's content (a string, or text parts) as one string."""
     if content is None or isinstance(content, str):
-        return content or ""
+        return check_text(content or "", "messages", "a message's content")
     parts = []
     for part in content:
-        if part.get("type") != "text":
-            raise bad_param("messages", f"content parts of type {part.get('type')!r} are not supported")
-        parts.append(part.get("text", ""))
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise bad_param("messages", f"content parts of type {kind!r} are not supported")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise bad_param("messages", f"a text content part needs a string 'text', got {text!r}")
+        parts.append(check_text(text, "messages", "a content part's text"))
     return "".join(parts)
 
 

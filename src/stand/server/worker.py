@@ -21,53 +21,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 from stand.backends.protocol import Backend as Target
-from stand.core.sequence import Row, mean_accepted, stop_index
+from stand.core.sequence import Row, mean_accepted
 from stand.engine import Engine
 from stand.server.config import ServerConfig
 from stand.server.memory import ModelShape
 from stand.server.metrics import Metrics
 from stand.server.protocol import ApiError
+from stand.server.text import TextStream
 
 log = logging.getLogger("stand.server")
-REPLACEMENT = "\ufffd"  # what a decoder gives for an incomplete UTF-8 sequence
-
-
-# ---- incremental text ------------------------------------------------------------------------------
-
-
-class TextStream:
-    """Decodes a row's tokens as they come and hands out only text that can no longer change."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: list[str]):
-        self.decode, self.stop = decode, stop
-        self.hold = max((len(s) for s in stop), default=1) - 1  # a stop string may be starting here
-        self.sent = ""
-
-    def _cut(self, ids: list[int]) -> tuple[str, bool]:
-        """The decoded text cut before the first stop string, and whether there was one."""
-        text = self.decode(ids)
-        cut = stop_index(text, self.stop)
-        return (text, False) if cut is None else (text[:cut], True)
-
-    def final(self, ids: list[int]) -> str:
-        """The finished row's text, cut at the first stop string (the engine's Row.final_text)."""
-        return self._cut(ids)[0]
-
-    def stable(self, ids: list[int]) -> str:
-        """The text of an unfinished row that later tokens cannot change."""
-        text, stopped = self._cut(ids)
-        if stopped:
-            return text
-        text = text.rstrip(REPLACEMENT)  # an incomplete multi-byte character
-        return text[: len(text) - self.hold] if self.hold else text
-
-    def update(self, ids: list[int], done: bool) -> str:
-        """The new text since the last call ("" while nothing new is stable)."""
-        text = self.final(ids) if done else self.stable(ids)
-        if not text.startswith(self.sent):  # the decoder rewrote earlier text: wait for it to settle
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
 
 
 # ---- events: from the worker thread to a request's handler ---------------------------------------------
