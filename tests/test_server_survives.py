@@ -5,10 +5,17 @@ The real uvicorn server on 127.0.0.1, the tiny model."""
 from __future__ import annotations
 
 import json
+import os
+import stat
+import sys
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from stand.cli import app as cli_app
+from stand.drafters.ngram_table import NGramTable
+from stand.errors import StandError
 from stand.server import ServerConfig
 from tiny import save_tiny
 from test_server import healthy, running, wait_until
@@ -78,3 +85,99 @@ def test_error_shapes_unexpected_exception_is_json_500_without_details(served):
         del target.encode
     assert "secret" not in error["message"] and error["type"] == "server_error"
     assert healthy(base)
+
+
+# ---- finding 10: configuration ---------------------------------------------------------------------------------
+
+
+def test_configuration_max_queue_zero_is_refused_at_start():
+    with pytest.raises(StandError, match="max_queue must be >= 1"):
+        ServerConfig(max_queue=0).validate()
+    r = CliRunner().invoke(cli_app, ["serve", "--max-queue", "0"])
+    assert r.exit_code == 2 and "max_queue must be >= 1" in r.output
+
+
+def test_configuration_non_gguf_model_exits_2(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_text("not a model")
+    r = CliRunner().invoke(cli_app, ["serve", "--model", str(fake), "--port", "0"])
+    assert r.exit_code == 2 and "is not a GGUF file" in r.output, r.output
+
+
+def test_configuration_foreign_table_exits_2(tmp_path):
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("my notes")
+    r = CliRunner().invoke(cli_app, ["serve", "--table", str(foreign), "--port", "0"])
+    assert r.exit_code == 2 and "is not a stand n-gram table" in r.output, r.output
+    assert foreign.read_text() == "my notes"
+
+
+def test_configuration_table_for_another_model_exits_2(model_dir, tmp_path):
+    """Found only once the model is loaded (the table's vocabulary is not the model's): the server stops, exit 2."""
+    table = tmp_path / "table.bin"
+    NGramTable(4, 10, 64).save(str(table), meta={"vocab_size": 1000})
+    r = CliRunner().invoke(cli_app, ["serve", "--model", model_dir, "--table", str(table), "--port", "0"])
+    assert r.exit_code == 2 and "vocabulary of 1000 tokens" in r.output, r.output
+
+
+def test_configuration_rows_over_llamacpp_sequences_refused_at_start():
+    with pytest.raises(StandError, match="over what llama.cpp holds at most .256"):
+        ServerConfig(max_live_rows=300, backend="llama.cpp").validate()
+    ServerConfig(max_live_rows=300, backend="torch").validate()
+
+
+# ---- finding 8: privacy and auth -----------------------------------------------------------------------------------
+
+
+def test_privacy_shared_table_file_is_private_and_stats_stay_home(model_dir, tmp_path):
+    table = tmp_path / "table.bin"
+    with running(ServerConfig(model=model_dir, method="stand", table=str(table))) as (base, _):
+        wait_until(lambda: healthy(base), 120)
+        r = post(base, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
+        assert r.status_code == 200 and "stand" not in r.json()  # acceptance would tell of other users' text
+    assert stat.S_IMODE(os.stat(table).st_mode) == 0o600
+
+
+def test_privacy_stats_shown_without_a_shared_table(base):
+    assert "mean_accepted" in post(base, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4}).json()["stand"]
+
+
+def test_auth_vllm_launcher_keeps_the_key_off_the_command_line(model_dir, monkeypatch, capsys):
+    from stand.integrations.vllm import launch
+
+    seen = {}
+    monkeypatch.setenv("STAND_VLLM_PYTHON", sys.executable)
+    monkeypatch.setattr(launch.os, "execve", lambda path, cmd, env: seen.update(cmd=cmd, env=env))
+    launch.serve_vllm(model_dir, "stand", "127.0.0.1", 8000, "float32", api_key="s3cret")
+    assert not any("s3cret" in c for c in seen["cmd"]) and "s3cret" not in capsys.readouterr().err
+    assert seen["env"]["VLLM_API_KEY"] == "s3cret"
+
+
+def test_auth_non_ascii_key_matches(model_dir):
+    key = "clé-ключ"
+    with running(ServerConfig(model=model_dir, method="none", api_key=key)) as (base, _):
+        wait_until(lambda: healthy(base), 120)
+        ok = httpx.get(base + "/v1/models", headers={"Authorization": b"Bearer " + key.encode()})
+        wrong = httpx.get(base + "/v1/models", headers={"Authorization": b"Bearer " + "clé-ключи".encode()})
+    assert ok.status_code == 200 and wrong.status_code == 401
+
+
+def test_auth_health_hides_the_load_error(tmp_path):
+    secret = str(tmp_path / "private-dir")
+
+    def fail():
+        raise RuntimeError(f"cannot open {secret}/weights")
+
+    with running(ServerConfig(method="none"), loader=fail) as (base, app):
+        wait_until(lambda: app.state.stand.load_error, 30)
+        for r in (httpx.get(base + "/health"), post(base, "/v1/completions", {"prompt": "hi"})):
+            assert openai_error(r, 503)["code"] == "model_load_failed" and secret not in r.text
+
+
+def test_auth_host_header_checked_on_a_keyless_loopback_server(base):
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends Host: evil.example."""
+    port = base.rsplit(":", 1)[1]
+    for host in (f"evil.example:{port}", "evil.example"):
+        assert openai_error(httpx.get(base + "/v1/models", headers={"Host": host}), 403)["code"] == "bad_host"
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+        assert httpx.get(base + "/v1/models", headers={"Host": host}).status_code == 200

@@ -23,7 +23,6 @@ import json
 import os
 import struct
 import sys
-import threading
 
 import numpy as np
 
@@ -205,7 +204,7 @@ class NGramTable:
     # ---- persistence ----------------------------------------------------------------------------
 
     def save(self, path: str, meta: dict | None = None) -> None:
-        """Writes the used slots atomically: a temporary file of this process and thread, then one rename.
+        """Writes the used slots atomically (a temporary file of its own, then one rename), readable by this user only.
 
         Concurrent writers of one file (processes, or threads of one) are last-writer-wins: each rename puts
         one whole table in place, so a reader or a later run never sees a torn file; no lock is taken.
@@ -222,7 +221,7 @@ class NGramTable:
             body.write(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes())
         data = body.getvalue()
         try:
-            with atomic_path(path, suffix=f".{threading.get_ident()}") as tmp, open(tmp, "wb") as f:
+            with atomic_path(path, private=True) as tmp, open(tmp, "wb") as f:  # every user's n-grams
                 f.write(data + hashlib.sha256(data).digest())
                 f.flush()
                 os.fsync(f.fileno())

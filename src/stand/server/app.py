@@ -49,8 +49,8 @@ _groups = itertools.count()
 class State:
     """The model (loaded in the background), the engine worker, the tokenising thread, and the metrics."""
 
-    def __init__(self, config: ServerConfig, loader: Callable[[], Target]):
-        self.config, self.loader = config, loader
+    def __init__(self, config: ServerConfig, loader: Callable[[], Target], on_load_error: Callable[[], None] = None):
+        self.config, self.loader, self.on_load_error = config, loader, on_load_error
         self.metrics = Metrics()
         self.target: Target | None = None
         self.worker: Worker | None = None
@@ -78,6 +78,8 @@ class State:
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}" if not isinstance(e, StandError) else str(e)
             log.error("could not load the model: %s", self.load_error)
+            if self.on_load_error is not None:
+                self.on_load_error()
 
     @property
     def ready(self) -> bool:
@@ -85,8 +87,9 @@ class State:
 
     def require_ready(self) -> Target:
         if self.target is None:
-            if self.load_error:
-                raise ApiError(503, f"the model failed to load: {self.load_error}", "server_error", code="model_load_failed")
+            if self.load_error:  # its text (paths, the machine) is for the server's log only
+                raise ApiError(503, "the model failed to load (the server's log says why)", "server_error",
+                               code="model_load_failed")
             raise ApiError(503, "the model is loading; retry shortly", "server_error", code="model_loading")
         return self.target
 
@@ -183,10 +186,12 @@ async def collect(job: Job, request: Request, poll: float = 1.0) -> tuple[list[D
 # ---- the application ------------------------------------------------------------------------------------
 
 
-def create_app(config: ServerConfig, loader: Callable[[], Target] | None = None) -> FastAPI:
-    """The FastAPI app; the model loads in the background at startup (loader: how; default load_model)."""
+def create_app(config: ServerConfig, loader: Callable[[], Target] | None = None,
+               on_load_error: Callable[[], None] | None = None) -> FastAPI:
+    """The FastAPI app; the model loads in the background at startup (loader: how; default load_model;
+    on_load_error: called if it fails, e.g. to stop serving)."""
     config.validate()
-    state = State(config, loader or (lambda: load_model(config.model, config.dtype, config.backend)))
+    state = State(config, loader or (lambda: load_model(config.model, config.dtype, config.backend)), on_load_error)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -251,13 +256,20 @@ async def respond(state: State, req: CommonRequest, request: Request, prompts: l
         return StreamingResponse(stream_events(job, shape, len(job.rows), include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     choices, end = await collect(job, request)
-    return shape.whole(choices, end.usage, end.stats)
+    # with a shared table, how well a request drafted tells of other users' text: no stats then
+    return shape.whole(choices, end.usage, None if state.config.shared_table else end.stats)
 
 
 def serve(config: ServerConfig, log_level: str = "info") -> None:
-    """Runs the server until interrupted (the table, if any, is saved on shutdown)."""
+    """Runs the server until interrupted (the table, if any, is saved on shutdown); StandError if the model
+    cannot be loaded (the server stops rather than answer 503 for ever)."""
     import uvicorn
 
-    app = create_app(config)
+    server: list[uvicorn.Server] = []
+    app = create_app(config, on_load_error=lambda: setattr(server[0], "should_exit", True))
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level)
+    server.append(uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level)))
+    server[0].run()
+    error = app.state.stand.load_error
+    if error:
+        raise StandError(f"could not load the model: {error}")

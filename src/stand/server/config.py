@@ -47,8 +47,8 @@ class ServerConfig:
             raise StandError(f"port must be in 0..65535, got {self.port}")
         if self.model is not None and not os.path.exists(self.model):
             raise StandError(f"model path does not exist: {self.model}")
-        if self.max_queue < 0:
-            raise StandError(f"max_queue must be >= 0, got {self.max_queue}")
+        if not isinstance(self.max_queue, int) or self.max_queue < 1:
+            raise StandError(f"max_queue must be >= 1 (requests that may wait for room), got {self.max_queue!r}")
         for name in LIMITS + (("max_live_tokens",) if self.max_live_tokens is not None else ()):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise StandError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -58,9 +58,27 @@ class ServerConfig:
         if self.max_n > self.max_live_rows:
             raise StandError(f"max_n ({self.max_n}) is over max_live_rows ({self.max_live_rows}): such a request "
                              "could never run")
-        if self.table and os.path.isdir(self.table):
-            raise StandError(f"--table must be a file path, {self.table} is a directory")
+        if self.table:
+            from stand.drafters.ngram_table import check_table_path
+
+            check_table_path(self.table)  # a directory, or a file that is not a table: refused before listening
+        self._check_model()
         return self
+
+    def _check_model(self) -> None:
+        """What can be told of the model before loading it: a .gguf file that is not one, and the rows llama.cpp
+        can hold at once."""
+        from stand.backends.llamacpp import MAX_SEQUENCES
+        from stand.backends.load import check_path, choose_backend, default_model_path
+
+        path = check_path(self.model or default_model_path())
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise StandError(f"{path} is not a GGUF file (it does not start with GGUF)")
+        if choose_backend(path, self.backend) == "llama.cpp" and self.max_live_rows > MAX_SEQUENCES:
+            raise StandError(f"max_live_rows ({self.max_live_rows}) is over what llama.cpp holds at most "
+                             f"({MAX_SEQUENCES} sequences)")
 
     @property
     def model_id(self) -> str:

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stand.errors import StandError
-from stand.server.config import ServerConfig
+from stand.server.config import ServerConfig, is_loopback
 from stand.server.metrics import Metrics
 from stand.server.protocol import ApiError, bad_param, internal_error
 
@@ -41,7 +41,11 @@ class Gate:
 
         try:
             error = None
-            if not self._allowed(scope, path):
+            if not self._host_ok(scope):
+                error = ApiError(403, "the Host header names another server: a keyless loopback server answers only "
+                                      "requests addressed to localhost (give --api-key to serve other names)",
+                                 code="bad_host")
+            elif not self._allowed(scope, path):
                 error = ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
                                  code="invalid_api_key")
             elif scope.get("method") in BODY_METHODS:
@@ -58,7 +62,15 @@ class Gate:
         if not key or path in self.open_paths:
             return True
         headers = dict(scope.get("headers") or [])
-        return _key_ok(headers.get(b"authorization", b"").decode("latin-1"), key)
+        return _key_ok(headers.get(b"authorization", b""), key)
+
+    def _host_ok(self, scope) -> bool:
+        """Without a key on loopback, only requests for a loopback name: a web page whose name an attacker
+        re-points at 127.0.0.1 (DNS rebinding) sends its own name as Host."""
+        if self.config.api_key or not is_loopback(self.config.host):
+            return True
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        return is_loopback(_without_port(host))
 
     async def _read_body(self, scope, receive):
         """Reads the body whole, up to max_body_bytes (a declared or an actual size beyond: 413); returns a
@@ -101,9 +113,17 @@ def too_large(size: int, limit: int) -> ApiError:
                          f"is {limit:,} (max_body_bytes)", code="request_too_large")
 
 
-def _key_ok(header: str, key: str) -> bool:
-    scheme, _, given = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+def _key_ok(header: bytes, key: str) -> bool:
+    """The header's bytes against the key's UTF-8 (what a client sends for a non-ASCII key)."""
+    scheme, _, given = header.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), key.encode("utf-8"))
+
+
+def _without_port(host: str) -> str:
+    """'name:port' -> 'name'; '[::1]:port' -> '::1'."""
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -261,16 +261,17 @@ class Shape:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def whole(self, choices: list, usage: dict, stats: dict) -> dict:
-        """The whole response; each choice has .index, .text and .finish_reason."""
+    def whole(self, choices: list, usage: dict, stats: dict | None) -> dict:
+        """The whole response; each choice has .index, .text and .finish_reason; stats (None: left out) go
+        under "stand"."""
         if self.chat:
             out = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": None, "finish_reason": c.finish_reason} for c in choices]
         else:
             out = [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
                    for c in choices]
-        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": out,
-                "usage": usage, "stand": stats}
+        whole = {**self._head("chat.completion" if self.chat else "text_completion"), "choices": out, "usage": usage}
+        return whole if stats is None else {**whole, "stand": stats}
 
     def chunk(self, index: int, text: str | None, finish: str | None = None, role: bool = False) -> dict:
         if self.chat:

