@@ -8,6 +8,8 @@ import json
 import os
 import stat
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -181,3 +183,45 @@ def test_auth_host_header_checked_on_a_keyless_loopback_server(base):
         assert openai_error(httpx.get(base + "/v1/models", headers={"Host": host}), 403)["code"] == "bad_host"
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
         assert httpx.get(base + "/v1/models", headers={"Host": host}).status_code == 200
+
+
+# ---- finding 4: work before the queue ------------------------------------------------------------------------------
+
+
+def test_work_before_the_queue_huge_prompt_refused_untokenized(served):
+    """A prompt too long in bytes for max_prompt_tokens is refused without tokenising it."""
+    base, app = served
+    target, calls = app.state.stand.target, []
+    encode = target.encode
+    target.encode = lambda *a, **k: (calls.append(1), encode(*a, **k))[1]
+    try:
+        for path, body in (("/v1/completions", {"prompt": "x" * 900_000}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "y" * 900_000}]})):
+            error = openai_error(post(base, path, {**body, "max_tokens": 2}), 400)
+            assert error["param"] in ("prompt", "messages") and "4,096" in error["message"]
+        assert openai_error(post(base, "/v1/completions", {"prompt": [5] * 5000, "max_tokens": 2}), 400)["param"] == "prompt"
+    finally:
+        del target.encode
+    assert not calls
+
+
+def test_work_before_the_queue_tokenizing_requests_count(model_dir):
+    """max_queue=2: with the tokenizer held, two requests wait for it and a third gets 429 at once."""
+    gate, started = threading.Event(), []
+    with running(ServerConfig(model=model_dir, method="none", max_queue=2)) as (base, app):
+        wait_until(lambda: healthy(base), 120)
+        target = app.state.stand.target
+        encode = target.encode
+        target.encode = lambda *a, **k: (started.append(1), gate.wait(30), encode(*a, **k))[2]
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                held = [pool.submit(post, base, "/v1/completions", {"prompt": f"hi {i}", "max_tokens": 2})
+                        for i in range(2)]
+                wait_until(lambda: started and app.state.stand.waiting == 2, 10)
+                third = post(base, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+                gate.set()
+                assert [f.result().status_code for f in held] == [200, 200]
+        finally:
+            gate.set()
+            del target.encode
+    assert openai_error(third, 429)["code"] == "queue_full"

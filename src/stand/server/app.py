@@ -33,8 +33,9 @@ from stand.server.gate import Gate, install_error_handlers
 from stand.server.memory import ModelShape, describe, kv_tokens, shape_of
 from stand.server.metrics import Metrics
 from stand.server.protocol import (ApiError, ChatRequest, CommonRequest, CompletionRequest, Shape, bad_param,
-                                   chat_prompt, check_rows, check_unsupported, completion_prompts,
-                                   requested_max_tokens, sampling_params, split_prompts, sse)
+                                   chat_messages, chat_prompt, check_rows, check_untokenized, check_unsupported,
+                                   completion_prompts, longest_token_bytes, queue_full, requested_max_tokens,
+                                   sampling_params, split_prompts, sse)
 from stand.server.worker import Delta, Done, End, Failed, Job, Worker
 
 __all__ = ["ServerConfig", "create_app", "serve"]
@@ -57,6 +58,8 @@ class State:
         self.shape: ModelShape | None = None
         self.drafter = None
         self.load_error: str | None = None
+        self.token_bytes = 1  # the most bytes a token decodes to (+1), known once loaded
+        self.waiting = 0  # requests waiting for the tokenising thread (they count toward max_queue)
         self.loading = threading.Thread(target=self._load, name="stand-load", daemon=True)
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="stand-tokenize")
 
@@ -70,6 +73,7 @@ class State:
             self.drafter = make_drafter(spec, target.vocab_size, target)
             if self.config.table and not hasattr(self.drafter, "save_table"):
                 log.warning("method %s keeps no table; --table %s is ignored", self.config.method, self.config.table)
+            self.token_bytes = longest_token_bytes(target)
             self.shape = shape_of(target, self.drafter, self.config)
             self.worker = Worker(engines(target, spec, self.drafter), self.config, self.metrics, self.shape)
             self.target = target
@@ -93,9 +97,16 @@ class State:
             raise ApiError(503, "the model is loading; retry shortly", "server_error", code="model_loading")
         return self.target
 
-    async def off_loop(self, fn, *args):
-        """fn(*args) on the tokenising thread (the event loop keeps serving meanwhile)."""
-        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
+    async def tokenize(self, fn, *args):
+        """fn(*args) on the tokenising thread (the event loop keeps serving meanwhile). Requests waiting for it
+        count toward max_queue with those waiting for the engine: 429 beyond."""
+        if self.waiting + self.worker.depth >= self.config.max_queue:
+            raise queue_full(self.config.max_queue)
+        self.waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
+        finally:
+            self.waiting -= 1
 
     def submit(self, prompts: list[list[int]], n: int, params: SamplingParams, stream: bool) -> Job:
         """Queues a request; choice prompt_index * n + j is sample j of that prompt."""
@@ -235,7 +246,8 @@ def install_routes(app: FastAPI, state: State) -> None:
         params = sampling_params(req, requested_max_tokens(req, config), config)
         raw = split_prompts(req.prompt)
         check_rows(len(raw), req.n, config)
-        prompts = await state.off_loop(completion_prompts, raw, target, config.max_prompt_tokens)
+        check_untokenized(raw, state.token_bytes, config.max_prompt_tokens, "prompt")
+        prompts = await state.tokenize(completion_prompts, raw, target, config.max_prompt_tokens)
         return await respond(state, req, request, prompts, params, Shape(False, config.model_id))
 
     @app.post("/v1/chat/completions")
@@ -243,7 +255,10 @@ def install_routes(app: FastAPI, state: State) -> None:
         target = state.require_ready()
         check_unsupported(req)
         params = sampling_params(req, requested_max_tokens(req, config), config)
-        prompts = [await state.off_loop(chat_prompt, req.messages, target, config.max_prompt_tokens)]
+        msgs = chat_messages(req.messages)
+        check_untokenized(["".join(m["content"] for m in msgs)], state.token_bytes, config.max_prompt_tokens,
+                          "messages")
+        prompts = [await state.tokenize(chat_prompt, msgs, target, config.max_prompt_tokens)]
         return await respond(state, req, request, prompts, params, Shape(True, config.model_id))
 
 

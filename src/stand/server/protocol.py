@@ -53,6 +53,11 @@ def bad_param(param: str, message: str) -> ApiError:
     return ApiError(400, message, param=param, code="invalid_value")
 
 
+def queue_full(limit: int) -> ApiError:
+    return ApiError(429, f"the server queue is full ({limit} requests waiting); retry later", type_="rate_limit_error",
+                    code="queue_full")
+
+
 def internal_error(what: str = "the server") -> ApiError:
     """A failure that is not the client's: the details go to the server's log, not to the client."""
     return ApiError(500, f"{what} failed on this request (the server's log has the details)", "server_error",
@@ -234,13 +239,39 @@ def message_text(content) -> str:
     return "".join(parts)
 
 
-def chat_prompt(messages: list[ChatMessage], target: Target, limit: int) -> list[int]:
-    """Messages through the tokenizer's chat template (for one user message: what Target.encode gives);
-    limit: the most tokens the prompt may have. Tokenises: run it off the event loop."""
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The messages as the chat template takes them ({"role", "content"}), checked."""
     if not messages:
         raise bad_param("messages", "messages is empty")
-    msgs = [{"role": m.role, "content": message_text(m.content)} for m in messages]
+    return [{"role": m.role, "content": message_text(m.content)} for m in messages]
+
+
+def chat_prompt(msgs: list[dict], target: Target, limit: int) -> list[int]:
+    """chat_messages' messages through the tokenizer's chat template (for one user message: what Target.encode
+    gives); limit: the most tokens the prompt may have. Tokenises: run it off the event loop."""
     return check_context(target.encode_messages(msgs), target, limit, param="messages")
+
+
+def longest_token_bytes(target: Target) -> int:
+    """The most UTF-8 bytes a token decodes to, plus one (the space a SentencePiece token may start with)."""
+    return max(len(target.decode([i]).encode("utf-8")) for i in range(target.vocab_size)) + 1
+
+
+def check_untokenized(texts: list, token_bytes: int, limit: int, param: str) -> None:
+    """Refuses, without tokenising it, a prompt that must be over `limit` tokens: token ids beyond it, or a text of
+    B UTF-8 bytes, which is at least B / token_bytes tokens (token_bytes: longest_token_bytes). The texts of
+    one chat prompt are counted together; the work a prompt can cost the tokeniser is bounded so."""
+    for i, text in enumerate(texts):
+        what = f"prompt {i}" if param == "prompt" else "the chat prompt"
+        if not isinstance(text, str):
+            if len(text) > limit:
+                raise bad_param(param, f"{what} is {len(text):,} tokens; this server takes prompts of at most "
+                                       f"{limit:,}")
+            continue
+        size = len(text.encode("utf-8"))
+        if size > limit * token_bytes:
+            raise bad_param(param, f"{what} is {size:,} bytes, so at least {size // token_bytes:,} tokens; this "
+                                   f"server takes prompts of at most {limit:,} tokens")
 
 
 # ---- responses -------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from stand.engine import Engine
 from stand.server.config import ServerConfig
 from stand.server.memory import ModelShape
 from stand.server.metrics import Metrics
-from stand.server.protocol import ApiError
+from stand.server.protocol import queue_full
 from stand.server.text import TextStream
 
 log = logging.getLogger("stand.server")
@@ -167,8 +167,7 @@ class Worker:
     def submit(self, job: Job) -> None:
         with self.lock:
             if self.depth >= self.config.max_queue:
-                raise ApiError(429, f"the server queue is full ({self.config.max_queue} requests waiting); retry later",
-                               type_="rate_limit_error", code="queue_full")
+                raise queue_full(self.config.max_queue)
             self.jobs.put(job)
 
     def stop(self, timeout: float = 30.0) -> None:
