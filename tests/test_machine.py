@@ -14,7 +14,8 @@ import torch
 
 import stand.backends.machine as machine
 from stand.backends.probe import GridConfig, measure_grid
-from stand.core.budget import CostGrid, nodes_per_row
+from stand.core.cost import CostGrid
+from stand.core.sizing import nodes_per_row
 from stand.core.files import cache_dir
 
 # ---- a backend whose passes take the time we say ---------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from stand.backends.protocol import Backend
-from stand.core.budget import GRID_MAX_TOKENS, GRID_ROWS, GRID_TOKENS, CostGrid
+from stand.core.cost import GRID_MAX_TOKENS, GRID_ROWS, GRID_TOKENS, CostGrid
 from stand.core.tree import DraftTree
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64)

@@ -145,7 +145,7 @@ def calibrate_cmd(
                           max_new_tokens=params.max_new_tokens, max_m=max_m, cost_curve=cost)
     target = load(model, backend, dtype)
     if counts:
-        from stand.core.budget import CostGrid
+        from stand.core.cost import CostGrid
         from stand.lab.calibrate import recount
         from stand.backends.protocol import pads
         from stand.backends.machine import machine_grid

@@ -23,7 +23,8 @@ import numpy as np
 
 from stand.backends.probe import GridConfig
 from stand.backends.protocol import pads
-from stand.core.budget import CostGrid, acceptance_curve, interpolate
+from stand.core.cost import CostGrid, interpolate
+from stand.core.sizing import acceptance_curve
 from stand.backends.machine import measure_here
 from stand.errors import StandError
 from stand.drafters.templates import TreeTemplate, large_template, most_valuable
