@@ -1,4 +1,4 @@
-"""The decoding loop: prefill, then per step budget -> draft -> verify -> commit -> observe.
+"""The decoding loop: prefill, then per step size -> draft -> verify -> commit -> observe.
 
 Rows (different prompts, or the N samples of one prompt) advance together with ragged lengths;
 a row that finishes leaves the batch. The engine speaks to the model only through the backend
@@ -77,7 +77,7 @@ class Engine:
 
     @torch.inference_mode()
     def step(self, on_commit: OnCommit | None = None, max_live: int | None = None) -> list[Row]:
-        """Admits waiting rows, then one pass: budget -> draft -> verify -> commit -> observe. Returns the rows
+        """Admits waiting rows, then one pass: size -> draft -> verify -> commit -> observe. Returns the rows
         that ended in it."""
         self._admit(max_live)
         self._retire()
