@@ -1,4 +1,4 @@
-"""Every drafter, through the whole engine, samples exactly the model's distribution (DESIGN.md section 2), on the
+"""Every drafter, through the whole engine, samples exactly the model's distribution (docs/design.md, "Lossless verification"), on the
 Hugging Face forward, our lean forward and llama.cpp.
 
 The expected distribution comes from the model's float64 logits through the sampler written out in

@@ -11,7 +11,7 @@ num_tokens_no_spec: [>=B] the tokens each row holds, this step's included; token
 those tokens (prompt, then output). The answer is one draft chain per row (empty: no draft), at most
 num_speculative_tokens long. vLLM verifies chains with its rejection sampler and, given no draft probabilities,
 treats each draft token as deterministic (one-hot q): accept with the target's p(x), else resample from p with x
-removed, the rule stand's verifier applies to deterministic drafts (DESIGN.md section 2). Any chain is therefore
+removed, the rule stand's verifier applies to deterministic drafts (docs/design.md, "Lossless verification"). Any chain is therefore
 exact; a chain only has to be likely to be accepted to pay.
 
 propose() gets token ids only: no request ids, no logits. Rows are recognised by content (rows.py), and drafters
