@@ -48,7 +48,7 @@ class CostGrid:
     and the engine runs a pass at `pad_to(rows, tokens)` tokens per row. pads: whether the backend can widen a
     pass with padding positions whose logits are dropped (backends/protocol.py). With padding, a pass of t tokens
     costs the least measured cost of any width t' >= t and runs at that width: on some CPUs a wider pass is faster
-    (oneDNN picks its kernels by shape: measured 23 ms for one token, 17 ms for two). Without it, the measured
+    (the matrix-product library picks its kernels by shape; docs/results.md, pass shapes on torch). Without it, the measured
     curve is read non-decreasing (a dip is timing noise the engine cannot use).
     """
 

@@ -10,7 +10,7 @@
 3. Step cost(M) = verify cost of M+1 tokens (the one-row curve of the cost grid, measured here or
    given) plus drafting time per node times M. M maximises expected tokens per second.
 4. The tree keeps its counts and the cost grid, so the engine can cut it to fewer nodes per row when
-   a batch makes wide passes dear (budget.py).
+   a batch makes wide passes dear (core/sizing.py).
 """
 
 from __future__ import annotations
