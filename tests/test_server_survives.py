@@ -225,3 +225,24 @@ def test_work_before_the_queue_tokenizing_requests_count(model_dir):
             gate.set()
             del target.encode
     assert openai_error(third, 429)["code"] == "queue_full"
+
+
+# ---- finding 5: shared drafter state ---------------------------------------------------------------------------------
+
+
+def test_shared_drafter_state_table_saved_by_the_worker_after_its_last_step(model_dir, tmp_path):
+    """--table: going idle saves nothing (a save there stalled the next request); shutdown saves once, on the
+    engine's thread after its last step (never while a step may still run)."""
+    table, events = tmp_path / "table.bin", []
+    with running(ServerConfig(model=model_dir, method="stand", table=str(table))) as (base, app):
+        wait_until(lambda: healthy(base), 120)
+        drafter, worker = app.state.stand.drafter, app.state.stand.worker
+        save, step = drafter.save_table, worker.engine.step
+        drafter.save_table = lambda *a: (events.append(("save", threading.current_thread().name)), save(*a))[1]
+        worker.engine.step = lambda cb: (events.append(("step",)), step(cb))[1]
+        for i in range(3):
+            assert post(base, "/v1/completions", {"prompt": f"{PROMPT} {i}", "max_tokens": 3}).status_code == 200
+            wait_until(lambda: not worker.engine.busy, 10)
+        assert not [e for e in events if e[0] == "save"]
+    assert [e for e in events if e[0] == "save"] == [("save", "stand-engine")] and events[-1][0] == "save"
+    assert table.exists()

@@ -91,3 +91,14 @@ def test_missing_arctic_inference_is_one_line(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_arctic)
     with pytest.raises(StandError, match="needs arctic-inference"):
         drafter()
+
+
+def test_shared_drafter_state_is_bounded():
+    """A shared cache (a server's --share-table) keeps the responses of at most max_cached_requests rows."""
+    d = make_drafter(SpecConfig(method="suffix", share_across_prompts=True, options={"max_cached_requests": 8}), 300)
+    for i in range(40):
+        row = Row([1, 2, 3, i % 7], SamplingParams())
+        d.start(row)
+        commit(d, row, [4, 5, 6 + i % 5])
+        d.finish(row)
+    assert 0 < len(d.caches["shared"].cached_requests) <= 8

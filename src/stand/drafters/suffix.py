@@ -32,10 +32,12 @@ class SuffixOptions:
     max_spec_offset: float = 0.0
     min_token_prob: float = 0.1  # nodes whose estimated probability is lower are not drafted
     tree: bool = True  # tree speculation; False: the single most probable path
+    max_cached_requests: int = 256  # responses (rows) a cache keeps, oldest evicted first: bounds a shared cache
 
     def __post_init__(self):
-        if self.nodes < 1 or self.max_depth < 1:
-            raise StandError(f"nodes and max_depth must be >= 1, got {self.nodes} and {self.max_depth}")
+        if self.nodes < 1 or self.max_depth < 1 or self.max_cached_requests < 1:
+            raise StandError(f"nodes, max_depth and max_cached_requests must be >= 1, got {self.nodes}, "
+                             f"{self.max_depth} and {self.max_cached_requests}")
 
 
 def suffix_cache_class():
@@ -77,7 +79,8 @@ class SuffixDrafter(Drafter):
     def start(self, row, prompt=None) -> None:
         key = self._key(row)
         if key not in self.caches:
-            self.caches[key] = self.cache_class(max_tree_depth=self.options.max_depth)
+            self.caches[key] = self.cache_class(max_tree_depth=self.options.max_depth,
+                                                max_cached_requests=self.options.max_cached_requests)
         self.keys[row.uid] = key
         cache = self.caches[key]
         cache.start_request(row.uid, np.asarray(row.prompt, dtype=np.int32))

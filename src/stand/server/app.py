@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -42,6 +44,7 @@ __all__ = ["ServerConfig", "create_app", "serve"]
 
 log = logging.getLogger("stand.server")
 _groups = itertools.count()
+TABLE_SAVE_EVERY = 600.0  # seconds: the --table file is saved at most this often while the server is idle
 
 
 # ---- the application state -----------------------------------------------------------------------------
@@ -75,7 +78,9 @@ class State:
                 log.warning("method %s keeps no table; --table %s is ignored", self.config.method, self.config.table)
             self.token_bytes = longest_token_bytes(target)
             self.shape = shape_of(target, self.drafter, self.config)
-            self.worker = Worker(engines(target, spec, self.drafter), self.config, self.metrics, self.shape)
+            on_idle, on_stop = table_keeper(self.config, self.drafter)
+            self.worker = Worker(engines(target, spec, self.drafter), self.config, self.metrics, self.shape,
+                                 on_idle, on_stop)
             self.target = target
             log.info("model %s ready (method %s)", target.name, self.config.method)
             log.info(describe(self.config, self.shape))
@@ -129,13 +134,31 @@ class State:
     def shutdown(self) -> None:
         self.tokenizing.shutdown(wait=False, cancel_futures=True)
         if self.worker is not None:
-            self.worker.stop()
-        if self.config.table and hasattr(self.drafter, "save_table"):
-            try:
-                self.drafter.save_table(self.config.table)
-                log.info("saved the n-gram table to %s", self.config.table)
-            except Exception:
-                log.exception("could not save the n-gram table to %s", self.config.table)
+            self.worker.stop()  # it saves the table (if any) after its last step
+
+
+def table_keeper(config: ServerConfig, drafter) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(on_idle, on_stop) for the worker: the --table file saved on the engine's thread, when the server stops and
+    while it is idle at most every TABLE_SAVE_EVERY seconds (a save serialises, hashes and syncs the whole table:
+    done whenever the last row ended, it stalled the next request). The drafter's own save is turned off."""
+    if not (config.table and hasattr(drafter, "save_table")):
+        return (lambda: None), (lambda: None)
+    drafter.config = dataclasses.replace(drafter.config, table_path=None)  # loaded already; saved here, not there
+    last = [time.monotonic()]
+
+    def save() -> None:
+        last[0] = time.monotonic()
+        try:
+            drafter.save_table(config.table)
+            log.info("saved the n-gram table to %s", config.table)
+        except Exception:
+            log.exception("could not save the n-gram table to %s", config.table)
+
+    def idle() -> None:
+        if time.monotonic() - last[0] >= TABLE_SAVE_EVERY:
+            save()
+
+    return idle, save
 
 
 def engines(target: Target, spec, drafter) -> Callable[[], Engine]:

@@ -144,10 +144,14 @@ class Worker:
     """Runs the engine on one thread: admits arrived requests between steps, one step at a time."""
 
     def __init__(self, make_engine: Callable[[], Engine], config: ServerConfig, metrics: Metrics,
-                 shape: ModelShape | None = None):
+                 shape: ModelShape | None = None, on_idle: Callable[[], None] | None = None,
+                 on_stop: Callable[[], None] | None = None):
         """make_engine: a fresh engine (at start, and after an engine failure); shape.capacity: the most KV
-        tokens the live requests may reserve together (None: no bound)."""
+        tokens the live requests may reserve together (None: no bound). on_idle, on_stop: run on this thread
+        when it waits with nothing to do, and after its last step (saving a shared table there never races a
+        step)."""
         self.make_engine, self.config, self.metrics = make_engine, config, metrics
+        self.on_idle, self.on_stop = on_idle or (lambda: None), on_stop or (lambda: None)
         self.capacity = shape.capacity if shape is not None else config.max_live_tokens
         self.engine = make_engine()
         self.jobs: queue.Queue = queue.Queue()  # arrived, not taken yet
@@ -171,9 +175,12 @@ class Worker:
             self.jobs.put(job)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Waiting requests fail, live ones are cancelled; returns once the worker is done (or after timeout)."""
+        """Waiting requests fail, live ones are cancelled; returns once the worker is done (or after timeout: it
+        then ends, and runs on_stop, on its own)."""
         self.jobs.put(None)
         self.thread.join(timeout)
+        if self.thread.is_alive():
+            log.warning("the engine is still stepping after %.0f s; it stops (and saves) when its step ends", timeout)
 
     # the methods below run on the worker thread
 
@@ -188,11 +195,14 @@ class Worker:
             job.cancel()
         while self.engine.busy:
             self._step()
+        self.on_stop()
 
     def _take(self) -> bool:
         """Moves the requests that arrived to `pending`; waits for one when there is nothing else to do.
         False: the server stops."""
         block = not self.engine.busy and not self.pending
+        if block and self.jobs.empty():
+            self.on_idle()
         while True:
             try:
                 job = self.jobs.get(block=block)
