@@ -1,4 +1,5 @@
 from dataclasses import dataclass
+import os
 
 import numpy as np
 import pytest
@@ -165,3 +166,40 @@ def test_load_refuses_damaged_files(tmp_path, damage):
     path.write_bytes(bytes(raw))
     with pytest.raises(StandError):
         NGramTable.load(str(path))
+
+
+def crafted_table(path, header: dict) -> str:
+    """A table file with a valid checksum, this header and no entries."""
+    import hashlib
+    import json
+    import struct
+
+    from stand.drafters.ngram_table import FORMAT_VERSION, MAGIC
+
+    hb = json.dumps(header).encode()
+    data = MAGIC + struct.pack("<II", FORMAT_VERSION, len(hb)) + hb
+    path.write_bytes(data + hashlib.sha256(data).digest())
+    return str(path)
+
+
+def test_crafted_table_file_allocates_nothing_before_the_options_check(tmp_path):
+    """A 100-byte file whose header asks for max_n 64 and topk 4096 (some 8 GiB at the drafter's capacity) is refused
+    before its arrays are allocated."""
+    import tracemalloc
+
+    from stand.drafters.ngram_table import TableMismatch
+    from stand.drafters.registry import make_drafter
+    from stand.params import SpecConfig
+
+    path = crafted_table(tmp_path / "evil.ngt", {"max_n": 64, "topk": 4096, "n": 0})
+    assert os.path.getsize(path) < 150
+    tracemalloc.start()
+    try:
+        with pytest.raises(TableMismatch, match="max_n=64, topk=4096"):
+            make_drafter(SpecConfig(method="stand", table_path=path), 259)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20
+    with pytest.raises(StandError, match="capacity"):  # read without options: its size is bounded all the same
+        NGramTable.load(crafted_table(tmp_path / "big.ngt", {"max_n": 64, "topk": 4096, "n": 0, "capacity": 1 << 20}))

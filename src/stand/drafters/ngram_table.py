@@ -32,7 +32,7 @@ from stand.errors import StandError
 MAGIC = b"STANDNGT"
 FORMAT_VERSION = 1
 MAX_ORDER, MAX_TOPK = 64, 4096  # the largest max_n and topk a file may declare
-MAX_CAPACITY = 1 << 24  # the most slots a file's header may ask for (about 2 GB with max_n 4, topk 10)
+MAX_TABLE_BYTES = 4 << 30  # the largest table a file may make (its slots' arrays: 4 max_n + 8 topk + 20 bytes each)
 
 
 def suffix_keys(tails: np.ndarray, max_n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -229,16 +229,18 @@ class NGramTable:
             raise StandError(f"cannot write n-gram table {path}: {e}") from e
 
     @classmethod
-    def load(cls, path: str, capacity: int | None = None, vocab_size: int | None = None) -> tuple["NGramTable", dict]:
+    def load(cls, path: str, capacity: int | None = None, vocab_size: int | None = None,
+             options: tuple[int, int] | None = None) -> tuple["NGramTable", dict]:
         """Reads a saved table; StandError if the file is missing, corrupt, truncated or not a table, and
-        TableMismatch if it was built for a vocabulary other than vocab_size.
-
-        Nothing is allocated before the header's sizes are checked against the file's length; ids must lie in
-        the vocabulary (vocab_size, else the one the file records) and probabilities in [0, 1].
-        """
+        TableMismatch if it was built for a vocabulary other than vocab_size or (options) another (max_n, topk).
+        Nothing is allocated before the header's sizes are checked against the file's length, the options and
+        MAX_TABLE_BYTES; ids must lie in the vocabulary (vocab_size, else the file's) and probabilities in [0, 1]."""
         data = _checked_bytes(path)
         header, body = _header(data, path)
         max_n, topk, n = header["max_n"], header["topk"], header["n"]
+        if options is not None and (max_n, topk) != tuple(options):
+            raise TableMismatch(f"n-gram table {path} has max_n={max_n}, topk={topk}; this run uses "
+                                f"max_n={options[0]}, topk={options[1]}: give another table path or matching options")
         meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
         saved_vocab = meta.get("vocab_size")
         if vocab_size is not None and saved_vocab not in (None, vocab_size):
@@ -247,11 +249,11 @@ class NGramTable:
         vocab = vocab_size if vocab_size is not None else saved_vocab if isinstance(saved_vocab, int) else None
         arrays = _arrays(body, n, max_n, topk, path)
         _check_arrays(*arrays, vocab, path)
-        if capacity is None:
-            capacity = header.get("capacity", n)
-            if not isinstance(capacity, int) or capacity > MAX_CAPACITY:
-                raise StandError(f"n-gram table {path} declares a capacity of {capacity!r} slots, "
-                                 f"stand reads at most {MAX_CAPACITY}")
+        capacity = header.get("capacity", n) if capacity is None else capacity
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or max(capacity, n, 8) * (
+                4 * max_n + 8 * topk + 20) > MAX_TABLE_BYTES:
+            raise StandError(f"n-gram table {path} asks for a capacity of {capacity!r} slots with max_n {max_n}, topk "
+                             f"{topk}: stand reads tables of at most {MAX_TABLE_BYTES >> 30} GiB")
         table = cls(max_n, topk, max(capacity, n, 8))
         table._fill(*arrays, path)
         return table, meta

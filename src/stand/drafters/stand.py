@@ -192,16 +192,13 @@ class StandDrafter(Drafter):
             return self._new_table()
         o = self.options
         try:
-            table, _ = NGramTable.load(path, o.capacity, self.vocab_size)
+            table, _ = NGramTable.load(path, o.capacity, self.vocab_size, (o.max_n, o.topk))
         except TableMismatch:
             raise
         except StandError as e:
             self.table_error = str(e)
             log.error("%s; continuing with an empty table, saved over it at the end", e)
             return self._new_table()
-        if table.max_n != o.max_n or table.topk != o.topk:
-            raise TableMismatch(f"n-gram table {path} has max_n={table.max_n}, topk={table.topk}; this run uses "
-                                f"max_n={o.max_n}, topk={o.topk}: give another table path or matching options")
         return table
 
     def save_table(self, path: str | None = None) -> None:
