@@ -213,5 +213,5 @@ def test_table_warm_start_and_first_problem(tiny, tmp_path):
     warm = bench(tiny, cfg)[0]
     assert warm["new_tokens"] == cold["new_tokens"]  # greedy: same text, only the drafts differ
     assert warm["mean_accepted"] >= cold["mean_accepted"]  # the same problem again: the table knows it
-    with pytest.raises(StandError, match="no problems from index"):
+    with pytest.raises(StandError, match="has 270 problems .indices 0..269.; first 10000 is beyond them"):
         bench(tiny, BenchConfig(["none"], "champ", 1, 1, first=10_000, warmup=False))

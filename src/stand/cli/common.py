@@ -41,11 +41,20 @@ def sampling(temperature: float, top_p: float = 1.0, top_k: int = 0, max_new_tok
 
 def speculation(method: str = "none", tree: str | None = None, table: str | None = None, cost: str | None = None) -> SpecConfig:
     """The drafting flags as a SpecConfig, checked (before any model is loaded): a --table PATH that is a directory
-    or a file other than a stand table is refused now, not overwritten or crashed on after decoding."""
+    or a file other than a stand table is refused now, not overwritten or crashed on after decoding; a --cost grid
+    and a --tree file are read once to check them."""
     if table is not None:
         from stand.drafters.ngram_table import check_table_path
 
         check_table_path(table)
+    if cost not in (None, "off", "tree"):
+        from stand.core.cost import CostGrid
+
+        CostGrid.load(cost)
+    if tree is not None:
+        from stand.drafters.templates import TreeTemplate
+
+        TreeTemplate.load(tree)
     return SpecConfig(method=method, tree=tree, table_path=table, cost_grid=cost).validate()
 
 

@@ -99,6 +99,7 @@ def profile_cmd(
 
     if cache_len < 1 or reps < 1 or (threads is not None and threads < 1):
         raise StandError("--cache-len, --reps and --threads must be at least 1")
+    json_path, grid_path = out_file(json_path, "--json"), out_file(grid_path, "--grid")
     if threads:
         torch.set_num_threads(threads)
     if dtype == "auto":  # the dtype stand decodes with here (measured the first time)
@@ -142,7 +143,8 @@ def calibrate_cmd(
 
     params = sampling(temperature, max_new_tokens=max_new_tokens)
     cfg = CalibrateConfig(dataset, problems, first, temperature=params.temperature,
-                          max_new_tokens=params.max_new_tokens, max_m=max_m, cost_curve=cost)
+                          max_new_tokens=params.max_new_tokens, max_m=max_m, cost_curve=cost).validate()
+    out, plot = out_file(out, "--out"), out_file(plot or (out.rsplit(".", 1)[0] + ".png"), "--plot")
     target = load(model, backend, dtype)
     if counts:
         from stand.core.cost import CostGrid
@@ -155,7 +157,6 @@ def calibrate_cmd(
         prompts = calibration_prompts(target, cfg)
         with tqdm(total=len(prompts), desc="calibrate", unit="problem", file=sys.stderr) as bar:
             cal = calibrate(target, prompts, cfg, progress=bar.update)
-    plot = plot or (out.rsplit(".", 1)[0] + ".png")
     meta = save(cal, target, cfg, out, plot)
     typer.echo(f"M = {cal.m} nodes: {meta['expected_accepted']:.2f} tokens/step, {meta['expected_tokens_per_s']:.1f} tok/s "
                f"expected, from {cal.steps} steps; wrote {out} (the best {len(cal.tree)} nodes with their counts) and {plot}")

@@ -5,6 +5,7 @@ backends/machine.py, or stored with a calibrated tree; core/sizing.py weighs it 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +14,7 @@ from stand.core.files import read_json, write_json
 from stand.errors import StandError
 
 GRID_FORMAT = "stand-cost-grid"
+MAX_GRID_SIZE = 4096  # the most rows, and tokens per row, a grid may name (it is read into arrays that wide)
 GRID_ROWS = (1, 2, 4, 8, 16)
 GRID_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 GRID_MAX_TOKENS = 160  # largest pass measured (rows x tokens per row)
@@ -58,8 +60,18 @@ class CostGrid:
     _curves: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # rows -> (ms [K], width [K])
 
     def __post_init__(self):
+        """A grid is read into arrays as wide as its sizes: every size a bounded count, every cost a positive ms."""
         if not self.ms or any(not row for row in self.ms.values()):
             raise StandError("a cost grid needs at least one measured size per row count")
+        for rows, row in self.ms.items():
+            if not 1 <= rows <= MAX_GRID_SIZE:
+                raise StandError(f"a cost grid's rows must be in 1..{MAX_GRID_SIZE}, got {rows}")
+            for tokens, ms in row.items():
+                if not 1 <= tokens <= MAX_GRID_SIZE:
+                    raise StandError(f"a cost grid's tokens per row must be in 1..{MAX_GRID_SIZE}, got {tokens}")
+                if not math.isfinite(ms) or ms <= 0:
+                    raise StandError(f"a cost grid's times must be finite and positive (ms), got {ms} for {rows} "
+                                     f"rows of {tokens} tokens")
 
     def with_padding(self, pads: bool) -> "CostGrid":
         """The same measurements read for a backend that pads (True) or does not (False)."""

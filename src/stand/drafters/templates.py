@@ -95,6 +95,8 @@ class TreeTemplate:
         doc = read_json(path, "tree file")
         if not isinstance(doc, dict) or doc.get("format") != TREE_FORMAT or not isinstance(doc.get("nodes"), list):
             raise StandError(f"{path} is not a stand tree file (expected format {TREE_FORMAT!r} with a node list)")
+        if not isinstance(doc.get("provenance", {}), dict):
+            raise StandError(f"tree file {path}: provenance must be an object, got {type(doc['provenance']).__name__}")
         try:
             return cls.from_pairs([(p, r) for p, r in doc["nodes"]], doc.get("provenance", {}))
         except (TypeError, ValueError) as e:

@@ -25,7 +25,7 @@ from stand.errors import StandError
 from stand.methods import check_method, engine_of, names
 from stand.params import SamplingParams, SpecConfig
 from stand.tts.answers import extract_answer, is_correct
-from stand.tts.problems import Problem, load_dataset
+from stand.tts.problems import Problem, problem_range
 from stand.lab.llamacpp_anchors import anchor_generate
 from stand.lab.vllm_anchors import close_engines, engine_dtype, vllm_run
 from stand.tts.vote import majority_vote
@@ -69,6 +69,11 @@ class BenchConfig:
         for s in self.schedules:
             check_schedule(s)
         self.params.validate()
+        problem_range(self.dataset, self.first, self.problems)
+        if any(m in VLLM_METHODS for m in self.methods):
+            from stand.integrations.vllm.launch import vllm_python
+
+            vllm_python()  # where vLLM is, or how to install it: before any model is loaded
         return self
 
     def seed(self, repeat: int) -> int:
@@ -269,9 +274,7 @@ def bench(target: Target, cfg: BenchConfig, progress: Progress | None = None) ->
     for kind, anchors in (("torch", HF_METHODS), ("llama.cpp", LLAMACPP_METHODS)):
         if target.kind != kind and any(m in anchors for m in cfg.methods):
             raise StandError(f"the anchors {', '.join(anchors)} need the {kind} backend, not {target.kind}")
-    problems = load_dataset(cfg.dataset, cfg.first + cfg.problems)[cfg.first:]
-    if not problems:
-        raise StandError(f"dataset {cfg.dataset} has no problems from index {cfg.first}")
+    problems = problem_range(cfg.dataset, cfg.first, cfg.problems)
     variants = cfg.variants()
     runs: dict[Variant, dict[tuple[int, int], Run]] = {v: {} for v in variants}  # (repeat, problem) -> Run
     interrupted = False

@@ -45,6 +45,17 @@ class CalibrateConfig:
     cost_curve: str | None = None  # cost grid (`stand profile --grid`) or curve (`--json`) JSON; None = measure here
     reps: int = 3  # forwards per size when measuring the cost grid
 
+    def validate(self) -> "CalibrateConfig":
+        """Checks what can be checked before a model is loaded (the problems' range, the sizes)."""
+        from stand.tts.problems import problem_range
+
+        for name in ("max_m", "keep", "template_size", "n", "max_new_tokens", "reps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise StandError(f"{name} must be an integer >= 1, got {value!r}")
+        problem_range(self.dataset, self.first_problem, self.problems)
+        return self
+
 
 @dataclass
 class Calibration:
@@ -196,12 +207,6 @@ def save_plot(cal: Calibration, path: str) -> None:
 
 def calibration_prompts(target, cfg: CalibrateConfig) -> list[list[int]]:
     """Token ids of dataset problems [first_problem, first_problem + problems)."""
-    from stand.tts.problems import load_dataset
+    from stand.tts.problems import problem_range
 
-    if cfg.problems < 1 or cfg.first_problem < 0:
-        raise StandError(f"calibration needs problems >= 1 and a first problem >= 0 (got {cfg.problems}, "
-                         f"{cfg.first_problem})")
-    problems = load_dataset(cfg.dataset, cfg.first_problem + cfg.problems)[cfg.first_problem:]
-    if not problems:
-        raise StandError(f"dataset {cfg.dataset} has no problems from index {cfg.first_problem}")
-    return [target.encode(p.prompt) for p in problems]
+    return [target.encode(p.prompt) for p in problem_range(cfg.dataset, cfg.first_problem, cfg.problems)]

@@ -159,6 +159,19 @@ def choose(text: str | None, dataset: str | None, jsonl_path: str | None, limit:
     return load_dataset(dataset, limit, **kw)
 
 
+def problem_range(name: str, first: int, count: int) -> list[Problem]:
+    """Problems [first, first + count) of a dataset (fewer where it ends sooner); StandError for a bad range."""
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise StandError(f"first must be >= 0 (the index of the first problem), got {first!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise StandError(f"problems must be >= 1, got {count!r}")
+    problems = load_dataset(name, first + count)
+    if first >= len(problems):
+        raise StandError(f"dataset {name} has {len(problems)} problems (indices 0..{len(problems) - 1}); "
+                         f"first {first} is beyond them")
+    return problems[first:]
+
+
 def load_dataset(name: str, limit: int | None = None, **kwargs) -> list[Problem]:
     """A named dataset, or a path ending in .jsonl (a user's file)."""
     if limit is not None and limit < 1:

@@ -108,7 +108,10 @@ def _convert_into(gguf: str, out: str) -> None:
 def torch_dtype_name(dtype: str) -> str:
     """stand's --dtype as vLLM's: auto is bfloat16 where the CPU computes it natively, else float32 (as stand's)."""
     from stand.backends.load import resolve_dtype
+    from stand.backends.machine import cpu_flags
 
+    if dtype == "auto":
+        return "bfloat16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "float32"
     return str(resolve_dtype(dtype)).removeprefix("torch.")
 
 
