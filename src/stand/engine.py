@@ -136,17 +136,19 @@ class Engine:
         learns = self.sizer.learns(len(live))
         logits = cache.step(trees, [r.tokens[-1] for r in live], self._width(len(live), trees))  # row b: [M_b + 1, V]
         verdicts, probs = zip(*(self._verify(r, t, logits[b], learns) for b, (r, t) in enumerate(zip(live, trees))))
-        cache.commit([[0] + v.accepted for v in verdicts])
+        kept = []  # tokens each row keeps: its verdict's, or fewer where it ended inside them
         for b, (r, tree, p, v) in enumerate(zip(live, trees, probs, verdicts)):
             if learns:
                 with Timer(r):
                     self.drafter.observe(r, tree, p, v)
             self.sizer.record(r.group, asked[b], [0] + v.accepted)
             new = r.append(v.tokens(tree), self.target.eos_ids, self.target.max_len, self.target.decode)
+            kept.append(len(new))
             if r.logprobs is not None:
                 r.logprobs += token_logprobs(logits[b], [0] + v.accepted, new)
             if on_commit and new:
                 on_commit(r, new)
+        cache.commit([[0] + v.accepted[: k - 1] for v, k in zip(verdicts, kept)])  # the last kept token: next root
 
     def _verify(self, r: Row, tree: DraftTree, logits: torch.Tensor,
                 learns: bool) -> tuple[Verdict, torch.Tensor | None]:

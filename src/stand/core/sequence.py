@@ -82,19 +82,20 @@ class Row:
         return max(min(self.params.max_new_tokens - self.stats.new_tokens, max_len - len(self.tokens)) - 1, 0)
 
     def append(self, new: list[int], eos_ids: set[int], max_len: int, decode: Callable[[list[int]], str]) -> list[int]:
-        """Appends one step's tokens up to the first end condition; returns those kept."""
-        kept = []
+        """Appends one step's tokens up to the first end condition, as plain decoding (one token a step) would
+        keep them; returns those kept."""
+        start = len(self.tokens)
         for tok in new:
             self.tokens.append(tok)
-            kept.append(tok)
             if tok in eos_ids and not self.params.ignore_eos:
                 self.finish_reason = "stop"
                 break
             if len(self.tokens) - self.prompt_len >= self.params.max_new_tokens:
                 self.finish_reason = "length"
                 break
-        if self.params.stop and not self.done and stop_index(decode(self.generated), self.params.stop) is not None:
-            self.finish_reason = "stop"
+        if self.params.stop:
+            self._cut_at_stop(start, decode)
+        kept = self.tokens[start:]
         self.stats.steps += 1
         self.stats.new_tokens = len(self.tokens) - self.prompt_len
         self.stats.accept_lengths.append(len(kept))
@@ -102,6 +103,17 @@ class Row:
         if self.cancelled and not self.done:
             self.finish_reason = "cancelled"
         return kept
+
+    def _cut_at_stop(self, start: int, decode: Callable[[list[int]], str]) -> None:
+        """If this step's tokens (from index `start`) bring a stop string, the row ends with the first of them
+        whose text holds it (plain decoding checks after every token): the tokens after it are dropped."""
+        if stop_index(decode(self.generated), self.params.stop) is None:
+            return
+        for end in range(start + 1, len(self.tokens) + 1):
+            if stop_index(decode(self.tokens[self.prompt_len:end]), self.params.stop) is not None:
+                del self.tokens[end:]
+                self.finish_reason = "stop"
+                return
 
     def check_room(self, max_len: int) -> None:
         if not self.done and len(self.tokens) >= max_len:
