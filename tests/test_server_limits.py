@@ -22,7 +22,8 @@ from stand.errors import StandError
 from stand.params import SpecConfig
 from stand.server import ServerConfig
 from stand.server.config import is_loopback, startup_warnings
-from stand.server.memory import CHUNK_COPIES, DEFAULT_SHAPE, ModelShape, kv_tokens, shape_of, table_bytes, worst_case
+from stand.server.memory import (CHUNK_COPIES, DEFAULT_SHAPE, PASS_COPIES, STEP_TOKENS, ModelShape, kv_tokens, shape_of,
+                                 table_bytes, worst_case)
 from stand.server.protocol import MIN_TEMPERATURE, NEUTRAL, CommonRequest
 from tiny import save_tiny
 from test_server import healthy, running, wait_until
@@ -168,13 +169,14 @@ def test_top_k_one_is_greedy(client):
 
 
 def test_ignore_eos(client):
-    """At T=1 and seed 1 some of 4 samples end on the end-of-sequence token; with ignore_eos none does."""
-    def ask(**extra):
-        return client.completions.create(model="tiny", prompt=PROMPT, temperature=1.0, max_tokens=200, n=4, seed=1,
+    """At T=1 some of 4 samples end on the end-of-sequence token (within a few seeds: which sample a seed gives
+    depends on the trees, which the machine's cost grid sizes); with ignore_eos none does."""
+    def ask(seed: int, **extra):
+        return client.completions.create(model="tiny", prompt=PROMPT, temperature=1.0, max_tokens=200, n=4, seed=seed,
                                          extra_body=extra)
 
-    plain, ignoring = ask(), ask(ignore_eos=True)
-    assert any(c.finish_reason == "stop" for c in plain.choices)
+    assert any(any(c.finish_reason == "stop" for c in ask(seed).choices) for seed in range(1, 9))
+    ignoring = ask(1, ignore_eos=True)
     assert all(c.finish_reason == "length" for c in ignoring.choices)
     assert ignoring.usage.completion_tokens == 4 * 200
 
@@ -272,19 +274,19 @@ def test_config_errors():
 
 
 def test_kv_tokens_and_worst_case():
-    shared = ModelShape("m", 1000, 100, 512, True, None, 5000, 2)
-    padded = ModelShape("m", 1000, 100, 512, False, None, 5000, 0)
+    shared = ModelShape("m", 1000, 100, 512, True, None, 5000, 2)  # llama.cpp: cells allocated at start
+    padded = ModelShape("m", 1000, 100, 512, False, None, 5000, 0, kv_copies=3)  # torch
     assert kv_tokens([100], 4, 50, shared) == 100 + 4 * 50
     assert kv_tokens([100], 4, 50, padded) == 4 * 150
     assert kv_tokens([500], 2, 50, shared) == 500 + 2 * 12  # rows stop at the context
     w = worst_case(max_n=4, max_prompt_tokens=100, max_tokens=50, shape=shared)
-    assert w.kv_tokens == 4 * 150  # four prompts of one row each hold more than one prompt with four rows
-    chunk = CHUNK_COPIES * 100 * 100 * 4  # the prompt is shorter than one prefill chunk
-    assert (w.kv, w.prompt_probs, w.tables) == (600 * 1000, chunk + 4 * 100 * (16 * 2 + 8), 4 * 5000)
+    assert w.kv_tokens == 4 * 150  # four prompts of one row each: four tables, more than one prompt with four rows
+    chunk = CHUNK_COPIES * 150 * 100 * 4  # a row (150 tokens) is shorter than one prefill chunk
+    logits = PASS_COPIES * (4 + STEP_TOKENS) * 100 * 4
+    assert (w.kv, w.prompt_probs, w.pass_bytes, w.tables) == (0, 4 * 100 * (16 * 2 + 8), chunk + logits, 4 * 5000)
+    assert worst_case(4, 100, 50, padded).kv == 3 * 4 * (150 + STEP_TOKENS) * 1000  # padded rows, three copies
     assert worst_case(4, 100, 50, padded).prompt_probs == 0
     assert worst_case(4, 100, 50, padded, shared_table=True).tables == 0
-    capped = ModelShape("m", 1000, 100, 512, True, 300, 0, 0)
-    assert worst_case(4, 100, 50, capped).kv_tokens == 300
 
 
 def test_table_bytes_bounds_a_full_table():

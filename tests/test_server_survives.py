@@ -5,20 +5,27 @@ The real uvicorn server on 127.0.0.1, the tiny model."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import stat
 import sys
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from typer.testing import CliRunner
 
 from stand.cli import app as cli_app
 from stand.drafters.ngram_table import NGramTable
 from stand.errors import StandError
 from stand.server import ServerConfig
+from stand.server.memory import STEP_TOKENS, MemoryBudget, ModelShape, footprint, free_bytes, need_of
 from tiny import save_tiny
 from test_server import healthy, running, wait_until
 
@@ -46,6 +53,10 @@ def post(base: str, path: str, body: dict | None = None, **kw) -> httpx.Response
     """body as ASCII JSON (a lone surrogate goes as its escape, "\\ud800", as a client's JSON encoder sends it)."""
     return httpx.post(base + path, content=json.dumps(body), timeout=60,
                       headers={"content-type": "application/json", **kw.pop("headers", {})}, **kw)
+
+
+def metric_of(base: str, name: str) -> float:
+    return float(re.search(rf"^{name} (\S+)$", httpx.get(base + "/metrics").text, re.M).group(1))
 
 
 def openai_error(r: httpx.Response, status: int) -> dict:
@@ -246,3 +257,122 @@ def test_shared_drafter_state_table_saved_by_the_worker_after_its_last_step(mode
         assert not [e for e in events if e[0] == "save"]
     assert [e for e in events if e[0] == "save"] == [("save", "stand-engine")] and events[-1][0] == "save"
     assert table.exists()
+
+
+# ---- finding 1: a memory budget on every backend -----------------------------------------------------------------
+
+
+def test_memory_budget_counts_padding_and_copies():
+    """On torch every row is padded to the longest and the lean cache is copied up to four times while rows join;
+    llama.cpp's cells are allocated at start and bounded by their count."""
+    torch_shape = ModelShape("t", 1000, 100, 4096, False, None, 0, 0, kv_copies=4, heads=2, grow_slots=256)
+    short, long = need_of([50], 4, 50, torch_shape), need_of([1000], 1, 1000, torch_shape)
+    both = footprint([short, long], torch_shape)
+    assert both.kv == 4 * 5 * (2000 + STEP_TOKENS + 256) * 1000  # 5 rows, each as long as the longest
+    assert both.kv > footprint([short], torch_shape).kv + footprint([long], torch_shape).kv
+    llama = ModelShape("l", 1000, 100, 4096, True, 3000, 5000, 0)
+    assert footprint([need_of([100], 4, 50, llama)], llama).kv == 0
+    budget = MemoryBudget(llama, limit=1 << 40)
+    assert budget.fits([need_of([100], 4, 50, llama)]) and "3,000 for all requests" in budget.over(
+        [need_of([1000], 4, 501, llama)])
+    assert footprint([need_of([10], 1, 5, llama)] * 3, llama).tables == 3 * 5000
+    assert footprint([need_of([10], 1, 5, llama)] * 3, llama, shared_table=True).tables == 0
+
+
+class TensorBytes(TorchDispatchMode):
+    """Within: the bytes of every tensor storage that torch ops made and that is still alive, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, live tensors on it]
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                self.live.setdefault(storage.data_ptr(), [storage.nbytes(), 0])[1] += 1
+                weakref.finalize(t, self._drop, storage.data_ptr())
+        self.peak = max(self.peak, sum(b for b, _ in self.live.values()))
+        return out
+
+    def _drop(self, address: int) -> None:
+        entry = self.live.get(address)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self.live[address]
+
+
+def test_memory_budget_bounds_what_torch_allocates_as_it_runs(tiny):
+    """Every tensor the engine makes on the lean torch backend (the padded cache, its copies while rows join,
+    the passes' logits and attention), at its peak, stays within the footprint of the rows decoding, through
+    admissions of rows of different lengths while others decode."""
+    from stand.backends.lean import LeanTarget
+    from stand.core.sequence import Row
+    from stand.drafters.none import NoDrafter
+    from stand.engine import Engine
+    from stand.params import SamplingParams, SpecConfig
+    from stand.server.memory import shape_of
+
+    target = LeanTarget.from_target(tiny)
+    shape = shape_of(target, NoDrafter(SpecConfig(), tiny.vocab_size), ServerConfig())
+    engine = Engine(target, NoDrafter(SpecConfig(), tiny.vocab_size))
+    jobs = [([5] * 20, 4, 200, 190), ([6] * 100, 1, 50, 20), ([7] * 40, 2, 10, 0)]  # prompt, n, new, steps after
+    largest = 0  # the cache's own bytes between steps
+    with TensorBytes() as seen:
+        for prompt, n, new, steps in jobs:  # each joins while the others decode, the first near its end
+            engine.add([Row(prompt, SamplingParams(max_new_tokens=new, ignore_eos=True)) for _ in range(n)])
+            for _ in range(steps + 1):
+                engine.step()
+                largest = max(largest, engine.cache.inner.kv.nbytes if engine.live else 0)
+        while engine.busy:
+            engine.step()
+    fp = footprint([need_of([len(p)], n, new, shape) for p, n, new, _ in jobs], shape)
+    assert 2 * largest < seen.peak <= fp.total  # over two copies of the padded cache at once, within the footprint
+
+
+@pytest.fixture(scope="module")
+def small_budget(model_dir):
+    """A server whose requests share 100 MiB: a request of one prompt (its 64 MiB n-gram table, its KV, its passes)
+    fits, two do not fit together, and one of three prompts (three tables) never fits."""
+    config = ServerConfig(model=model_dir, method="stand", max_n=16, max_live_rows=32, memory_budget_mib=100,
+                          max_tokens_limit=500, default_max_tokens=20)
+    with running(config) as (base, app):
+        wait_until(lambda: healthy(base), 120)
+        yield base, app
+
+
+def test_memory_budget_request_that_never_fits_gets_400_with_the_numbers(small_budget):
+    base, app = small_budget
+    r = post(base, "/v1/completions", {"prompt": ["x" * 8, "y" * 8, "z" * 8], "n": 2, "max_tokens": 20})
+    error = openai_error(r, 400)
+    assert error["param"] == "max_tokens" and "100 MiB" in error["message"] and "drafter tables 183 MiB" in error["message"]
+    assert post(base, "/v1/completions", {"prompt": "x" * 8, "n": 4, "max_tokens": 20}).status_code == 200
+
+
+def test_memory_budget_request_that_fits_later_waits(small_budget):
+    base, app = small_budget
+    worker, state = app.state.stand.worker, app.state.stand
+    step, peak = worker.engine.step, [0]
+    worker.engine.step = lambda cb: (peak.__setitem__(0, max(peak[0], state.metrics.memory_reserved)), step(cb))[1]
+    body = {"prompt": "y" * 8, "n": 4, "max_tokens": 400, "temperature": 0.7, "ignore_eos": True}
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda i: post(base, "/v1/completions", {**body, "seed": i}), range(3)))
+    finally:
+        worker.engine.step = step
+    assert [r.status_code for r in results] == [200] * 3
+    assert 64 << 20 < peak[0] <= 100 << 20  # one at a time: two would be over the budget
+    assert metric_of(base, "stand_memory_budget_bytes") > 100 << 20  # the server's own memory, plus the budget
+
+
+def test_memory_budget_default_from_free_memory_in_the_startup_line(model_dir, caplog):
+    caplog.set_level(logging.INFO, logger="stand.server")
+    with running(ServerConfig(model=model_dir, method="none")) as (base, app):
+        wait_until(lambda: healthy(base), 120)
+        limit = app.state.stand.budget.limit
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("memory budget"))
+    assert f"requests may take {limit / 2**20:,.0f} MiB" in line and "80% of the" in line and "free at start" in line
+    assert 0 < limit < free_bytes()

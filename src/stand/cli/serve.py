@@ -28,7 +28,8 @@ def serve_cmd(
     max_n: int = typer.Option(16, "--max-n", help="The most samples per request (n, times the prompts of a completions request)"),
     max_prompt_tokens: int = typer.Option(4096, "--max-prompt-tokens", help="The longest prompt, in tokens (over the model's context: 413)"),
     max_live_rows: int = typer.Option(64, "--max-live-rows", help="Rows decoding at once; requests beyond wait in the queue"),
-    max_live_tokens: Optional[int] = typer.Option(None, "--max-live-tokens", help="KV tokens running requests may reserve (prompts + n x max_tokens); default: the llama.cpp cache's size, unbounded on torch"),
+    max_live_tokens: Optional[int] = typer.Option(None, "--max-live-tokens", help="KV tokens running requests may reserve (prompts + n x max_tokens); default: the llama.cpp cache's size, no bound on torch but the memory budget"),
+    memory_budget: Optional[int] = typer.Option(None, "--memory-budget", help="MiB the running requests may take together (KV with padding and copies, passes, drafter tables); beyond, requests wait, and one that could never fit gets 400; default: 80% of the memory free once the model is loaded (the startup log shows it)"),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="The largest request body (beyond: 413)"),
     engine: str = typer.Option("stand", "--engine", help="stand | vllm: `vllm serve` with stand's proposer (scripts/setup-vllm.sh; docs/vllm.md)"),
 ):
@@ -41,4 +42,5 @@ def serve_cmd(
                        api_key=api_key, table=table, share_table=share_table, max_queue=max_queue,
                        default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, max_n=max_n,
                        max_prompt_tokens=max_prompt_tokens, max_live_rows=max_live_rows,
-                       max_live_tokens=max_live_tokens, max_body_bytes=max_body_bytes).validate())
+                       max_live_tokens=max_live_tokens, memory_budget_mib=memory_budget,
+                       max_body_bytes=max_body_bytes).validate())

@@ -32,7 +32,8 @@ from stand.errors import StandError
 from stand.params import SamplingParams
 from stand.server.config import ServerConfig, startup_warnings
 from stand.server.gate import Gate, install_error_handlers
-from stand.server.memory import ModelShape, describe, kv_tokens, shape_of
+from stand.server.memory import (BUDGET_SHARE, MemoryBudget, ModelShape, budget_line, describe, free_bytes, mib, need_of,
+                                 rss_bytes, shape_of, worst_case)
 from stand.server.metrics import Metrics
 from stand.server.protocol import (ApiError, ChatRequest, CommonRequest, CompletionRequest, Shape, bad_param,
                                    chat_messages, chat_prompt, check_rows, check_untokenized, check_unsupported,
@@ -59,6 +60,7 @@ class State:
         self.target: Target | None = None
         self.worker: Worker | None = None
         self.shape: ModelShape | None = None
+        self.budget: MemoryBudget | None = None
         self.drafter = None
         self.load_error: str | None = None
         self.token_bytes = 1  # the most bytes a token decodes to (+1), known once loaded
@@ -78,8 +80,9 @@ class State:
                 log.warning("method %s keeps no table; --table %s is ignored", self.config.method, self.config.table)
             self.token_bytes = longest_token_bytes(target)
             self.shape = shape_of(target, self.drafter, self.config)
+            self.budget = self._budget()
             on_idle, on_stop = table_keeper(self.config, self.drafter)
-            self.worker = Worker(engines(target, spec, self.drafter), self.config, self.metrics, self.shape,
+            self.worker = Worker(engines(target, spec, self.drafter), self.config, self.metrics, self.budget,
                                  on_idle, on_stop)
             self.target = target
             log.info("model %s ready (method %s)", target.name, self.config.method)
@@ -89,6 +92,21 @@ class State:
             log.error("could not load the model: %s", self.load_error)
             if self.on_load_error is not None:
                 self.on_load_error()
+
+    def _budget(self) -> MemoryBudget:
+        """What requests may take together: --memory-budget, or BUDGET_SHARE of the memory free now (the model
+        loaded); logged with the largest request's footprint, and a warning if that is over it."""
+        given, free, rss = self.config.memory_budget_mib, free_bytes(), rss_bytes()
+        limit = given * 2**20 if given else int(BUDGET_SHARE * (free if free is not None else 4 << 30))
+        budget = MemoryBudget(self.shape, limit, self.config.shared_table)
+        self.metrics.memory_ceiling = rss + limit
+        log.info(budget_line(budget, free, bool(given), rss))
+        worst = worst_case(self.config.max_n, self.config.max_prompt_tokens, self.config.max_tokens_limit, self.shape,
+                           self.config.shared_table)
+        if worst.total > limit:
+            log.warning("a request at the limits may take %s, over the budget: such requests get 400 (lower --max-n, "
+                        "--max-prompt-tokens or --max-tokens-limit, or raise --memory-budget)", mib(worst.total))
+        return budget
 
     @property
     def ready(self) -> bool:
@@ -115,11 +133,10 @@ class State:
 
     def submit(self, prompts: list[list[int]], n: int, params: SamplingParams, stream: bool) -> Job:
         """Queues a request; choice prompt_index * n + j is sample j of that prompt."""
-        kv = kv_tokens([len(p) for p in prompts], n, params.max_new_tokens, self.shape)
-        if self.shape.capacity is not None and kv > self.shape.capacity:
-            raise bad_param("max_tokens", f"this request may hold {kv:,} tokens in the KV cache (its prompts and "
-                                          f"n x max_tokens); the server holds {self.shape.capacity:,} for all "
-                                          "requests: ask for fewer tokens or samples")
+        need = need_of([len(p) for p in prompts], n, params.max_new_tokens, self.shape)
+        why = self.budget.over([need])
+        if why is not None:
+            raise bad_param("max_tokens", f"this request may take {why}: ask for fewer tokens or samples")
         groups = build_rows(prompts, n, params)  # each row's rng is seeded from (seed, prompt, sample) as in generate
         for group in groups:
             gid = next(_groups)  # unique across live requests: each prompt's n samples are one drafter group
@@ -127,7 +144,7 @@ class State:
                 r.group = gid
         rows = [r for group in groups for r in group]
         job = Job(rows, sum(len(p) for p in prompts), self.target, stream, asyncio.get_running_loop(), self.metrics,
-                  kv)
+                  need)
         self.worker.submit(job)
         return job
 

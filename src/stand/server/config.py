@@ -35,6 +35,7 @@ class ServerConfig:
     max_prompt_tokens: int = 4096  # the longest prompt (a prompt over the model's context: 413)
     max_live_rows: int = 64  # rows decoding at once; requests beyond wait in the queue
     max_live_tokens: int | None = None  # KV tokens reserved by running requests; None: the llama.cpp cache's size
+    memory_budget_mib: int | None = None  # memory the running requests may take together; None: 80% of the free
     max_body_bytes: int = 1 << 20  # the largest request body (beyond: 413)
 
     def validate(self) -> "ServerConfig":
@@ -49,7 +50,8 @@ class ServerConfig:
             raise StandError(f"model path does not exist: {self.model}")
         if not isinstance(self.max_queue, int) or self.max_queue < 1:
             raise StandError(f"max_queue must be >= 1 (requests that may wait for room), got {self.max_queue!r}")
-        for name in LIMITS + (("max_live_tokens",) if self.max_live_tokens is not None else ()):
+        optional = tuple(n for n in ("max_live_tokens", "memory_budget_mib") if getattr(self, n) is not None)
+        for name in LIMITS + optional:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise StandError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.default_max_tokens > self.max_tokens_limit:

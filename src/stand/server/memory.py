@@ -1,28 +1,39 @@
-"""The worst-case memory of one request, from the server's limits and the model's shape.
+"""What requests cost in memory, and the budget they share.
 
-A request may hold at most max_n rows, a prompt of max_prompt_tokens and max_tokens_limit new tokens per row.
-Its memory is
-- KV: on llama.cpp the samples of a prompt share its cells (prompt + n x new tokens); on torch every row holds
-  the prompt and rows are padded to the longest (n x (prompt + new));
+Every running request is a Need (its rows, its longest row, its KV tokens, its prompt positions, its drafter
+groups); a set of them takes, at most, the Footprint below, counted as the code allocates it:
+- KV on torch: every row of the batch is padded to the longest (backends/kv.py), plus one pass's tree tokens and
+  the slots the cache grows by; the lean cache holds up to three copies at once while rows join or leave
+  (LeanCache.extend: the old cache beside both sides padded and their concatenation, then beside the
+  concatenation and the new cache; keep_rows: the old, the gathered rows and the new), the Hugging Face cache one
+  (it copies a layer at a time). On llama.cpp the cells are allocated once at start (they are in the server's own memory);
+  what bounds them is their count (`capacity`), and the samples of a prompt share its cells.
+- a pass: the logits, probabilities and a temporary of its tokens (rows + STEP_TOKENS), and on torch the attention
+  scores of a layer (tokens x heads x slots, twice); a prefill chunk: PREFILL_CHUNK positions of full
+  distributions, CHUNK_COPIES times over, and its attention scores.
 - prompt distributions: drafters that learn from the prompt (stand, recycle, consensus) keep the top k of the
-  model's distribution after every prompt token, per row (16 k + 8 bytes a position); while the prompt is
-  prefilled, PREFILL_CHUNK positions of full distributions at a time, CHUNK_COPIES times over (the backend's
-  logits and the sampler's temporaries);
-- pass logits: logits and probabilities of its rows' trees (rows + step tokens) in one pass;
-- tables: one full n-gram table per prompt (none with a shared table).
-`stand serve --help` shows the figure for the default model.
+  model's distribution after every prompt token, per row (16 k + 8 bytes a position).
+- tables: one full n-gram table per drafter group (none with a shared table: that one is counted once, at start).
+The server's budget (MemoryBudget) is what requests may take together: --memory-budget, or BUDGET_SHARE of the
+memory free once the model is loaded. A request whose footprint alone is over it gets 400 with the numbers; one
+that fits alone waits until the running ones leave it room. `stand serve --help` shows the largest request's
+footprint for the default model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
 from stand.backends.protocol import PREFILL_CHUNK
 
 CHUNK_COPIES = 4
+PASS_COPIES = 3
 STEP_TOKENS = 64  # SpecConfig.step_tokens: tree tokens of one pass over all rows
 KV_MARGIN = 512  # llama.cpp cells kept free for the trees of a pass
+LEAN_KV_COPIES, HF_KV_COPIES = 3, 1
+BUDGET_SHARE = 0.8  # of the memory free after loading, what requests may take by default
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,9 @@ class ModelShape:
     capacity: int | None  # KV tokens of all requests together (llama.cpp's cells), None: no fixed bound
     table_bytes: int  # one full drafter table (0: the method keeps none per request)
     prompt_topk: int  # tokens of the prompt's distributions the drafter keeps per position (0: none)
+    kv_copies: int = 0  # copies of the padded KV cache at once (0: the cells are allocated at start, llama.cpp)
+    heads: int = 0  # attention heads whose scores a torch pass computes (0: none counted)
+    grow_slots: int = 0  # slots the torch cache grows by at once
 
 
 # SmolLM2-135M-Instruct on llama.cpp (30 layers x 3 KV heads x 64 dims x K,V x f16) with the stand drafter's
@@ -45,25 +59,22 @@ DEFAULT_SHAPE = ModelShape("SmolLM2-135M-Instruct (llama.cpp)", 23040, 49152, 81
                            63_963_256, 10)
 
 
-@dataclass
-class WorstCase:
-    kv_tokens: int
-    kv: int
-    prompt_probs: int
-    pass_logits: int
-    tables: int
+@dataclass(frozen=True)
+class Need:
+    """What one request holds while it runs."""
 
-    @property
-    def total(self) -> int:
-        return self.kv + self.prompt_probs + self.pass_logits + self.tables
-
-    def line(self) -> str:
-        return (f"{mib(self.total)} (KV {mib(self.kv)} for {self.kv_tokens:,} tokens, prompt distributions "
-                f"{mib(self.prompt_probs)}, pass logits {mib(self.pass_logits)}, drafter tables {mib(self.tables)})")
+    rows: int
+    longest: int  # tokens of its longest row at the end (prompt and new tokens, within the context)
+    kv_tokens: int  # KV tokens it holds at its end (kv_tokens)
+    prompt_positions: int  # prompt tokens over all its rows (their prompt distributions)
+    groups: int  # drafter groups (one per prompt)
 
 
-def mib(n: int) -> str:
-    return f"{n / 2**20:,.0f} MiB"
+def need_of(prompt_lens: list[int], n: int, new_tokens: int, shape: ModelShape) -> Need:
+    """The Need of n samples of each prompt, new_tokens each at most."""
+    longest = max(min(p + new_tokens, shape.max_len) for p in prompt_lens)
+    return Need(len(prompt_lens) * n, longest, kv_tokens(prompt_lens, n, new_tokens, shape), n * sum(prompt_lens),
+                len(prompt_lens))
 
 
 def kv_tokens(prompt_lens: list[int], rows_per_prompt: int, new_tokens: int, shape: ModelShape) -> int:
@@ -75,20 +86,97 @@ def kv_tokens(prompt_lens: list[int], rows_per_prompt: int, new_tokens: int, sha
     return total
 
 
+@dataclass
+class Footprint:
+    kv_tokens: int
+    kv: int
+    prompt_probs: int
+    pass_bytes: int
+    tables: int
+
+    @property
+    def total(self) -> int:
+        return self.kv + self.prompt_probs + self.pass_bytes + self.tables
+
+    def line(self) -> str:
+        kv = f"KV {mib(self.kv)} for {self.kv_tokens:,} tokens" if self.kv else f"KV {self.kv_tokens:,} cells"
+        return (f"{mib(self.total)} ({kv}, prompt distributions {mib(self.prompt_probs)}, passes "
+                f"{mib(self.pass_bytes)}, drafter tables {mib(self.tables)})")
+
+
+def footprint(needs: list[Need], shape: ModelShape, shared_table: bool = False) -> Footprint:
+    """The most memory these requests take together while they run (see the module docstring)."""
+    rows, longest = sum(n.rows for n in needs), max((n.longest for n in needs), default=0)
+    slots = longest + STEP_TOKENS + shape.grow_slots
+    kv = shape.kv_copies * rows * slots * shape.kv_bytes_per_token
+    width, vocab = rows + STEP_TOKENS, shape.vocab_size
+    passes = PASS_COPIES * width * vocab * 4 + 2 * width * shape.heads * slots * 4
+    prefill = CHUNK_COPIES * min(PREFILL_CHUNK, longest) * vocab * 4 + 2 * PREFILL_CHUNK * shape.heads * slots * 4
+    probs = sum(n.prompt_positions for n in needs) * (16 * shape.prompt_topk + 8) if shape.prompt_topk else 0
+    tables = 0 if shared_table else sum(n.groups for n in needs) * shape.table_bytes
+    return Footprint(sum(n.kv_tokens for n in needs), kv, probs, passes + prefill, tables)
+
+
 def worst_case(max_n: int, max_prompt_tokens: int, max_tokens: int, shape: ModelShape,
-               shared_table: bool = False) -> WorstCase:
-    """The most memory one request within the limits can take (max_n rows of one prompt, or max_n prompts)."""
+               shared_table: bool = False) -> Footprint:
+    """The footprint of the largest request within the limits (max_n rows of one prompt, or max_n prompts)."""
     prompt = min(max_prompt_tokens, shape.max_len - 1)
-    tokens = max(kv_tokens([prompt], max_n, max_tokens, shape), kv_tokens([prompt] * max_n, 1, max_tokens, shape))
-    if shape.capacity is not None:
-        tokens = min(tokens, shape.capacity)  # a request that needs more is refused
-    probs = 0
-    if shape.prompt_topk:
-        chunk = CHUNK_COPIES * min(PREFILL_CHUNK, prompt) * shape.vocab_size * 4
-        probs = chunk + max_n * prompt * (16 * shape.prompt_topk + 8)
-    passes = 2 * (max_n + STEP_TOKENS) * shape.vocab_size * 4
-    tables = 0 if shared_table else max_n * shape.table_bytes
-    return WorstCase(tokens, tokens * shape.kv_bytes_per_token, probs, passes, tables)
+    one = footprint([need_of([prompt], max_n, max_tokens, shape)], shape, shared_table)
+    many = footprint([need_of([prompt] * max_n, 1, max_tokens, shape)], shape, shared_table)
+    return max(one, many, key=lambda f: f.total)
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+@dataclass
+class MemoryBudget:
+    """What the running requests may take together: `limit` bytes, and at most `capacity` KV tokens."""
+
+    shape: ModelShape
+    limit: int
+    shared_table: bool = False
+
+    def over(self, needs: list[Need]) -> str | None:
+        """Why these requests cannot run together (None: they can)."""
+        fp = footprint(needs, self.shape, self.shared_table)
+        if self.shape.capacity is not None and fp.kv_tokens > self.shape.capacity:
+            return (f"{fp.kv_tokens:,} tokens in the KV cache (prompts and n x max_tokens); the server holds "
+                    f"{self.shape.capacity:,} for all requests")
+        if fp.total > self.limit:
+            return f"{fp.line()}; the server's requests share {mib(self.limit)}"
+        return None
+
+    def fits(self, needs: list[Need]) -> bool:
+        return self.over(needs) is None
+
+
+def free_bytes() -> int | None:
+    """Memory this process could still take: MemAvailable, bounded by its cgroup's limit (None: unknown)."""
+    free = _meminfo("MemAvailable")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                room = int(limit) - int(g.read())
+                free = room if free is None else min(free, room)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def rss_bytes() -> int:
+    """This process's resident memory."""
+    return (_meminfo("VmRSS", "/proc/self/status") or 0)
+
+
+def _meminfo(field: str, path: str = "/proc/meminfo") -> int | None:
+    try:
+        with open(path) as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def describe(config, shape: ModelShape = DEFAULT_SHAPE) -> str:
@@ -97,6 +185,14 @@ def describe(config, shape: ModelShape = DEFAULT_SHAPE) -> str:
     cap = f"; the KV cache holds {shape.capacity:,} tokens for all requests" if shape.capacity else ""
     return (f"worst case per request on {shape.name} (n={config.max_n}, prompt {config.max_prompt_tokens:,}, "
             f"max_tokens {config.max_tokens_limit:,}): {worst.line()}{cap}")
+
+
+def budget_line(budget: MemoryBudget, free: int | None, given: bool, rss: int) -> str:
+    """The start-up line: what requests may take, where that figure comes from, and the server's own memory."""
+    source = ("set by --memory-budget" if given else
+              f"{BUDGET_SHARE:.0%} of the {mib(free)} free at start" if free else "a guess: free memory unknown")
+    return (f"memory budget: requests may take {mib(budget.limit)} together ({source}); the server holds "
+            f"{mib(rss)} now, so at most {mib(rss + budget.limit)} in all")
 
 
 def serve_help() -> str:
@@ -118,9 +214,19 @@ def shape_of(target, drafter, config) -> ModelShape:
     capacity = target.n_ctx - KV_MARGIN if llama else None
     if config.max_live_tokens is not None:
         capacity = min(config.max_live_tokens, capacity or config.max_live_tokens)
-    return ModelShape(f"{target.name} ({target.kind})", _llama_kv_bytes(target) if llama else _torch_kv_bytes(target),
-                      target.vocab_size, target.max_len, llama, capacity, table_bytes(drafter),
-                      min(drafter.prompt_topk(), target.vocab_size))
+    shape = ModelShape(f"{target.name} ({target.kind})", _llama_kv_bytes(target) if llama else _torch_kv_bytes(target),
+                       target.vocab_size, target.max_len, llama, capacity, table_bytes(drafter),
+                       min(drafter.prompt_topk(), target.vocab_size))
+    return shape if llama else dataclasses.replace(shape, **_torch_copies(target))
+
+
+def _torch_copies(target) -> dict:
+    """How the torch backend's cache grows and copies (see the module docstring), and the attention heads."""
+    from stand.backends.lean import CACHE_CHUNK
+
+    lean = hasattr(target, "lean")
+    return {"kv_copies": LEAN_KV_COPIES if lean else HF_KV_COPIES, "grow_slots": CACHE_CHUNK if lean else 0,
+            "heads": int(target.model.config.num_attention_heads)}
 
 
 def _llama_kv_bytes(target) -> int:

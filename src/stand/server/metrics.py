@@ -17,6 +17,7 @@ class Metrics:
         self.rows = self.cancelled_rows = self.steps = self.generated = 0
         self.draft_seconds = self.engine_seconds = self.queue_seconds = 0.0
         self.engine_steps = self.step_rows = self.admitted_jobs = self.admitted_rows = 0
+        self.memory_ceiling = self.memory_reserved = 0  # bytes: the server's own plus the budget; the live requests'
 
     def request(self, path: str, status: int) -> None:
         with self.lock:
@@ -73,6 +74,10 @@ class Metrics:
                 ("queue_depth", "gauge", "Requests waiting for room in the engine.", queue_depth),
                 ("live_rows", "gauge", "Rows decoding now.", live_rows),
                 ("model_loaded", "gauge", "1 once the model is loaded.", int(ready)),
+                ("memory_budget_bytes", "gauge", "The most memory the server may hold: its own at start plus what "
+                 "requests may take.", self.memory_ceiling),
+                ("memory_reserved_bytes", "gauge", "Memory the running requests may take (their footprint).",
+                 self.memory_reserved),
             ]
         for name, kind, help_, value in rows:
             lines += [f"# HELP stand_{name} {help_}", f"# TYPE stand_{name} {kind}", f"stand_{name} {value}"]

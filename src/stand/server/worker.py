@@ -24,7 +24,7 @@ from stand.backends.protocol import Backend as Target
 from stand.core.sequence import Row, mean_accepted
 from stand.engine import Engine
 from stand.server.config import ServerConfig
-from stand.server.memory import ModelShape
+from stand.server.memory import MemoryBudget, Need, footprint
 from stand.server.metrics import Metrics
 from stand.server.protocol import queue_full
 from stand.server.text import TextStream
@@ -67,10 +67,10 @@ class Job:
     """One request: its rows (choice i = rows[i]), the event queue its handler reads, its streams."""
 
     def __init__(self, rows: list[Row], prompt_tokens: int, target: Target, stream: bool,
-                 loop: asyncio.AbstractEventLoop, metrics: Metrics, kv_tokens: int = 0):
+                 loop: asyncio.AbstractEventLoop, metrics: Metrics, need: Need | None = None):
         self.rows, self.prompt_tokens, self.stream = rows, prompt_tokens, stream
         self.loop, self.metrics = loop, metrics
-        self.kv_tokens = kv_tokens  # what its rows may hold in the KV cache at their end (reserved while it runs)
+        self.need = need or Need(len(rows), 0, 0, 0, 0)  # what it may take while it runs (reserved meanwhile)
         self.submitted = time.monotonic()
         self.events: asyncio.Queue = asyncio.Queue()
         self.streams = [TextStream(target.decode, r.params.stop) for r in rows]
@@ -144,21 +144,21 @@ class Worker:
     """Runs the engine on one thread: admits arrived requests between steps, one step at a time."""
 
     def __init__(self, make_engine: Callable[[], Engine], config: ServerConfig, metrics: Metrics,
-                 shape: ModelShape | None = None, on_idle: Callable[[], None] | None = None,
+                 budget: MemoryBudget | None = None, on_idle: Callable[[], None] | None = None,
                  on_stop: Callable[[], None] | None = None):
-        """make_engine: a fresh engine (at start, and after an engine failure); shape.capacity: the most KV
-        tokens the live requests may reserve together (None: no bound). on_idle, on_stop: run on this thread
+        """make_engine: a fresh engine (at start, and after an engine failure); budget: what the live requests may
+        take together (None: no bound but max_live_rows). on_idle, on_stop: run on this thread
         when it waits with nothing to do, and after its last step (saving a shared table there never races a
         step)."""
         self.make_engine, self.config, self.metrics = make_engine, config, metrics
         self.on_idle, self.on_stop = on_idle or (lambda: None), on_stop or (lambda: None)
-        self.capacity = shape.capacity if shape is not None else config.max_live_tokens
+        self.budget = budget
         self.engine = make_engine()
         self.jobs: queue.Queue = queue.Queue()  # arrived, not taken yet
         self.pending: deque[Job] = deque()  # taken, waiting for room
         self.live: list[Job] = []  # admitted, not ended
         self.owner: dict[int, tuple[Job, int]] = {}  # row uid -> (its job, its choice index)
-        self.rows = self.tokens = 0  # rows and reserved KV tokens of the live jobs
+        self.rows = 0  # rows of the live jobs
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._loop, name="stand-engine", daemon=True)
         self.thread.start()
@@ -167,6 +167,11 @@ class Worker:
     def depth(self) -> int:
         """Requests waiting: arrived or taken, not admitted yet."""
         return self.jobs.qsize() + len(self.pending)
+
+    @property
+    def tokens(self) -> int:
+        """KV tokens the live requests reserve."""
+        return sum(j.need.kv_tokens for j in self.live)
 
     def submit(self, job: Job) -> None:
         with self.lock:
@@ -218,7 +223,7 @@ class Worker:
             return True  # alone it always runs (the app refuses requests larger than the limits)
         if self.rows + len(job.rows) > self.config.max_live_rows:
             return False
-        return self.capacity is None or self.tokens + job.kv_tokens <= self.capacity
+        return self.budget is None or self.budget.fits([j.need for j in self.live] + [job.need])
 
     def _admit(self) -> None:
         """Admits waiting requests in arrival order while they fit; the prompts joining in one step add up to
@@ -236,11 +241,11 @@ class Worker:
             prompt += job.prompt_tokens
             self.live.append(job)
             self.rows += len(job.rows)
-            self.tokens += job.kv_tokens
             for i, r in enumerate(job.rows):
                 self.owner[r.uid] = (job, i)
             self.engine.add(job.rows)
         if joined:
+            self._note_memory()
             now = time.monotonic()
             self.metrics.admitted(len(joined), sum(len(j.rows) for j in joined), sum(now - j.submitted for j in joined))
 
@@ -265,13 +270,21 @@ class Worker:
         job.commit(i, row)
 
     def _release(self) -> None:
-        """Jobs whose rows all ended give back their rows and KV tokens."""
-        for job in [j for j in self.live if j.ended]:
+        """Jobs whose rows all ended give back their rows and memory."""
+        done = [j for j in self.live if j.ended]
+        for job in done:
             self.live.remove(job)
             self.rows -= len(job.rows)
-            self.tokens -= job.kv_tokens
             for r in job.rows:
                 self.owner.pop(r.uid, None)
+        if done:
+            self._note_memory()
+
+    def _note_memory(self) -> None:
+        """What the live requests reserve, for /metrics."""
+        if self.budget is not None:
+            needs = [j.need for j in self.live]
+            self.metrics.memory_reserved = footprint(needs, self.budget.shape, self.budget.shared_table).total if needs else 0
 
     def _fail_live(self, message: str) -> None:
         """After an engine failure: every live request fails, the drafter forgets their rows, a new engine."""
@@ -282,5 +295,5 @@ class Worker:
                     with contextlib.suppress(Exception):
                         self.engine.drafter.finish(r)
             job.fail(message)
-        self.live, self.owner, self.rows, self.tokens = [], {}, 0, 0
+        self.live, self.owner, self.rows = [], {}, 0
         self.engine = self.make_engine()
