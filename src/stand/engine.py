@@ -3,10 +3,15 @@
 Rows (different prompts, or the N samples of one prompt) advance together with ragged lengths;
 a row that finishes leaves the batch. The engine speaks to the model only through the backend
 protocol (backends/protocol.py) and to drafters only through core/drafter.py.
+
+A failure (an allocation, the backend, a drafter, NaN logits) ends only the rows that cause it: the rows whose
+prefill failed are retried a group at a time, and a failed pass runs again over each half of its rows in a cache
+rebuilt from their tokens, down to the rows that fail alone; those end with finish_reason "error" (Row.error).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -18,6 +23,8 @@ from stand.core.drafter import Drafter, PromptDists
 from stand.core.sequence import OnCommit, Row
 from stand.core.tree import DraftTree
 from stand.core.verify import Verdict, sampler_probs, verify
+
+log = logging.getLogger("stand.engine")
 
 
 def token_logprobs(logits: torch.Tensor, nodes: list[int], tokens: list[int]) -> list[float]:
@@ -69,36 +76,100 @@ class Engine:
     @torch.inference_mode()
     def run(self, rows: list[Row], on_commit: OnCommit | None = None, max_live: int | None = None) -> list[Row]:
         """Decode every row to its end; returns the rows (their tokens, text and stats filled in).
-        max_live: most rows decoding at once (1: one after another, later rows drafting from earlier ones)."""
+        max_live: most rows decoding at once (1: one after another, later rows drafting from earlier ones).
+        RuntimeError, once the others are done, if a row failed (step isolates it; a batch caller wants to know)."""
         self.add(rows)
         while self.busy:
             self.step(on_commit, max_live)
+        failed = [r for r in rows if r.finish_reason == "error"]
+        if failed:
+            raise RuntimeError(f"decoding {len(failed)} of {len(rows)} rows failed: {failed[0].error}")
         return rows
 
     @torch.inference_mode()
     def step(self, on_commit: OnCommit | None = None, max_live: int | None = None) -> list[Row]:
         """Admits waiting rows, then one pass: size -> draft -> verify -> commit -> observe. Returns the rows
         that ended in it."""
-        self._admit(max_live)
+        refused = self._admit(max_live)
         self._retire()
         if not self.live:
-            return []
-        self._pass(self.live, self.cache, on_commit)
+            return refused
+        try:
+            self._pass(self.live, self.cache, on_commit)
+            rebuild = False
+        except Exception as e:
+            self._isolate(self.live, on_commit, e)
+            rebuild = True
         ended = [r for r in self.live if r.done]
         for r in ended:
             self._end(r)
         if ended:
             keep = [i for i, r in enumerate(self.live) if not r.done]
             self.live = [self.live[i] for i in keep]
-            self.cache.keep(keep)
+            if not rebuild:
+                self.cache.keep(keep)
+        if rebuild:
+            self.cache = self._rebuilt(self.live)
         if not self.waiting:
             self._retire()
-        return ended
+        return refused + ended
 
-    def _admit(self, max_live: int | None) -> None:
-        """Waiting rows enter the cache (every prompt but its last token, the first step's root)."""
+    def _isolate(self, rows: list[Row], on_commit: OnCommit | None, error: Exception) -> None:
+        """After a pass over `rows` failed: each half runs it again in a cache rebuilt from its rows' tokens, down
+        to the rows that fail alone, which end with the error."""
+        if len(rows) == 1:
+            log.warning("a row failed alone and ends: %s: %s", type(error).__name__, error)
+            rows[0].fail(error)
+            return
+        for part in (rows[: len(rows) // 2], rows[len(rows) // 2:]):
+            part = [r for r in part if not r.done]
+            try:
+                if part:
+                    self._pass(part, self._rebuilt(part), on_commit)
+            except Exception as e:
+                self._isolate(part, on_commit, e)
+
+    def _rebuilt(self, rows: list[Row]):
+        """A new cache holding the rows' tokens but the last (the next pass's root); None for no rows."""
+        if not rows:
+            return None
+        cache = self.target.new_cache()
+        cache.prefill([r.tokens[:-1] for r in rows])
+        return cache
+
+    def _admit(self, max_live: int | None) -> list[Row]:
+        """Waiting rows enter the cache (every prompt but its last token, the first step's root). If that fails,
+        the cache is rebuilt and the rows enter a group at a time; returns the rows of the groups that failed
+        alone (ended with the error)."""
         room = len(self.waiting) if max_live is None else max(max_live - len(self.live), 0)
         rows, self.waiting = self.waiting[:room], self.waiting[room:]
+        try:
+            self._enter(rows)
+            return []
+        except Exception as e:
+            self.cache = self._rebuilt(self.live)
+            groups: dict[int, list[Row]] = {}
+            for r in rows:
+                groups.setdefault(r.group, []).append(r)
+            if len(groups) == 1:
+                return self._refuse(rows, e)
+        refused = []
+        for group in groups.values():
+            try:
+                self._enter(group)
+            except Exception as e:
+                self.cache = self._rebuilt(self.live)
+                refused += self._refuse(group, e)
+        return refused
+
+    def _refuse(self, rows: list[Row], error: Exception) -> list[Row]:
+        log.warning("%d rows failed to enter and end: %s: %s", len(rows), type(error).__name__, error)
+        for r in rows:
+            r.fail(error)
+            self._end(r)
+        return rows
+
+    def _enter(self, rows: list[Row]) -> None:
         if not rows:
             return
         if not self.live:
@@ -154,6 +225,8 @@ class Engine:
                 learns: bool) -> tuple[Verdict, torch.Tensor | None]:
         """learns: whether the drafter observes this pass (a greedy row needs probabilities only if it does)."""
         lg = logits[: len(tree) + 1]  # [M+1, V]
+        if torch.isnan(lg).any():
+            raise FloatingPointError("the model's logits hold NaN")
         p = sampler_probs(lg, r.params) if not r.params.greedy or (self.drafter.wants_probs and learns) else None
         return verify(tree, lg, r.params, r.rng, probs=p), p
 

@@ -1,7 +1,7 @@
 """A row: one sequence being generated (a prompt and one sample), its sampling state, its stats and its end.
 
 A row ends on an end-of-sequence token (unless ignore_eos), at max_new_tokens, when its context is full,
-on a stop string (the text is cut before it), or when cancelled.
+on a stop string (the text is cut before it), when cancelled, or when decoding it failed.
 """
 
 from __future__ import annotations
@@ -53,12 +53,13 @@ class Row:
     index: int = 0  # sample index within the group
     uid: int = field(default_factory=lambda: next(_uids))
     tokens: list[int] = field(default_factory=list)  # prompt + generated
-    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error" (then `error` says why)
     cancelled: bool = False
     text: str = ""
     stats: RowStats = field(default_factory=RowStats)
     logprobs: list[float] | None = None  # set to [] to record each generated token's log-prob under the model (T=1)
     started: float = 0.0  # perf_counter() when the row joined the batch
+    error: str | None = None
 
     def __post_init__(self):
         self.tokens = list(self.prompt)
@@ -114,6 +115,10 @@ class Row:
                 del self.tokens[end:]
                 self.finish_reason = "stop"
                 return
+
+    def fail(self, error: Exception) -> None:
+        """The row ends because decoding it failed (the engine's rows beside it go on)."""
+        self.finish_reason, self.error = "error", f"{type(error).__name__}: {error}"
 
     def check_room(self, max_len: int) -> None:
         if not self.done and len(self.tokens) >= max_len:

@@ -30,6 +30,7 @@ from stand.server.protocol import queue_full
 from stand.server.text import TextStream
 
 log = logging.getLogger("stand.server")
+ENGINE_FAILED = "the engine failed on this request (the server's log has the details)"
 
 
 # ---- events: from the worker thread to a request's handler ---------------------------------------------
@@ -83,10 +84,17 @@ class Job:
 
     def cancel(self) -> None:
         """From the event loop: the client went away; its rows end at their next step."""
-        if self.ended:
-            return
+        if not self.ended:
+            self.cancel_rows()
+
+    def cancel_rows(self) -> None:
         for r in self.rows:
             r.cancelled = True
+
+    @property
+    def released(self) -> bool:
+        """Every row has left the engine: its rows and memory are free."""
+        return all(self.finished)
 
     # the methods below run on the worker thread
 
@@ -107,7 +115,10 @@ class Job:
             return
         self.finished[i] = True
         self.metrics.row_done(row)
-        if not row.cancelled:
+        if row.finish_reason == "error":  # decoding it failed: the request fails, its other rows end
+            self.fail(ENGINE_FAILED)
+            self.cancel_rows()
+        elif not row.cancelled:
             self.emit(Done(i, self.streams[i].final(row.generated), row.finish_reason or "stop", len(row.generated)))
         if all(self.finished):
             self.end()
@@ -253,9 +264,9 @@ class Worker:
         t0 = time.perf_counter()
         try:
             ended = self.engine.step(self._on_commit)
-        except Exception as e:  # a bug or an engine failure: the live requests get a 500, the server lives on
+        except Exception:  # beyond the engine's own isolation of failing rows: every live request fails
             log.exception("engine step failed")
-            self._fail_live(f"the engine failed: {type(e).__name__}: {e}")
+            self._fail_live()
             return
         rows = len(self.engine.live) + len(ended)
         if rows:
@@ -266,12 +277,13 @@ class Worker:
         self._release()
 
     def _on_commit(self, row: Row, new: list[int]) -> None:
-        job, i = self.owner[row.uid]
-        job.commit(i, row)
+        if row.uid in self.owner:
+            job, i = self.owner[row.uid]
+            job.commit(i, row)
 
     def _release(self) -> None:
         """Jobs whose rows all ended give back their rows and memory."""
-        done = [j for j in self.live if j.ended]
+        done = [j for j in self.live if j.released]
         for job in done:
             self.live.remove(job)
             self.rows -= len(job.rows)
@@ -286,14 +298,15 @@ class Worker:
             needs = [j.need for j in self.live]
             self.metrics.memory_reserved = footprint(needs, self.budget.shape, self.budget.shared_table).total if needs else 0
 
-    def _fail_live(self, message: str) -> None:
-        """After an engine failure: every live request fails, the drafter forgets their rows, a new engine."""
+    def _fail_live(self) -> None:
+        """After an engine failure: every live request fails, the drafter forgets all their rows (those that ended
+        in the failed step too: their groups are released), a new engine."""
         for job in self.live:
-            for i, r in enumerate(job.rows):
-                if not r.done:
-                    r.finish_reason = "error"
-                    with contextlib.suppress(Exception):
-                        self.engine.drafter.finish(r)
-            job.fail(message)
+            for r in job.rows:
+                r.finish_reason = r.finish_reason or "error"
+                with contextlib.suppress(Exception):
+                    self.engine.drafter.finish(r)
+            job.fail(ENGINE_FAILED)
         self.live, self.owner, self.rows = [], {}, 0
+        self._note_memory()
         self.engine = self.make_engine()
