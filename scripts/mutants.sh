@@ -27,6 +27,12 @@ TRUNCATED=("$E::test_engine_distribution_is_exact[hf-pld-T0.7-k5-p0.9]"
            "$E::test_wrong_drafts_stay_exact[hf-consensus-1-6-1-perturbed-T0.7-k5-p0.9]"
            "$E::test_engine_distribution_is_exact[hf-stand-T0.7-k5-p0.9]")
 GREEDY=("tests/test_stand.py::test_greedy_equals_plain" "tests/test_engine.py::test_greedy_pld_equals_none_and_hf_batched")
+# where rows end and drafts are cut, and the verifier's rounding fallbacks (unit tests and the tiny model); stop
+# strings inside accepted drafts; the best-first drafter's worth; one failing row among others
+EDGES=(tests/test_truncations.py)
+STOPS=(tests/test_stop_in_draft.py)
+BEST=("tests/test_stand.py::test_best_first_draft_follows_worth")
+FAULTS=("tests/test_server_faults.py::test_one_failing_step_engine_run_still_raises")
 
 # name | file under src/stand | text | replacement | selection (an array above)
 MUTANTS=$(cat <<'EOF'
@@ -43,7 +49,28 @@ gumbel-noise-reused|drafters/stand.py|self.pos += n|self.pos += 0|STAND
 noise-seed-shared|drafters/stand.py|seed = int(row.rng.integers(2**63))|seed = 0|STAND
 draft-from-q-squared|drafters/stand.py|keys = -q if deterministic else -(np.log(q) + noise.take(len(q)))|keys = -q if deterministic else -(2 * np.log(q) + noise.take(len(q)))|STAND
 verify-against-row-0|engine.py|self._verify(r, t, logits[b], learns)|self._verify(r, t, logits[0], learns)|ONE_HOT
-commit-first-nodes|engine.py|cache.commit([[0] + v.accepted for v in verdicts])|cache.commit([[0] + list(range(1, len(v.accepted) + 1)) for v in verdicts])|GREEDY
+commit-first-nodes|engine.py|cache.commit([[0] + v.accepted[: k - 1] for v, k in zip(verdicts, kept)])|cache.commit([[0] + list(range(1, k)) for v, k in zip(verdicts, kept)])|GREEDY
+commit-dropped-tokens|engine.py|cache.commit([[0] + v.accepted[: k - 1] for v, k in zip(verdicts, kept)])|cache.commit([[0] + v.accepted for v in verdicts])|STOPS
+append-eos-inverted|core/sequence.py|if tok in eos_ids and not self.params.ignore_eos:|if tok in eos_ids and self.params.ignore_eos:|EDGES
+append-length-late|core/sequence.py|if len(self.tokens) - self.prompt_len >= self.params.max_new_tokens:|if len(self.tokens) - self.prompt_len > self.params.max_new_tokens:|EDGES
+stop-cut-late|core/sequence.py|del self.tokens[end:]|del self.tokens[end + 1:]|STOPS
+stop-after-length|core/sequence.py|self._cut_at_stop(start, decode)|self.done or self._cut_at_stop(start, decode)|STOPS
+stop-first-token-missed|core/sequence.py|for end in range(start + 1, len(self.tokens) + 1):|for end in range(start + 2, len(self.tokens) + 1):|STOPS
+room-no-bonus|core/sequence.py|max_len - len(self.tokens)) - 1, 0)|max_len - len(self.tokens)), 0)|EDGES
+clip-one-short|core/tree.py|return self.subtree(self.depths() <= max_depth)|return self.subtree(self.depths() < max_depth)|EDGES
+prefix-one-long|core/tree.py|return self.subtree(np.arange(len(self)) < k)|return self.subtree(np.arange(len(self)) <= k)|EDGES
+max-leaves-one-more|core/tree.py|if grows and leaves + 1 > k and leaves > 0:|if grows and leaves > k and leaves > 0:|EDGES
+engine-clip-skipped|engine.py|tree = tree.clip(r.room(self.target.max_len))|tree = tree.clip(r.room(self.target.max_len) + 8)|EDGES
+engine-share-one-long|engine.py|tree = tree if cap is None else tree.prefix(cap)|tree = tree if cap is None else tree.prefix(cap + 1)|EDGES
+fit-leaves-one-more|engine.py|max((seqs - rows) // rows, 0) + 1)|max((seqs - rows) // rows, 0) + 2)|EDGES
+fit-tokens-no-root|engine.py|t.prefix(max(tokens // rows - 1, 0))|t.prefix(max(tokens // rows, 0))|EDGES
+graft-stand-onto-consensus|drafters/combined.py|graft(self.stand.propose(row, max_nodes), self.consensus.propose(row), GRAFT)|graft(self.consensus.propose(row), self.stand.propose(row, max_nodes), GRAFT)|STAND
+best-first-child-worth|drafters/stand.py|open_node(idx, tail[1:] + (int(drawn[rank]),), -neg)|open_node(idx, tail[1:] + (int(drawn[rank]),), worth)|BEST
+best-first-sibling-worth|drafters/stand.py|(-worth * sorted_q[rank + 1], next(tick), node, rank + 1)|(-worth * sorted_q[rank], next(tick), node, rank + 1)|BEST
+best-first-floor-ignored|drafters/stand.py|if -neg < floor:|if -neg < 0.0:|BEST
+residual-fallback-keeps-rejected|core/verify.py|kids[node][: kids[node].index(c) + 1]]] = 0.0|kids[node][: kids[node].index(c)]]] = 0.0|EDGES
+draw-past-the-end|core/verify.py|return int(np.flatnonzero(np.diff(c, prepend=0.0) > 0)[-1])|return len(c) - 1|EDGES
+isolation-fails-everyone|engine.py|                    self._pass(part, self._rebuilt(part), on_commit)|                    raise error|FAULTS
 EOF
 )
 
@@ -93,7 +120,8 @@ mutant() {  # mutant NAME FILE TEXT REPLACEMENT SELECTION: one result line
 start=$SECONDS
 if [[ "${MUTANTS_BASELINE:-1}" != 0 ]]; then
     copy=$(fresh_copy baseline)
-    if ! run_tests "$copy" "${STAND[@]}" "${ONE_HOT[@]:0:2}" "${TRUNCATED[@]}" "${GREEDY[@]}"; then
+    if ! run_tests "$copy" "${STAND[@]}" "${ONE_HOT[@]:0:2}" "${TRUNCATED[@]}" "${GREEDY[@]}" "${EDGES[@]}" "${STOPS[@]}" \
+            "${BEST[@]}" "${FAULTS[@]}"; then
         echo "baseline: the chosen tests fail on unmutated src: $(first_failure "$copy")"
         exit 1
     fi
