@@ -133,6 +133,11 @@ run_load_2000() {  # the server under concurrent clients with long prompts: toke
     --prompt-tokens 2000 --json "$RESULTS/load.json"
 }
 
+run_load_mixed() {  # the server surviving its users: 8 clients x 50 requests mixing valid, oversized, malformed and
+  # cancelled requests, streamed and not, on torch and llama.cpp; every response checked, RSS against the budget
+  python3 benchmarks/load_mixed.py --backends torch,llama.cpp --clients 8 --requests 50 --out "$RESULTS"
+}
+
 run_smoke() {  # one problem, 32 tokens, every main method: checks the pipeline in a few minutes (into /tmp)
   stand bench --methods "$MAIN_METHODS" --dataset champ --problems 1 --n 1,2 --temperature 0.6 \
     --max-new-tokens 32 --dtype "$DTYPE" --json "$RESULTS/smoke.json" --plot "$RESULTS/plots"

@@ -84,6 +84,7 @@ def test_one_failing_step_fails_only_its_rows(served, how, prompt):
     worker, drafter = app.state.stand.worker, app.state.stand.worker.engine.drafter
     wait_until(lambda: not worker.live and not worker.engine.busy, 30)
     assert not drafter.tables and not drafter.rows  # every drafter group released
+    assert "stand_drafter_groups 0" in httpx.get(base + "/metrics").text
     assert healthy(base) and ask(base, GOOD[0]).status_code == 200
 
 

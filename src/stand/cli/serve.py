@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stand.cli.common import BackendOpt, DtypeOpt, MethodOpt, ModelOpt, app, user_errors
+from stand.cli.common import BackendOpt, CostOpt, DtypeOpt, MethodOpt, ModelOpt, app, user_errors
 from stand.server.memory import serve_help
 
 
@@ -31,6 +31,7 @@ def serve_cmd(
     max_live_tokens: Optional[int] = typer.Option(None, "--max-live-tokens", help="KV tokens running requests may reserve (prompts + n x max_tokens); default: the llama.cpp cache's size, no bound on torch but the memory budget"),
     memory_budget: Optional[int] = typer.Option(None, "--memory-budget", help="MiB the running requests may take together (KV with padding and copies, passes, drafter tables); beyond, requests wait, and one that could never fit gets 400; default: 80% of the memory free once the model is loaded (the startup log shows it)"),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="The largest request body (beyond: 413)"),
+    cost: CostOpt = None,
     engine: str = typer.Option("stand", "--engine", help="stand | vllm: `vllm serve` with stand's proposer (scripts/setup-vllm.sh; docs/vllm.md)"),
 ):
     if engine != "stand":  # this process becomes `vllm serve`
@@ -42,5 +43,5 @@ def serve_cmd(
                        api_key=api_key, table=table, share_table=share_table, max_queue=max_queue,
                        default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, max_n=max_n,
                        max_prompt_tokens=max_prompt_tokens, max_live_rows=max_live_rows,
-                       max_live_tokens=max_live_tokens, memory_budget_mib=memory_budget,
+                       max_live_tokens=max_live_tokens, memory_budget_mib=memory_budget, cost=cost,
                        max_body_bytes=max_body_bytes).validate())

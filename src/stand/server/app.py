@@ -178,6 +178,14 @@ def table_keeper(config: ServerConfig, drafter) -> tuple[Callable[[], None], Cal
     return idle, save
 
 
+def held_groups(drafter) -> int:
+    """Drafter groups still held (per-request tables, suffix caches, consensus groups; a shared one not counted).
+    len and `in` only: the worker may change these dicts meanwhile."""
+    parts = [drafter] + [getattr(drafter, n) for n in ("stand", "consensus") if hasattr(drafter, n)]
+    held = [getattr(p, a, None) for p in parts for a in ("tables", "caches", "groups")]
+    return sum(len(d) - ("shared" in d) for d in held if isinstance(d, dict))
+
+
 def engines(target: Target, spec, drafter) -> Callable[[], Engine]:
     """The worker's engines: the first from make_engine (which may measure this machine's cost grid), later
     ones (after an engine failure) with the same grid."""
@@ -272,6 +280,7 @@ def install_routes(app: FastAPI, state: State) -> None:
     async def metrics():
         worker = state.worker
         depth, live = (worker.depth, worker.rows) if worker else (0, 0)
+        state.metrics.drafter_groups = held_groups(state.drafter)
         return PlainTextResponse(state.metrics.render(depth, live, state.ready), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

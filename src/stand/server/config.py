@@ -27,6 +27,7 @@ class ServerConfig:
     table: str | None = None  # n-gram table file: loaded at start, saved on shutdown (implies share_table)
     share_table: bool = False  # one drafter table for every request
     served_name: str | None = None  # the model id reported by /v1/models
+    cost: str | None = None  # what a pass costs (SpecConfig.cost_grid): None measures this machine's grid once
     # ---- what one request may ask for (beyond: 400 naming the field) and what runs at once
     max_queue: int = 64  # requests waiting for room in the engine; more get 429
     default_max_tokens: int = 512  # for a request that gives no max_tokens (both endpoints)
@@ -64,6 +65,10 @@ class ServerConfig:
             from stand.drafters.ngram_table import check_table_path
 
             check_table_path(self.table)  # a directory, or a file that is not a table: refused before listening
+        if self.cost not in (None, "off", "tree"):
+            from stand.core.cost import CostGrid
+
+            CostGrid.load(self.cost)
         self._check_model()
         return self
 
@@ -93,7 +98,8 @@ class ServerConfig:
         return self.share_table or bool(self.table)
 
     def spec(self) -> SpecConfig:
-        return SpecConfig(method=self.method, share_across_prompts=self.shared_table, table_path=self.table).validate()
+        return SpecConfig(method=self.method, share_across_prompts=self.shared_table, table_path=self.table,
+                          cost_grid=self.cost).validate()
 
 
 def is_loopback(host: str) -> bool:

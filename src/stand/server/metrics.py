@@ -18,6 +18,7 @@ class Metrics:
         self.draft_seconds = self.engine_seconds = self.queue_seconds = 0.0
         self.engine_steps = self.step_rows = self.admitted_jobs = self.admitted_rows = 0
         self.memory_ceiling = self.memory_reserved = 0  # bytes: the server's own plus the budget; the live requests'
+        self.drafter_groups = 0  # groups the drafter holds (set when /metrics is read)
 
     def request(self, path: str, status: int) -> None:
         with self.lock:
@@ -78,6 +79,8 @@ class Metrics:
                  "requests may take.", self.memory_ceiling),
                 ("memory_reserved_bytes", "gauge", "Memory the running requests may take (their footprint).",
                  self.memory_reserved),
+                ("drafter_groups", "gauge", "Drafter groups held (a request's tables; a shared table not counted).",
+                 self.drafter_groups),
             ]
         for name, kind, help_, value in rows:
             lines += [f"# HELP stand_{name} {help_}", f"# TYPE stand_{name} {kind}", f"stand_{name} {value}"]
