@@ -64,7 +64,8 @@ engine-clip-skipped|engine.py|tree = tree.clip(r.room(self.target.max_len))|tree
 engine-share-one-long|engine.py|tree = tree if cap is None else tree.prefix(cap)|tree = tree if cap is None else tree.prefix(cap + 1)|EDGES
 fit-leaves-one-more|engine.py|max((seqs - rows) // rows, 0) + 1)|max((seqs - rows) // rows, 0) + 2)|EDGES
 fit-tokens-no-root|engine.py|t.prefix(max(tokens // rows - 1, 0))|t.prefix(max(tokens // rows, 0))|EDGES
-graft-stand-onto-consensus|drafters/combined.py|graft(self.stand.propose(row, max_nodes), self.consensus.propose(row), GRAFT)|graft(self.consensus.propose(row), self.stand.propose(row, max_nodes), GRAFT)|STAND
+graft-follows-last|core/tree.py|nodes.setdefault(key, i)|nodes[key] = i|EDGES
+graft-parent-unmapped|core/tree.py|key = (-1 if par < 0 else where[par], tok)|key = (par, tok)|EDGES
 best-first-child-worth|drafters/stand.py|open_node(idx, tail[1:] + (int(drawn[rank]),), -neg)|open_node(idx, tail[1:] + (int(drawn[rank]),), worth)|BEST
 best-first-sibling-worth|drafters/stand.py|(-worth * sorted_q[rank + 1], next(tick), node, rank + 1)|(-worth * sorted_q[rank], next(tick), node, rank + 1)|BEST
 best-first-floor-ignored|drafters/stand.py|if -neg < floor:|if -neg < 0.0:|BEST

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from stand.core.sequence import Row
-from stand.core.tree import DraftTree, SparseDist
+from stand.core.tree import DraftTree, SparseDist, graft
 from stand.core.verify import _pick, verify_sample
 from stand.drafters.none import NoDrafter
 from stand.engine import Engine
@@ -52,6 +52,19 @@ def test_tree_cuts_by_depth_prefix_and_leaves():
     assert [len(tree.clip(d)) for d in range(4)] == [0, 2, 3, 4]
     assert tree.prefix(2).tokens == [1, 3] and tree.prefix(0).tokens == [] and len(tree.prefix(9)) == 4
     assert tree.max_leaves(1).tokens == [1, 3, 4] and len(tree.max_leaves(2)) == 4
+
+
+def test_graft_follows_the_first_equal_node_and_adds_after_it():
+    """The consensus chain 1 -> 2 -> 7 grafted onto a STAND tree [9, 1 -> 2, 1]: it follows the first node 1 and its
+    child 2, and only 7 is new, added last (the verifier tries a grafted node after the siblings it joins)."""
+    base = DraftTree()
+    base.add(9, -1)
+    one = base.add(1, -1)
+    two = base.add(2, one)
+    base.add(1, -1)
+    tree, added = graft(base, DraftTree.chain([1, 2, 7]), tag=-2)
+    assert added == 1 and tree.tokens == [9, 1, 2, 1, 7] and tree.parents == [-1, -1, one, -1, two]
+    assert tree.tags[-1] == -2
 
 
 def bushy(leaves: int) -> DraftTree:
