@@ -97,6 +97,13 @@ def test_error_shapes_unexpected_exception_is_json_500_without_details(served):
     finally:
         del target.encode
     assert "secret" not in error["message"] and error["type"] == "server_error"
+    state, drafter = app.state.stand, app.state.stand.drafter
+    state.drafter = type("Broken", (), {"__getattr__": lambda self, name: 1 / 0})()
+    try:
+        with httpx.Client(base_url=base, timeout=60) as client:  # one connection: it survives the error
+            assert [openai_error(client.get("/metrics"), 500)["code"] for _ in range(2)] == ["internal_error"] * 2
+    finally:
+        state.drafter = drafter
     assert healthy(base)
 
 
