@@ -53,9 +53,26 @@ class Gate:
             if error is not None:
                 await error.response()(scope, receive, send_and_note)
             else:
-                await self.app(scope, receive, send_and_note)
+                await self._answer(scope, receive, send_and_note)
         finally:
             self.metrics.request(path if path in KNOWN_PATHS else "other", status[0])
+
+    async def _answer(self, scope, receive, send) -> None:
+        """Runs the route; a bug in it answers a JSON 500 here, below Starlette's outermost handler, so the
+        exception never reaches uvicorn (which would close the client's keep-alive connection after answering)."""
+        started = [False]
+
+        async def send_and_mark(message):
+            started[0] = started[0] or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_mark)
+        except Exception as e:
+            if started[0]:
+                raise  # half a response went out: only closing the connection tells the client
+            log.error("%s %s failed", scope.get("method"), scope["path"], exc_info=e)
+            await internal_error().response()(scope, receive, send)
 
     def _allowed(self, scope, path: str) -> bool:
         key = self.config.api_key
