@@ -24,13 +24,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stand.backends.int4_model import Int4Model, pair_rows
 from stand.backends.lean import LeanLayer, LeanModel, LeanTarget, Linear, lean_config, rope_table, unsupported_reason
-from stand.backends.quant import GROUP, Q4_TYPES, GroupEmbedding, Groups, Int4Linear, block_groups, concat, planes, \
-    quantize_groups, release_memory
+from stand.backends.quant import Q4_TYPES, GroupEmbedding, Groups, Int4Linear, Int8Linear, block_groups, concat, \
+    planes, quantize_groups, release_memory
 from stand.backends.torch import Target, _check_arch, load_failure, load_tokenizer, quiet_transformers
 from stand.errors import StandError
 
-HEADS = ("auto", "int4x2", "int8", "bfloat16")  # how a Q8_0 output head runs (auto: int4x2, the fastest measured)
+HEADS = ("auto", "int4x2", "int8", "bfloat16")  # how a Q8_0 output head runs (see output_head)
+HEAD_ROWS = 8  # auto: from this many rows a pass's Q8_0 head runs in bfloat16 (the int4 kernel's cost grows per 4 rows)
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 FLOAT_TYPES = ("F32", "F16", "BF16")
 log = logging.getLogger("stand")
@@ -90,17 +92,10 @@ class GGUFTensors:
         return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
 
 
-def rotary_rows(rows: int, heads: int) -> torch.Tensor:
-    """The row order that undoes llama.cpp's interleaving of Q and K rows for a llama file: Hugging Face row
-    h*D + j*D/2 + i is the file's row h*D + 2i + j."""
-    dim = rows // heads
-    h, j, i = torch.meshgrid(torch.arange(heads), torch.arange(2), torch.arange(dim // 2), indexing="ij")
-    return (h * dim + 2 * i + j).reshape(-1)
-
-
 def layer_groups(t: GGUFTensors, i: int, cfg, requantized: Counter) -> dict[str, Groups]:
-    """The seven matrices of layer i as int4 groups, Hugging Face row order; types other than Q4_0/Q4_1 are
-    quantised to groups (counted in `requantized` by type)."""
+    """The seven matrices of layer i as int4 groups, Q and K rows in interleaved pairs (int4_model.py): as a
+    llama file has them, re-ordered for others. Types other than Q4_0/Q4_1 are quantised to groups (counted in
+    `requantized` by type)."""
     out = {}
     for m in LAYER_MATRICES:
         name = f"blk.{i}.{m}.weight"
@@ -110,17 +105,21 @@ def layer_groups(t: GGUFTensors, i: int, cfg, requantized: Counter) -> dict[str,
         else:
             requantized[kind] += 1
             g = quantize_groups(t.floats(name))
-        if t.arch == "llama" and m in ("attn_q", "attn_k"):
-            g = g.rows(rotary_rows(g.shape[0], cfg.heads if m == "attn_q" else cfg.kv_heads))
+        if t.arch != "llama" and m in ("attn_q", "attn_k"):
+            g = g.rows(pair_rows(g.shape[0], cfg.heads if m == "attn_q" else cfg.kv_heads))
         out[m] = g
     return out
 
 
-def _bias(t: GGUFTensors, i: int, opts: Int4Options) -> torch.Tensor | None:
+def _bias(t: GGUFTensors, i: int, cfg, opts: Int4Options) -> torch.Tensor | None:
+    """Layer i's Q, K and V biases (qwen2) as one vector, Q and K in pairs order like their rows."""
     names = [f"blk.{i}.attn_{m}.bias" for m in "qkv"]
     if not all(n in t for n in names):
         return None
-    return torch.cat([t.floats(n) for n in names]).to(opts.compute).to(opts.device)
+    q, k, v = (t.floats(n) for n in names)
+    if t.arch != "llama":
+        q, k = q[pair_rows(len(q), cfg.heads)], k[pair_rows(len(k), cfg.kv_heads)]
+    return torch.cat([q, k, v]).to(opts.compute).to(opts.device)
 
 
 def int4_layer(groups: dict[str, Groups], ln1: torch.Tensor, ln2: torch.Tensor, bias, opts: Int4Options) -> LeanLayer:
@@ -151,30 +150,33 @@ def embedding_and_head(t: GGUFTensors, opts: Int4Options):
 
 
 def output_head(t: GGUFTensors, name: str, groups: Groups | None, opts: Int4Options):
-    """[..., hidden] -> logits from tensor `name` (groups: its blocks, None where it is not Q4/Q8)."""
+    """[..., hidden] -> logits from tensor `name` (groups: its blocks, None where it is not Q4/Q8). A Q8_0 head
+    runs as `opts.head` says: int4x2 (its codes as two int4 planes: as fast as int8 for few rows, and exact in
+    the codes), int8 (re-quantised per output row: an error ~5x int4x2's), bfloat16 (the de-quantised weights
+    rounded: faster from about 8 rows), or auto: int4x2 below HEAD_ROWS rows, bfloat16 from there."""
     kind, dev = t.kind(name), torch.device(opts.device)
     if kind in Q4_TYPES:
         return Int4Linear(groups, dev, opts.compute)
-    head = "int4x2" if opts.head == "auto" else opts.head
-    if kind == "Q8_0" and head == "int4x2":
-        return Int4Linear(planes(groups), dev, opts.compute, twice=True)
-    if kind == "Q8_0" and head == "int8":
+    dense = lambda: Linear((groups.dequantize(opts.compute) if groups is not None else
+                            t.floats(name).to(opts.compute)).to(dev), None, "dense")
+    if kind != "Q8_0" or opts.head == "bfloat16":
+        return dense()
+    if opts.head == "int8":
         return Int8Linear(groups.dequantize(), dev, opts.compute)
-    return Linear(t.floats(name).to(opts.compute).to(dev), None, "dense" if dev.type != "cpu" else "auto")
+    int4x2 = Int4Linear(planes(groups), dev, opts.compute, twice=True)
+    return int4x2 if opts.head == "int4x2" else RowSwitch(int4x2, dense(), HEAD_ROWS)
 
 
-class Int8Linear:
-    """y = x W^T with W re-quantised to int8 with one scale per output row (`aten._weight_int8pack_mm`): a Q8_0
-    head's 32-weight blocks do not map onto it exactly (docs/backends.md measures the error)."""
+@dataclass
+class RowSwitch:
+    """`few` for passes of fewer than `rows` rows, `many` from there (two forms of the same weights)."""
 
-    def __init__(self, w: torch.Tensor, device: torch.device, compute: torch.dtype):
-        scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # [N]
-        self.codes = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).to(device)  # [N, K]
-        self.scales, self.compute, self.out_features = scale.to(compute).to(device), compute, w.shape[0]
+    few: object
+    many: object
+    rows: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(self.compute)
-        return torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales).view(*x.shape[:-1], self.out_features)
+        return (self.few if x.numel() < self.rows * x.shape[-1] else self.many)(x)
 
 
 # ---- building -------------------------------------------------------------------------------------------
@@ -209,7 +211,7 @@ def lean_from_gguf(path: str, model, opts: Int4Options) -> LeanModel:
 
     for i in tqdm(range(cfg.layers), desc="int4 weights", unit="layer", leave=False):
         layers.append(int4_layer(layer_groups(t, i, cfg, requantized), norm(f"blk.{i}.attn_norm.weight"),
-                                 norm(f"blk.{i}.ffn_norm.weight"), _bias(t, i, opts), opts))
+                                 norm(f"blk.{i}.ffn_norm.weight"), _bias(t, i, cfg, opts), opts))
         release_memory(collect=False)  # each layer's scratch, before the next one's
     if requantized:
         kinds = ", ".join(f"{n} {k}" for k, n in requantized.items())
@@ -217,26 +219,27 @@ def lean_from_gguf(path: str, model, opts: Int4Options) -> LeanModel:
                     "load: a different model from the file's", sum(requantized.values()), os.path.basename(path), kinds)
     rot = type(model.model.rotary_emb)(config=model.config)  # the skeleton's is on the meta device
     embed, head = embedding_and_head(t, opts)
-    return LeanModel(cfg, embed, layers, norm("output_norm.weight"), head,
+    return Int4Model(cfg, embed, layers, norm("output_norm.weight"), head,
                      tuple(x.to(dev) for x in rope_table(rot, cfg.max_len, opts.compute)), opts.compute, dev)
 
 
 def lean_from_hf(model, opts: Int4Options) -> LeanModel:
     """A Hugging Face model's layer matrices quantised to int4 groups (a different model); the embedding and
     the output head stay dense in the compute dtype."""
-    dense = LeanModel.from_hf(model, linear="dense")
-    dev = torch.device(opts.device)
-    for layer, hf in zip(dense.layers, model.model.layers):
-        q = lambda lin: quantize_groups(lin.weight)
-        layer.qkv = Int4Linear(q(layer.qkv), dev, opts.compute, bias=layer.qkv.bias)
-        layer.o, layer.down = (Int4Linear(q(lin), dev, opts.compute) for lin in (layer.o, layer.down))
-        layer.gate_up = Int4Linear(q(layer.gate_up), dev, opts.compute)
-        layer.ln1, layer.ln2 = (w.to(opts.compute).to(dev) for w in (layer.ln1, layer.ln2))
+    dense, dev = LeanModel.from_hf(model, linear="dense"), torch.device(opts.device)
+    c = dense.cfg
+    qk_rows = torch.cat([pair_rows(c.heads * c.head_dim, c.heads),
+                         c.heads * c.head_dim + pair_rows(c.kv_heads * c.head_dim, c.kv_heads),
+                         torch.arange((c.heads + c.kv_heads) * c.head_dim, (c.heads + 2 * c.kv_heads) * c.head_dim)])
+    int4 = lambda w, bias=None: Int4Linear(quantize_groups(w), dev, opts.compute, bias=bias)
+    layers = [LeanLayer(ln1=layer.ln1.to(opts.compute).to(dev), ln2=layer.ln2.to(opts.compute).to(dev),
+                        qkv=int4(layer.qkv.weight[qk_rows], None if layer.qkv.bias is None else layer.qkv.bias[qk_rows]),
+                        o=int4(layer.o.weight), gate_up=int4(layer.gate_up.weight), down=int4(layer.down.weight))
+              for layer in dense.layers]
     embed = model.get_input_embeddings().weight.detach().to(opts.compute).to(dev)
     head = model.get_output_embeddings().weight.detach().to(opts.compute).to(dev)
-    return LeanModel(dense.cfg, functools.partial(F.embedding, weight=embed), dense.layers,
-                     dense.norm.to(opts.compute).to(dev), Linear(head, None, "dense"),
-                     tuple(x.to(opts.compute).to(dev) for x in (dense.cos, dense.sin)), opts.compute, dev)
+    return Int4Model(c, functools.partial(F.embedding, weight=embed), layers, dense.norm.to(opts.compute).to(dev),
+                     Linear(head, None, "dense"), (dense.cos.to(dev), dense.sin.to(dev)), opts.compute, dev)
 
 
 # ---- the target -----------------------------------------------------------------------------------------

@@ -45,11 +45,16 @@ class Groups:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weights [N, K] the groups stand for, computed in float64 and rounded once to dtype."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, chunk: int = 4096) -> torch.Tensor:
+        """The weights [N, K] the groups stand for, computed in float64 and rounded once to dtype (`chunk` rows
+        at a time: an output head in float64 at once would take 8 bytes a weight)."""
         N, K = self.shape
-        q = (self.codes.double() - self.offset).view(N, K // GROUP, GROUP)
-        return (q * self.scales.double()[..., None] + self.zeros.double()[..., None]).view(N, K).to(dtype)
+        out = torch.empty(N, K, dtype=dtype)
+        for lo in range(0, N, chunk):
+            q = (self.codes[lo:lo + chunk].double() - self.offset).unflatten(1, (K // GROUP, GROUP))
+            w = q * self.scales[lo:lo + chunk].double()[..., None] + self.zeros[lo:lo + chunk].double()[..., None]
+            out[lo:lo + chunk] = w.flatten(1)
+        return out
 
     def rows(self, index: torch.Tensor) -> "Groups":
         """The groups of rows `index` (a permutation or a subset), in that order."""
@@ -189,15 +194,21 @@ class Int4Linear:
             torch.ops.aten._weight_int4pack_mm_for_cpu
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(self.compute)  # [M, K]
+        x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+        if x2.dtype != self.compute:
+            x2 = x2.to(self.compute)
         if self.twice:
             x2 = torch.cat([x2, x2], dim=1)  # [M, 2K]
-        y = self.mm(x2.contiguous(), self.packed, GROUP, self.scales_zeros)  # [M, N padded]
+        elif not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = self.mm(x2, self.packed, GROUP, self.scales_zeros)  # [M, N padded]
         if y.shape[1] != self.out_features:
             y = y[:, : self.out_features]
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class GroupEmbedding:
@@ -214,3 +225,17 @@ class GroupEmbedding:
         K = g.codes.shape[1]
         q = (g.codes[ids].float() - g.offset).unflatten(-1, (K // GROUP, GROUP))  # [..., K / 32, 32]
         return (q * g.scales[ids][..., None] + g.zeros[ids][..., None]).flatten(-2).to(self.dtype)
+
+
+class Int8Linear:
+    """y = x W^T with W re-quantised to int8 with one scale per output row (`aten._weight_int8pack_mm`): a Q8_0
+    head's 32-weight blocks do not map onto it exactly (docs/backends.md measures the error)."""
+
+    def __init__(self, w: torch.Tensor, device: torch.device, compute: torch.dtype):
+        scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # [N]
+        self.codes = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).to(device)  # [N, K]
+        self.scales, self.compute, self.out_features = scale.to(compute).to(device), compute, w.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(self.compute)
+        return torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales).view(*x.shape[:-1], self.out_features)

@@ -1,0 +1,86 @@
+"""The lean forward for 4-bit weights: the same decoder as lean.py with fewer, larger operations per layer.
+
+With the matrix products at int4 cost, a pass's other operations (a few microseconds each, some sixty per
+layer in the dense lean forward) cost as much as the products. This layer runs about seventeen:
+- RMS norms as one `F.rms_norm` with the weight (in bfloat16; the reference is the de-quantised weights in
+  float64, not transformers' bfloat16 rounding order);
+- Q and K rows kept in GGUF's interleaved-pairs order (int4.py puts them there), so rotary embedding is one
+  complex multiplication in float32 (a dot product does not change when both sides permute alike);
+- the KV cache in float32 and attention as one `scaled_dot_product_attention` over it (no bfloat16 cache
+  converted to float32 per layer, as the dense one-query path does); the attention output rounded once;
+- SiLU and the gate product in place.
+docs/backends.md lists what each cut gained.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from stand.backends.lean import LeanConfig, LeanLayer, LeanModel
+from stand.backends.lean_cache import LeanCache
+
+
+def rope_cis(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF-style cos, sin tables [P, D] (each half repeated) -> complex64 [P, D/2] for rotating pairs."""
+    half = cos.shape[-1] // 2
+    return torch.complex(cos[:, :half].float(), sin[:, :half].float())
+
+
+def pair_rows(rows: int, heads: int) -> torch.Tensor:
+    """Row order that turns Q or K rows in Hugging Face's halves order into interleaved pairs: pairs row
+    h*D + 2i + j is halves row h*D + j*D/2 + i."""
+    dim = rows // heads
+    h, i, j = torch.meshgrid(torch.arange(heads), torch.arange(dim // 2), torch.arange(2), indexing="ij")
+    return (h * dim + j * (dim // 2) + i).reshape(-1)
+
+
+class Int4Model(LeanModel):
+    """LeanModel whose layers run the int4 recipe above; rope: (cos, sin) tables as LeanModel's, Q/K rows of
+    every layer in pairs order; activations in `dtype` (bfloat16 for the int4 kernels), the cache in float32."""
+
+    cache_dtype = torch.float32
+
+    def __init__(self, cfg: LeanConfig, embed, layers: list[LeanLayer], norm, lm_head, rope, dtype, device="cpu"):
+        super().__init__(cfg, embed, layers, norm, lm_head, rope, dtype, device)
+        self.cis = rope_cis(self.cos, self.sin).to(self.device)  # [P, D/2]
+
+    def new_cache(self) -> LeanCache:
+        c = self.cfg
+        return LeanCache(c.layers, c.kv_heads, c.head_dim, self.cache_dtype, self.device)
+
+    def forward(self, cache: LeanCache, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
+                keep_last: int = 0) -> torch.Tensor:
+        """ids, pos [B, T]; mask [B, 1, T, S + T] bool or None (all allowed) -> logits [B, T or keep_last, V]."""
+        B, T = ids.shape
+        S = cache.reserve(B, T)
+        cis = self.cis[pos][:, :, None]  # [B, T, 1, D/2]
+        x = self.embed(ids)  # [B, T, hidden]
+        for i, layer in enumerate(self.layers):
+            x = self._layer(layer, x, cis, cache.layer(i), S, mask)
+        cache.length = S + T
+        if keep_last:
+            x = x[:, -keep_last:]
+        return self.lm_head(F.rms_norm(x, (self.cfg.hidden,), self.norm, self.cfg.eps))
+
+    def _layer(self, layer: LeanLayer, x, cis, kv, S: int, mask):
+        c = self.cfg
+        x = x + self._attention(layer, F.rms_norm(x, (c.hidden,), layer.ln1, c.eps), cis, kv, S, mask)
+        h = layer.gate_up(F.rms_norm(x, (c.hidden,), layer.ln2, c.eps))  # [B, T, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        return x + layer.down(F.silu(gate, inplace=True).mul_(up))
+
+    def _attention(self, layer: LeanLayer, x, cis, kv, S: int, mask):
+        c = self.cfg
+        B, T, _ = x.shape
+        H, D, nqk = c.heads, c.head_dim, c.heads + c.kv_heads
+        qkv = layer.qkv(x)  # [B, T, (H + 2 Hkv) D]
+        qk = torch.view_as_complex(qkv[..., : nqk * D].float().view(B, T, nqk, D // 2, 2))
+        qk = torch.view_as_real(qk * cis).view(B, T, nqk, D)  # rotated, float32
+        keys, values = kv  # [B, Hkv, capacity, D] float32
+        keys[:, :, S:S + T] = qk[:, :, H:].transpose(1, 2)
+        values[:, :, S:S + T] = qkv[..., nqk * D:].view(B, T, c.kv_heads, D).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), keys[:, :, : S + T],
+                                             values[:, :, : S + T], attn_mask=mask, scale=self.scale,
+                                             enable_gqa=H != c.kv_heads)  # [B, H, T, D]
+        return layer.o(out.transpose(1, 2).reshape(B, T, H * D).to(self.dtype))
