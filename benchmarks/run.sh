@@ -9,6 +9,7 @@
 #   bash benchmarks/run.sh llamacpp   # our methods on the llama.cpp backend beside llama.cpp itself
 #   bash benchmarks/run.sh llamacpp-bf16  # the same on a BF16 re-encoding of the default GGUF (stand convert --to bf16)
 #   bash benchmarks/run.sh torch      # our methods on the torch backend (dtype auto), n=1 and 8
+#   bash benchmarks/run.sh int4       # the int4 lean forward (the GGUF's own Q4 blocks) beside bfloat16 and llama.cpp
 #   bash benchmarks/run.sh arithmetic # stand solve on generated arithmetic: single-sample vs vote accuracy, none vs stand
 #   bash benchmarks/run.sh vllm       # stand's proposers inside vLLM beside vLLM's own; our stand against our suffix
 #
@@ -94,6 +95,30 @@ run_torch() {  # issue 17: our methods on the torch backend (dtype auto: measure
     --schedule batched,sequential,auto --json "$OUT/torch_n8_t0.6.json" | tee -i "$OUT/torch_n8_t0.6.txt"
 }
 
+run_int4() {  # issue 22: int4 and bfloat16 on torch, the llama.cpp anchor in each run; held-out CHAMP 241+
+  machine "$OUT/int4.machine.txt"
+  local first=${FIRST:-240} problems=${PROBLEMS:-4} tokens=${TOKENS:-256} ours=none,pld,recycle,stand,stand-dynamic,suffix
+  for t in 0.6 0; do
+    for d in int4 bfloat16; do
+      stand bench --backend torch --dtype "$d" --methods "$ours,llama.cpp" --dataset champ --first "$first" \
+        --problems "$problems" --n 1 --temperature "$t" --max-new-tokens "$tokens" --seed 0 --repeats "$REPEATS" \
+        --json "$OUT/int4_${d}_n1_t$t.json" | tee -i "$OUT/int4_${d}_n1_t$t.txt"
+    done
+  done
+  for d in int4 bfloat16; do  # n=8: plain batched (none) and the drafters, batched and k-at-a-time
+    stand bench --backend torch --dtype "$d" --methods none,pld,recycle,stand,consensus,stand+consensus,suffix \
+      --dataset champ --first "$first" --problems "${PROBLEMS8:-2}" --n 8 --temperature 0.6 --max-new-tokens "$tokens" \
+      --seed 0 --schedule batched,auto --json "$OUT/int4_${d}_n8_t0.6.json" | tee -i "$OUT/int4_${d}_n8_t0.6.txt"
+  done
+  stand bench --backend llama.cpp --methods none,llama.cpp --dataset champ --first "$first" --problems "${PROBLEMS8:-2}" \
+    --n 8 --temperature 0.6 --max-new-tokens "$tokens" --seed 0 --schedule batched \
+    --json "$OUT/int4_llamacpp_n8_t0.6.json" | tee -i "$OUT/int4_llamacpp_n8_t0.6.txt"
+  stand profile --backend torch --dtype int4 | tee -i "$OUT/int4_profile.txt"
+  python3 benchmarks/greedy_agreement.py --backend torch --dtype int4 --first "$first" --problems "$problems" \
+    --max-new-tokens "$tokens" | tee -i "$OUT/int4_greedy_agreement.txt"
+  python3 benchmarks/rss.py --tokens "$tokens" | tee -i "$OUT/int4_rss.txt"
+}
+
 run_arithmetic() {  # issue 17: self-consistency pays on a set the default model can solve; lossless: none = stand
   machine "$OUT/arithmetic.machine.txt"
   for m in none stand; do
@@ -134,6 +159,7 @@ case "$WHAT" in
   llamacpp-bf16) run_llamacpp_bf16 ;;
   vllm) run_vllm ;;
   torch) run_torch ;;
+  int4) run_int4 ;;
   arithmetic) run_arithmetic ;;
-  *) echo "usage: $0 [all|main|sweep|smoke|llamacpp|llamacpp-bf16|vllm|torch|arithmetic]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|main|sweep|smoke|llamacpp|llamacpp-bf16|vllm|torch|int4|arithmetic]" >&2; exit 2 ;;
 esac

@@ -269,13 +269,14 @@ def exact_int4(path: str) -> bool:
     return bool(mats) and all(t.kind(n) in Q4_TYPES for n in mats)
 
 
-def load_int4(path: str, opts: Int4Options = Int4Options()) -> Int4Target:
-    """The model at `path` (a GGUF file or a Hugging Face directory) as an int4 Target."""
+def load_int4(path: str, opts: Int4Options = Int4Options(), tokenizer=None) -> Int4Target:
+    """The model at `path` (a GGUF file or a Hugging Face directory) as an int4 Target; tokenizer: the file's
+    (None) or one given (tests' files carry a vocabulary transformers cannot rebuild)."""
     if opts.head not in HEADS:
         raise StandError(f"head must be one of {', '.join(HEADS)}, got {opts.head!r}")
     name = os.path.basename(path.rstrip("/"))
     if os.path.isfile(path):
-        model, tokenizer = skeleton(path), load_tokenizer(path)
+        model, tokenizer = skeleton(path), tokenizer or load_tokenizer(path)
         release_memory()  # the metadata parsed twice on the way: before the weights, not beside them
         lean = lean_from_gguf(path, model, opts)
         release_memory()

@@ -210,13 +210,13 @@ class LeanModel:
         if reason is not None:
             raise StandError(f"the lean forward does not support this model: {reason}")
         cfg = lean_config(model)
-        dtype = model.get_input_embeddings().weight.dtype
-        mode = linear_mode(dtype, linear)
+        dtype, device = model.get_input_embeddings().weight.dtype, model.get_input_embeddings().weight.device
+        mode = linear_mode(dtype, linear) if device.type == "cpu" else "dense"  # oneDNN's packing is CPU-only
         embed = functools.partial(F.embedding, weight=model.get_input_embeddings().weight.detach())  # [V, hidden]
         layers = [build_layer(layer, mode) for layer in model.model.layers]
         head = Linear(model.get_output_embeddings().weight.detach(), None, mode)
-        lean = cls(cfg, embed, layers, model.model.norm.weight.detach(), head,
-                   rope_table(model.model.rotary_emb, cfg.max_len, dtype), dtype)
+        rope = tuple(t.to(device) for t in rope_table(model.model.rotary_emb, cfg.max_len, dtype))
+        lean = cls(cfg, embed, layers, model.model.norm.weight.detach(), head, rope, dtype, device)
         lean.linear = mode
         return lean
 
@@ -253,7 +253,7 @@ class LeanModel:
         keys[:, :, S:S + T] = qk[:, :, c.heads:].transpose(1, 2)
         values[:, :, S:S + T] = qkv[:, :, c.heads + c.kv_heads:].transpose(1, 2)
         q = qk[:, :, : c.heads].transpose(1, 2)  # [B, H, T, D]
-        if T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        if T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":  # CPU only: CUDA's SDPA is fast here
             out = one_query_attention(q, keys[:, :, : S + T], values[:, :, : S + T], mask, self.scale)
         else:
             out = F.scaled_dot_product_attention(q, keys[:, :, : S + T], values[:, :, : S + T], attn_mask=mask,

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from stand.api import build_rows, make_engine
-from stand.backends.load import load_model
+from stand.api import load_target
 from stand.backends.protocol import Backend as Target
 from stand.drafters.registry import make_drafter
 from stand.engine import Engine
@@ -186,7 +186,8 @@ async def collect(job: Job, request: Request, poll: float = 1.0) -> tuple[list[D
 def create_app(config: ServerConfig, loader: Callable[[], Target] | None = None) -> FastAPI:
     """The FastAPI app; the model loads in the background at startup (loader: how; default load_model)."""
     config.validate()
-    state = State(config, loader or (lambda: load_model(config.model, config.dtype, config.backend)))
+    state = State(config, loader or (lambda: load_target(config.model, config.backend, config.dtype, config.device,
+                                                         config.method)))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
