@@ -23,7 +23,7 @@ import torch
 
 from stand.backends.machine import cpu_key, machine_grid, model_identity, GRID_METHOD
 from stand.backends.protocol import Backend, pads
-from stand.core.budget import CostGrid
+from stand.core.cost import CostGrid
 from stand.core.files import cache_dir, read_json, write_json
 from stand.errors import StandError
 
