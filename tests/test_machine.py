@@ -79,8 +79,8 @@ def idle_cpu(clock: Clock, others: float = 0.0):
     return lambda: (clock.now * (1.0 + others), clock.now)
 
 
-def config(clock: Clock, others: float = 0.0, **kw) -> GridConfig:
-    return GridConfig(rows=(1, 2, 4), tokens=(1, 2, 4, 8), clock=clock, cpu=idle_cpu(clock, others), cpus=2, **kw)
+def config(clock: Clock, others: float = 0.0, rows=(1, 2, 4), **kw) -> GridConfig:
+    return GridConfig(rows=rows, tokens=(1, 2, 4, 8), clock=clock, cpu=idle_cpu(clock, others), cpus=2, **kw)
 
 
 @pytest.fixture
@@ -202,12 +202,19 @@ def fake_engines(clock: Clock, costs: dict, opened: list, model: str = "m"):
 
 @pytest.fixture
 def measured_here(monkeypatch):
-    """machine's own measurements run on the fake clock (no /proc/stat, no real time)."""
+    """machine's and choice's measurements run on the fake clock (no /proc/stat, no real time), on the rows asked."""
+    from stand.backends import choice
+
     clock = Clock()
     state = {"others": 0.0}
     real = machine.measure_grid
-    monkeypatch.setattr(machine, "measure_grid", lambda t, cfg=None, progress=None: real(
-        t, config(clock, state["others"]), progress))
+
+    def fake(t, cfg=None, progress=None):
+        rows = cfg.rows if cfg is not None and cfg.rows == (1,) else (1, 2, 4)
+        return real(t, config(clock, state["others"], rows=rows), progress)
+
+    monkeypatch.setattr(machine, "measure_grid", fake)
+    monkeypatch.setattr(choice, "measure_grid", fake)
     return clock, state
 
 
@@ -230,7 +237,6 @@ def test_auto_picks_the_cheaper_grid_and_caches_the_choice(cache, model_file, me
     assert "torch bfloat16 ran" in target.choice
     doc = json.loads(open(choice.choice_cache()).read())
     assert [v["engine"] for v in doc.values()] == ["torch bfloat16"]
-    assert len(os.listdir(os.path.join(cache_dir(), "grids"))) == 2  # both grids kept as this machine's
     opened.clear()
     swapped = {"torch bfloat16": slow, "torch float32": linear}
     again = choice.choose(model_file, fake_engines(clock, swapped, opened), None, {"forward": "auto"})
@@ -247,7 +253,7 @@ def test_an_end_to_end_check_decides_over_the_grids(cache, model_file, measured_
     clock, _ = measured_here
     costs = {"llama.cpp": linear, "torch int4": lambda rows, tokens: 2 * linear(rows, tokens)}
     runs = []
-    speed = choice.SpeedCheck("fake", lambda t: runs.append(t.name) or (90.0 if t.dtype == "int4" else 60.0))
+    speed = choice.SpeedCheck("fake", lambda t, grid: runs.append(t.name) or (90.0 if t.dtype == "int4" else 60.0))
     target = choice.choose(model_file, fake_engines(clock, costs, []), speed, {})
     assert target.name == "m torch int4" and "torch int4 90" in target.choice and "llama.cpp 60" in target.choice
     assert len(runs) == 2 * (choice.SPEED_ROUNDS + 1)  # an untimed round, then the timed ones, every candidate

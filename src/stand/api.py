@@ -46,12 +46,15 @@ class Sample:
 
 @functools.lru_cache(maxsize=None)
 def speed_check(method: str = "stand") -> SpeedCheck:
-    """What `auto` measures end to end: SPEED_TOKENS tokens of SPEED_PROMPT with `method` drafting, T=0.6."""
+    """What `auto` measures end to end: SPEED_TOKENS tokens of SPEED_PROMPT with `method` drafting, T=0.6, the
+    drafts sized by the candidate's one-row grid (backends/choice.py)."""
     params = SamplingParams(temperature=0.6, max_new_tokens=SPEED_TOKENS, seed=0, ignore_eos=True)
 
-    def run(target: Target) -> float:
+    def run(target: Target, grid) -> float:
+        spec = SpecConfig(method=method)
         t = time.perf_counter()
-        generate(SPEED_PROMPT, target, params=params, spec=SpecConfig(method=method))
+        engine = Engine(target, make_drafter(spec, target.vocab_size, target), spec.step_tokens, grid)
+        run_group(engine, build_rows(encode_prompts(target, [SPEED_PROMPT]), 1, params)[0], "batched")
         return SPEED_TOKENS / (time.perf_counter() - t)
 
     return SpeedCheck(f"{method} at T=0.6, {SPEED_TOKENS} tokens", run)

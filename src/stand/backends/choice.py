@@ -1,12 +1,13 @@
 """`--dtype auto` and `--backend auto`: the engine (a backend and its compute type) that runs a model fastest on
 this machine, measured the first time and cached.
 
-Each candidate (llama.cpp; torch in bfloat16, float32 and, for a file of Q4 blocks, int4) is loaded and its cost
-grid measured (machine.py: kept as this machine's grid, which sizes the drafts). Where the caller gives an
-end-to-end check (api.py: a short generation with drafting, tokens per second, best of two interleaved rounds),
-it decides: a grid says what a pass costs, not what drafting makes of it. Without one, the grids decide (the
-geometric mean of their ratios over the shapes all of them measured). The choice is cached per model,
-candidates, check, threads, CPU and library versions; one made while the machine was busy is for that run only.
+Each candidate (llama.cpp; torch in bfloat16, float32 and, for a file of Q4 blocks, int4) is loaded and the one-row
+part of its cost grid measured (a whole grid per candidate took minutes; the one chosen measures its whole grid
+when a run first needs it, machine.py). Where the caller gives an end-to-end check (api.py: a short generation with
+drafting sized by that one-row grid, tokens per second, best of two interleaved rounds), it decides: a grid says
+what a pass costs, not what drafting makes of it. Without one, the grids decide (the geometric mean of their
+ratios over the shapes all of them measured). The choice is cached per model, candidates, check, threads, CPU and
+library versions; one made while the machine was busy is for that run only.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from stand.backends.machine import cpu_key, machine_grid, model_identity, GRID_METHOD
+from stand.backends.machine import GRID_METHOD, cpu_key, model_identity
+from stand.backends.probe import GridConfig, measure_grid
 from stand.backends.protocol import Backend, pads
 from stand.core.cost import CostGrid
 from stand.core.files import cache_dir, read_json, write_json
@@ -37,7 +39,7 @@ class SpeedCheck:
     """An end-to-end check: tokens per second of a short generation on a loaded backend."""
 
     label: str  # what it runs (part of the cache key)
-    run: Callable[[Backend], float]
+    run: Callable[[Backend, CostGrid], float]  # (backend, its one-row grid) -> tokens per second
 
 
 # ---- the cache -----------------------------------------------------------------------------------------
@@ -100,9 +102,12 @@ def fits_beside(loaded: dict[str, Backend]) -> bool:
 
 
 def load_all(options: dict[str, Opener]) -> tuple[dict[str, Backend], dict[str, CostGrid]]:
-    """Every candidate that loads, with its grid; one that cannot run the model is left out with a warning."""
-    loaded, grids = {}, {}
-    for name, opener in options.items():
+    """Every candidate that loads, with the one-row part of its grid; one that cannot run the model is left out
+    with a warning."""
+    from tqdm.auto import tqdm
+
+    loaded, grids, failed = {}, {}, {}
+    for name, opener in tqdm(options.items(), desc="loading and measuring the candidates", leave=False):
         if name == "torch float32" and not fits_beside(loaded):
             log.warning("auto: float32 would not fit in memory beside the other candidates: left out")
             continue
@@ -110,14 +115,15 @@ def load_all(options: dict[str, Opener]) -> tuple[dict[str, Backend], dict[str, 
             loaded[name] = opener(True)
         except StandError as e:
             log.warning("auto: %s cannot run this model (%s): left out", name, e)
+            failed[name] = str(e)
             continue
-        grids[name] = machine_grid(loaded[name])
+        grids[name] = measure_grid(loaded[name], GridConfig(rows=(1,)))
     if not loaded:
-        raise StandError("no backend can run this model: " + ", ".join(options))
+        raise StandError("no backend can run this model: " + "; ".join(f"{n}: {e}" for n, e in failed.items()))
     return loaded, grids
 
 
-def speeds(loaded: dict[str, Backend], speed: SpeedCheck) -> dict[str, float]:
+def speeds(loaded: dict[str, Backend], grids: dict[str, CostGrid], speed: SpeedCheck) -> dict[str, float]:
     """Tokens per second of each candidate: the best of SPEED_ROUNDS rounds that visit them all in turn, after
     an untimed run of each (tables, kernels and caches warm)."""
     from tqdm.auto import tqdm
@@ -126,7 +132,7 @@ def speeds(loaded: dict[str, Backend], speed: SpeedCheck) -> dict[str, float]:
     with tqdm(total=len(loaded) * (SPEED_ROUNDS + 1), desc="measuring tokens/s here", leave=False) as bar:
         for r in range(SPEED_ROUNDS + 1):
             for n, t in (loaded.items() if r % 2 == 0 else reversed(loaded.items())):
-                tok_s = speed.run(t)
+                tok_s = speed.run(t, grids[n])
                 best[n] = max(best[n], tok_s) if r else 0.0
                 bar.update(1)
     return best
@@ -142,7 +148,7 @@ def choose(path: str, options: dict[str, Opener], speed: SpeedCheck | None, extr
         return target
     loaded, grids = load_all(options)
     if speed is not None:
-        scores = speeds(loaded, speed)
+        scores = speeds(loaded, grids, speed)
         name = max(scores, key=scores.get)
         why = "tokens/s with " + speed.label + ": " + ", ".join(f"{n} {v:.0f}" for n, v in scores.items())
     else:

@@ -58,7 +58,7 @@ class GGUFTensors:
         try:
             reader = gguf.GGUFReader(path)
         except Exception as e:  # a truncated or foreign file
-            raise StandError(f"could not read the tensors of {path}: {load_failure(e)}") from e
+            raise StandError(f"could not load the tensors of {path}: {load_failure(e)}") from e
         self.path = path
         # name -> (type, numpy dtype, shape as stored, byte offset); the shape is innermost last, i.e. [N, K]
         self.tensors = {t.name: (t.tensor_type, t.data.dtype, tuple(t.data.shape), int(t.data_offset))
@@ -264,7 +264,10 @@ def exact_int4(path: str) -> bool:
     weights, so `--dtype auto` may choose it)."""
     if not os.path.isfile(path):
         return False
-    t = GGUFTensors(path)
+    try:
+        t = GGUFTensors(path)
+    except StandError:  # an unreadable file: the candidates that load it say why
+        return False
     mats = [n for n in t.tensors if n.startswith("blk.") and n.split(".")[2] in LAYER_MATRICES]
     return bool(mats) and all(t.kind(n) in Q4_TYPES for n in mats)
 
