@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from stand.backends.lean import LeanConfig, LeanLayer, LeanModel
-from stand.backends.lean_cache import LeanCache
 
 
 def rope_cis(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -39,29 +38,17 @@ class Int4Model(LeanModel):
     """LeanModel whose layers run the int4 recipe above; rope: (cos, sin) tables as LeanModel's, Q/K rows of
     every layer in pairs order; activations in `dtype` (bfloat16 for the int4 kernels), the cache in float32."""
 
-    cache_dtype = torch.float32
-
     def __init__(self, cfg: LeanConfig, embed, layers: list[LeanLayer], norm, lm_head, rope, dtype, device="cpu"):
         super().__init__(cfg, embed, layers, norm, lm_head, rope, dtype, device)
         self.cis = rope_cis(self.cos, self.sin).to(self.device)  # [P, D/2]
+        self.cache_dtype = torch.float32
 
-    def new_cache(self) -> LeanCache:
-        c = self.cfg
-        return LeanCache(c.layers, c.kv_heads, c.head_dim, self.cache_dtype, self.device)
+    def rope(self, pos: torch.Tensor) -> torch.Tensor:
+        """pos [B, T] -> the rotations at those positions, complex [B, T, 1, D/2]."""
+        return self.cis[pos][:, :, None]
 
-    def forward(self, cache: LeanCache, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
-                keep_last: int = 0) -> torch.Tensor:
-        """ids, pos [B, T]; mask [B, 1, T, S + T] bool or None (all allowed) -> logits [B, T or keep_last, V]."""
-        B, T = ids.shape
-        S = cache.reserve(B, T)
-        cis = self.cis[pos][:, :, None]  # [B, T, 1, D/2]
-        x = self.embed(ids)  # [B, T, hidden]
-        for i, layer in enumerate(self.layers):
-            x = self._layer(layer, x, cis, cache.layer(i), S, mask)
-        cache.length = S + T
-        if keep_last:
-            x = x[:, -keep_last:]
-        return self.lm_head(F.rms_norm(x, (self.cfg.hidden,), self.norm, self.cfg.eps))
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (self.cfg.hidden,), self.norm, self.cfg.eps)
 
     def _layer(self, layer: LeanLayer, x, cis, kv, S: int, mask):
         c = self.cfg

@@ -201,6 +201,7 @@ class LeanModel:
         self.cfg, self.embed, self.layers, self.norm, self.lm_head = cfg, embed, layers, norm, lm_head
         self.cos, self.sin = rope
         self.dtype, self.device = dtype, torch.device(device)
+        self.cache_dtype = dtype
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
     @classmethod
@@ -222,23 +223,31 @@ class LeanModel:
 
     def new_cache(self) -> LeanCache:
         c = self.cfg
-        return LeanCache(c.layers, c.kv_heads, c.head_dim, self.dtype, self.device)
+        return LeanCache(c.layers, c.kv_heads, c.head_dim, self.cache_dtype, self.device)
 
     def forward(self, cache: LeanCache, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
                 keep_last: int = 0) -> torch.Tensor:
         """ids, pos [B, T]; mask [B, 1, T, S + T] bool or None (all allowed) -> logits [B, T or keep_last, V]."""
         B, T = ids.shape
         S = cache.reserve(B, T)
-        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B, T, 1, D]
+        rope = self.rope(pos)
         x = self.embed(ids)  # [B, T, hidden]
         for i, layer in enumerate(self.layers):
-            x = self._layer(layer, x, cos, sin, cache.layer(i), S, mask)
+            x = self._layer(layer, x, rope, cache.layer(i), S, mask)
         cache.length = S + T
         if keep_last:
             x = x[:, -keep_last:]
-        return self.lm_head(rms_norm(x, self.norm, self.cfg.eps))
+        return self.lm_head(self.final_norm(x))
 
-    def _layer(self, layer: LeanLayer, x, cos, sin, kv, S: int, mask):
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos [B, T] -> the rotary tables at those positions, cos and sin [B, T, 1, D]."""
+        return self.cos[pos][:, :, None], self.sin[pos][:, :, None]
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.norm, self.cfg.eps)
+
+    def _layer(self, layer: LeanLayer, x, rope, kv, S: int, mask):
+        cos, sin = rope
         x = x + self._attention(layer, rms_norm(x, layer.ln1, self.cfg.eps), cos, sin, kv, S, mask)
         h = layer.gate_up(rms_norm(x, layer.ln2, self.cfg.eps))  # [B, T, 2I]
         gate, up = h.chunk(2, dim=-1)
