@@ -239,3 +239,15 @@ def test_default_model_int4_logits_match_a_float64_reference():
     for f, b, w, g in zip(fast, bf16, want, drive(int4, prompts, steps)):
         assert f.mean() <= 1.25 * b.mean(), (f.mean(), b.mean())
         assert (w.argmax(-1) == g.argmax(-1)).float().mean() > 0.95
+
+
+def test_profile_splits_a_pass_and_bench_refuses_transformers_anchors_on_int4(q4_file):
+    from stand.lab.bench import BenchConfig, bench
+    from stand.lab.profile import op_split
+
+    path, tok, _ = q4_file
+    target = load_int4(path, tokenizer=tok)
+    split = op_split(target, 1, 2, cache_len=16, reps=3)
+    assert split["pass"] > 0 and split["products"] > 0 and split["rest"] >= 0
+    with pytest.raises(StandError, match="transformers' forward"):
+        bench(target, BenchConfig(methods=["none", "hf"], problems=1))

@@ -1,6 +1,6 @@
 """`--dtype int4` on the torch backend: the lean forward over 4-bit weight groups (quant.py).
 
-From a GGUF file, the weights are read straight from its blocks (gguf's reader, memory-mapped), never through
+From a GGUF file, the weights are read straight from its blocks (gguf's reader for the layout), never through
 transformers' de-quantised float copy: Q4_0 and Q4_1 matrices become int4 groups as they are; a Q8_0 output head
 runs as two int4 planes of its own 8-bit codes (or, by choice, per-channel int8 or bfloat16: `HEADS`); a Q8_0 or
 Q4 embedding table is looked up from its codes; norms are read as floats. Only the model's skeleton (its
@@ -34,7 +34,6 @@ from stand.errors import StandError
 HEADS = ("auto", "int4x2", "int8", "bfloat16")  # how a Q8_0 output head runs (see output_head)
 HEAD_ROWS = 8  # auto: from this many rows a pass's Q8_0 head runs in bfloat16 (the int4 kernel's cost grows per 4 rows)
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-FLOAT_TYPES = ("F32", "F16", "BF16")
 log = logging.getLogger("stand")
 
 
