@@ -139,7 +139,7 @@ def embedding_and_head(t: GGUFTensors, opts: Int4Options):
     table = "token_embd.weight"
     groups = t.groups(table) if t.kind(table) in (*Q4_TYPES, "Q8_0") else None
     if groups is not None:
-        embed = GroupEmbedding(groups, opts.compute, dev)
+        embed = GroupEmbedding(groups, torch.float32, dev)  # exact rows, into the float32 residual
     else:
         embed = functools.partial(F.embedding, weight=t.floats(table).to(opts.compute).to(dev))
     name = "output.weight" if "output.weight" in t else table
@@ -204,7 +204,7 @@ def lean_from_gguf(path: str, model, opts: Int4Options) -> LeanModel:
         raise StandError(f"int4 runs on the lean forward, which does not support this model: {reason}")
     t, cfg = GGUFTensors(path), lean_config(model)
     dev, requantized = torch.device(opts.device), Counter()
-    norm = lambda name: t.floats(name).to(opts.compute).to(dev)
+    norm = lambda name: t.floats(name).to(dev)  # float32, as the residual stream
     layers = []
     from tqdm.auto import tqdm
 
@@ -219,7 +219,7 @@ def lean_from_gguf(path: str, model, opts: Int4Options) -> LeanModel:
     rot = type(model.model.rotary_emb)(config=model.config)  # the skeleton's is on the meta device
     embed, head = embedding_and_head(t, opts)
     return Int4Model(cfg, embed, layers, norm("output_norm.weight"), head,
-                     tuple(x.to(dev) for x in rope_table(rot, cfg.max_len, opts.compute)), opts.compute, dev)
+                     tuple(x.to(dev) for x in rope_table(rot, cfg.max_len, torch.float32)), opts.compute, dev)
 
 
 def lean_from_hf(model, opts: Int4Options) -> LeanModel:
@@ -231,14 +231,15 @@ def lean_from_hf(model, opts: Int4Options) -> LeanModel:
                          c.heads * c.head_dim + pair_rows(c.kv_heads * c.head_dim, c.kv_heads),
                          torch.arange((c.heads + c.kv_heads) * c.head_dim, (c.heads + 2 * c.kv_heads) * c.head_dim)])
     int4 = lambda w, bias=None: Int4Linear(quantize_groups(w), dev, opts.compute, bias=bias)
-    layers = [LeanLayer(ln1=layer.ln1.to(opts.compute).to(dev), ln2=layer.ln2.to(opts.compute).to(dev),
+    layers = [LeanLayer(ln1=layer.ln1.float().to(dev), ln2=layer.ln2.float().to(dev),
                         qkv=int4(layer.qkv.weight[qk_rows], None if layer.qkv.bias is None else layer.qkv.bias[qk_rows]),
                         o=int4(layer.o.weight), gate_up=int4(layer.gate_up.weight), down=int4(layer.down.weight))
               for layer in dense.layers]
     embed = model.get_input_embeddings().weight.detach().to(opts.compute).to(dev)
     head = model.get_output_embeddings().weight.detach().to(opts.compute).to(dev)
-    return Int4Model(c, functools.partial(F.embedding, weight=embed), layers, dense.norm.to(opts.compute).to(dev),
-                     Linear(head, None, "dense"), (dense.cos.to(dev), dense.sin.to(dev)), opts.compute, dev)
+    rope = tuple(t.to(dev) for t in rope_table(model.model.rotary_emb, c.max_len, torch.float32))
+    return Int4Model(c, functools.partial(F.embedding, weight=embed), layers, dense.norm.float().to(dev),
+                     Linear(head, None, "dense"), rope, opts.compute, dev)
 
 
 # ---- the target -----------------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 With the matrix products at int4 cost, a pass's other operations (a few microseconds each, some sixty per
 layer in the dense lean forward) cost as much as the products. This layer runs about seventeen:
-- RMS norms as one `F.rms_norm` with the weight (in bfloat16; the reference is the de-quantised weights in
-  float64, not transformers' bfloat16 rounding order);
+- the residual stream, the norms and attention in float32, rounded to bfloat16 only where the int4 kernels read
+  it: a pass of several tokens then rounds as one-token passes do far more often than with a bfloat16 residual
+  (this model's residual holds values in the hundreds, where bfloat16's step is whole units), and it costs
+  nothing here (a float32 norm is as fast, a mixed add one operation);
+- RMS norms as one `F.rms_norm` with the weight;
 - Q and K rows kept in GGUF's interleaved-pairs order (int4.py puts them there), so rotary embedding is one
   complex multiplication in float32 (a dot product does not change when both sides permute alike);
 - the KV cache in float32 and attention as one `scaled_dot_product_attention` over it (no bfloat16 cache
@@ -36,22 +39,25 @@ def pair_rows(rows: int, heads: int) -> torch.Tensor:
 
 class Int4Model(LeanModel):
     """LeanModel whose layers run the int4 recipe above; rope: (cos, sin) tables as LeanModel's, Q/K rows of
-    every layer in pairs order; activations in `dtype` (bfloat16 for the int4 kernels), the cache in float32."""
+    every layer in pairs order; the residual stream and the cache in float32, the products' inputs and outputs in
+    `compute` (the int4 kernels' bfloat16; float32 for exact references). embed may return either."""
 
-    def __init__(self, cfg: LeanConfig, embed, layers: list[LeanLayer], norm, lm_head, rope, dtype, device="cpu"):
-        super().__init__(cfg, embed, layers, norm, lm_head, rope, dtype, device)
+    def __init__(self, cfg: LeanConfig, embed, layers: list[LeanLayer], norm, lm_head, rope,
+                 compute: torch.dtype = torch.bfloat16, device="cpu"):
+        super().__init__(cfg, embed, layers, norm, lm_head, rope, torch.float32, device)
         self.cis = rope_cis(self.cos, self.sin).to(self.device)  # [P, D/2]
-        self.cache_dtype = torch.float32
+        self.compute = compute
 
     def rope(self, pos: torch.Tensor) -> torch.Tensor:
         """pos [B, T] -> the rotations at those positions, complex [B, T, 1, D/2]."""
         return self.cis[pos][:, :, None]
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (self.cfg.hidden,), self.norm, self.cfg.eps)
+        return F.rms_norm(x.float(), (self.cfg.hidden,), self.norm, self.cfg.eps).to(self.compute)
 
     def _layer(self, layer: LeanLayer, x, cis, kv, S: int, mask):
         c = self.cfg
+        x = x.float()  # the embedding's rows, in the first layer
         x = x + self._attention(layer, F.rms_norm(x, (c.hidden,), layer.ln1, c.eps), cis, kv, S, mask)
         h = layer.gate_up(F.rms_norm(x, (c.hidden,), layer.ln2, c.eps))  # [B, T, 2I]
         gate, up = h.chunk(2, dim=-1)
@@ -70,4 +76,4 @@ class Int4Model(LeanModel):
         out = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), keys[:, :, : S + T],
                                              values[:, :, : S + T], attn_mask=mask, scale=self.scale,
                                              enable_gqa=H != c.kv_heads)  # [B, H, T, D]
-        return layer.o(out.transpose(1, 2).reshape(B, T, H * D).to(self.dtype))
+        return layer.o(out.transpose(1, 2).reshape(B, T, H * D))  # rounded to `compute` by the product

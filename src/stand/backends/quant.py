@@ -164,7 +164,8 @@ def release_memory(collect: bool = True) -> None:
 
 
 class Int4Linear:
-    """y = x W^T for W given as 4-bit Groups, by torch's int4 kernel for the device; x [..., K] -> [..., N].
+    """y = x W^T for W given as 4-bit Groups, by torch's int4 kernel for the device; x [..., K] -> [..., N], in
+    `compute` whatever x's dtype.
 
     compute: the activations' dtype. bfloat16 is the fast path (the CPU kernel's vectorised code; the only one
     CUDA has); float32 keeps scales and zeros in float32 too, so the product is exact up to float32 rounding
@@ -206,8 +207,6 @@ class Int4Linear:
             y = y[:, : self.out_features]
         if self.bias is not None:
             y = y + self.bias
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
 
