@@ -130,17 +130,33 @@ def greedy(target, method: str, prompt: list[int], tokens: int = 40) -> tuple[li
     return row.generated, row.stats.mean_accepted
 
 
-@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
-def test_int4_greedy_drafting_equals_plain(q4_file, compute):
-    """A pass of k tokens gives the argmax of k one-token passes: greedy output with drafting is plain greedy."""
+def test_int4_greedy_drafting_equals_plain(q4_file):
+    """float32 compute: a pass of k tokens gives the argmax of k one-token passes, so greedy output with drafting
+    is plain greedy."""
     path, tok, _ = q4_file
-    target = load_int4(path, Int4Options(compute=compute), tokenizer=tok)
+    target = load_int4(path, Int4Options(compute=torch.float32), tokenizer=tok)
     prompt = [5, 9, 11, 40, 41, 42, 43, 5, 9, 11, 40]
     plain, _ = greedy(target, "none", prompt)
     for method in ("pld", "stand", "recycle"):
         out, accepted = greedy(target, method, prompt)
         assert out == plain, method
     assert accepted > 1.0
+
+
+def test_int4_bfloat16_greedy_parts_only_at_near_ties(q4_file):
+    """bfloat16 compute: a pass of k tokens may round differently from k one-token passes (attention's float32
+    sums in another order, then bfloat16 rounding), so greedy drafting may part from plain greedy, but only where
+    plain greedy's two best logits are within a few bfloat16 steps of each other."""
+    path, tok, _ = q4_file
+    target = load_int4(path, tokenizer=tok)
+    prompt = [5, 9, 11, 40, 41, 42, 43, 5, 9, 11, 40]
+    plain, _ = greedy(target, "none", prompt, tokens=60)
+    for method in ("pld", "stand", "recycle"):
+        out, _ = greedy(target, method, prompt, tokens=60)
+        at = next((i for i, (a, b) in enumerate(zip(plain, out)) if a != b), None)
+        if at is not None:
+            top2 = target.next_logits([prompt + plain[:at]])[0].topk(2).values
+            assert top2[0] - top2[1] <= 4 * 2.0 ** -7 * top2[0].abs().clamp_min(1.0), (method, at, top2)
 
 
 def test_int4_next_logits_match_the_forward(q4_file):

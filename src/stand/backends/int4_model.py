@@ -9,8 +9,9 @@ layer in the dense lean forward) cost as much as the products. This layer runs a
 - RMS norms as one `F.rms_norm` with the weight;
 - Q and K rows kept in GGUF's interleaved-pairs order (int4.py puts them there), so rotary embedding is one
   complex multiplication in float32 (a dot product does not change when both sides permute alike);
-- the KV cache in float32 and attention as one `scaled_dot_product_attention` over it (no bfloat16 cache
-  converted to float32 per layer, as the dense one-query path does); the attention output rounded once;
+- attention in float32 over the bfloat16 cache, the query heads of each KV head as one product (lean.py's
+  `grouped_attention`, for every pass width): as fast here as a float32 cache with
+  `scaled_dot_product_attention`, at half the cache's memory;
 - SiLU and the gate product in place.
 docs/backends.md lists what each cut gained.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stand.backends.lean import LeanConfig, LeanLayer, LeanModel
+from stand.backends.lean import LeanConfig, LeanLayer, LeanModel, grouped_attention
 
 
 def rope_cis(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -39,14 +40,14 @@ def pair_rows(rows: int, heads: int) -> torch.Tensor:
 
 class Int4Model(LeanModel):
     """LeanModel whose layers run the int4 recipe above; rope: (cos, sin) tables as LeanModel's, Q/K rows of
-    every layer in pairs order; the residual stream and the cache in float32, the products' inputs and outputs in
+    every layer in pairs order; the residual stream in float32, the cache and the products' inputs and outputs in
     `compute` (the int4 kernels' bfloat16; float32 for exact references). embed may return either."""
 
     def __init__(self, cfg: LeanConfig, embed, layers: list[LeanLayer], norm, lm_head, rope,
                  compute: torch.dtype = torch.bfloat16, device="cpu"):
         super().__init__(cfg, embed, layers, norm, lm_head, rope, torch.float32, device)
         self.cis = rope_cis(self.cos, self.sin).to(self.device)  # [P, D/2]
-        self.compute = compute
+        self.compute = self.cache_dtype = compute
 
     def rope(self, pos: torch.Tensor) -> torch.Tensor:
         """pos [B, T] -> the rotations at those positions, complex [B, T, 1, D/2]."""
@@ -70,10 +71,8 @@ class Int4Model(LeanModel):
         qkv = layer.qkv(x)  # [B, T, (H + 2 Hkv) D]
         qk = torch.view_as_complex(qkv[..., : nqk * D].float().view(B, T, nqk, D // 2, 2))
         qk = torch.view_as_real(qk * cis).view(B, T, nqk, D)  # rotated, float32
-        keys, values = kv  # [B, Hkv, capacity, D] float32
+        keys, values = kv  # [B, Hkv, capacity, D]
         keys[:, :, S:S + T] = qk[:, :, H:].transpose(1, 2)
         values[:, :, S:S + T] = qkv[..., nqk * D:].view(B, T, c.kv_heads, D).transpose(1, 2)
-        out = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), keys[:, :, : S + T],
-                                             values[:, :, : S + T], attn_mask=mask, scale=self.scale,
-                                             enable_gqa=H != c.kv_heads)  # [B, H, T, D]
-        return layer.o(out.transpose(1, 2).reshape(B, T, H * D))  # rounded to `compute` by the product
+        out = grouped_attention(qk[:, :, :H], keys[:, :, : S + T], values[:, :, : S + T], mask, self.scale)
+        return layer.o(out)  # [B, T, H D], rounded to `compute` by the product

@@ -276,11 +276,22 @@ def one_query_attention(q, keys, values, mask, scale: float) -> torch.Tensor:
     rounded once. torch's CPU `scaled_dot_product_attention` is slow for this shape in bfloat16, and every plain
     decoding step has it (measured: docs/results.md#pass-shapes-on-torch)."""
     B, H, _, D = q.shape
+    return grouped_attention(q.transpose(1, 2).float(), keys, values, mask, scale).view(B, 1, H, D).transpose(
+        1, 2).to(q.dtype)
+
+
+def grouped_attention(q, keys, values, mask, scale: float) -> torch.Tensor:
+    """Attention in float32 whatever the cache's dtype, the query heads of a KV head as one product:
+    q [B, T, H, D] float32, keys and values [B, Hkv, S, D], mask [B, 1, T, S] bool or None -> [B, T, H * D]."""
+    B, T, H, D = q.shape
     kv_heads = keys.shape[1]
-    s = q.reshape(B, kv_heads, H // kv_heads, D).float() @ keys.float().transpose(-1, -2) * scale  # [B, Hkv, g, S]
+    g = H // kv_heads
+    qg = q.view(B, T, kv_heads, g, D).permute(0, 2, 3, 1, 4).reshape(B, kv_heads, g * T, D)
+    s = (qg * scale) @ keys.float().transpose(-1, -2)  # [B, Hkv, g T, S]
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    return (s.softmax(-1) @ values.float()).reshape(B, H, 1, D).to(q.dtype)
+        s = s.view(B, kv_heads, g, T, -1).masked_fill(~mask[:, :, None], float("-inf")).view(B, kv_heads, g * T, -1)
+    out = s.softmax(-1) @ values.float()  # [B, Hkv, g T, D]
+    return out.view(B, kv_heads, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
 
 # ---- the target ----------------------------------------------------------------------------------
