@@ -1,6 +1,7 @@
-"""How often greedy decoding with drafts departs from plain greedy decoding on the llama.cpp backend with the
-default (Q4_1) model: a multi-token pass may round differently from a one-token pass, so an argmax near a tie can
-flip. Prints, per method, the problems whose outputs are identical and the first differing position otherwise."""
+"""How often greedy decoding with drafts departs from plain greedy decoding with the default (Q4_1) model on a
+backend (llama.cpp by default; `--backend torch --dtype int4`: our int4 forward): a multi-token pass may round
+differently from a one-token pass, so an argmax near a tie can flip. Prints, per method, the problems whose outputs
+are identical and the first differing position otherwise."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--methods", default="pld,recycle,stand")
+    ap.add_argument("--backend", default="llama.cpp")
+    ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
-    target = load_model(None, backend="llama.cpp")
+    target = load_model(None, args.dtype, backend=args.backend)
     problems = load_dataset("champ", args.first + args.problems)[args.first:]
     params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
 

@@ -128,6 +128,31 @@ run_vllm() {  # stand's proposers inside vLLM beside vLLM's own (needs scripts/s
   done
 }
 
+run_int4() {  # int4 and bfloat16 on torch, the llama.cpp anchor in each run; held-out CHAMP 241+, n=1 and n=8
+  local first=${FIRST:-240} problems=${PROBLEMS:-4} tokens=${TOKENS:-256} ours=none,pld,recycle,stand,stand-dynamic,suffix
+  for t in 0.6 0; do
+    for d in int4 bfloat16; do
+      stand bench --backend torch --dtype "$d" --methods "$ours,llama.cpp" --dataset champ --first "$first" \
+        --problems "$problems" --n 1 --temperature "$t" --max-new-tokens "$tokens" --seed 0 --repeats "$REPEATS" \
+        --json "$RESULTS/${d}_n1_t$t.json" | tee -i "$RESULTS/${d}_n1_t$t.txt"
+      table "$RESULTS/${d}_n1_t$t"
+    done
+  done
+  for d in int4 bfloat16; do  # n=8: plain batched (none) and the drafters, batched and k at a time
+    stand bench --backend torch --dtype "$d" --methods none,pld,recycle,stand,consensus,stand+consensus,suffix \
+      --dataset champ --first "$first" --problems "${PROBLEMS8:-2}" --n 8 --temperature 0.6 --max-new-tokens "$tokens" \
+      --seed 0 --schedule batched,auto --json "$RESULTS/${d}_n8_t0.6.json" | tee -i "$RESULTS/${d}_n8_t0.6.txt"
+    table "$RESULTS/${d}_n8_t0.6"
+  done
+  stand bench --backend llama.cpp --methods none,llama.cpp --dataset champ --first "$first" --problems "${PROBLEMS8:-2}" \
+    --n 8 --temperature 0.6 --max-new-tokens "$tokens" --seed 0 --schedule batched \
+    --json "$RESULTS/llamacpp_n8_t0.6.json" | tee -i "$RESULTS/llamacpp_n8_t0.6.txt"
+  stand profile --backend torch --dtype int4 | tee -i "$RESULTS/profile.txt"
+  python3 benchmarks/greedy_agreement.py --backend torch --dtype int4 --first "$first" --problems "$problems" \
+    --max-new-tokens "$tokens" | tee -i "$RESULTS/greedy_agreement.txt"
+  python3 benchmarks/rss.py --tokens "$tokens" | tee -i "$RESULTS/rss.txt"
+}
+
 run_load_2000() {  # the server under concurrent clients with long prompts: tokens/s and peak memory, none and stand
   python3 benchmarks/load.py --methods none,stand --clients 4 --n 4 --requests 1 --max-tokens 64 \
     --prompt-tokens 2000 --json "$RESULTS/load.json"

@@ -33,7 +33,7 @@ SEED, SHARPNESS = 0, 6.0  # the small model
 
 
 def small_target(seed: int = SEED, sharpness: float = SHARPNESS, forward: str = "hf") -> Target:
-    """The small model on the Hugging Face forward ("hf") or our lean one ("lean")."""
+    """The small model on the Hugging Face forward ("hf") or our lean one ("lean"). (int4: small_int4.)"""
     target = Target(tiny_model(vocab_size=V, seed=seed, sharpness=sharpness), None, "tiny-v8", torch.float32)
     if forward == "lean":
         from stand.backends.lean import LeanTarget, with_forward
@@ -43,12 +43,25 @@ def small_target(seed: int = SEED, sharpness: float = SHARPNESS, forward: str = 
     return target
 
 
-def small_gguf(path: str, seed: int = SEED, sharpness: float = SHARPNESS) -> str:
-    """The small model as a float32 GGUF file llama.cpp runs; returns the path."""
+def small_gguf(path: str, seed: int = SEED, sharpness: float = SHARPNESS, matrices: str = "F32",
+               table: str = "F32") -> str:
+    """The small model as a GGUF file llama.cpp runs (float32, or quantised: tiny.save_gguf); returns the path."""
     from tiny import save_gguf
 
     model = tiny_model(vocab_size=V, seed=seed, sharpness=sharpness)
-    return save_gguf(model, [f"t{i}" for i in range(V)], path, bos=0, eos=V - 1)
+    return save_gguf(model, [f"t{i}" for i in range(V)], path, bos=0, eos=V - 1, matrices=matrices, table=table)
+
+
+def small_int4(path: str, seed: int = SEED, sharpness: float = SHARPNESS) -> Target:
+    """The small model as Q4_0 layer matrices and a Q8_0 embedding/head in a GGUF file at `path`, on the int4
+    lean forward in float32 compute (exact products: the reference below is that file's de-quantised weights).
+    Its `source` is the file, which context_logits reads the reference from."""
+    from stand.backends.int4 import Int4Options, Int4Target, lean_from_gguf, skeleton
+
+    small_gguf(path, seed, sharpness, matrices="Q4_0", table="Q8_0")
+    model = skeleton(path)
+    lean = lean_from_gguf(path, model, Int4Options(compute=torch.float32))
+    return Int4Target(model, None, "tiny-v8-q4", "int4", lean=lean, source=path)
 
 
 # ---- the expected distribution, independent of the package's sampler -----------------------------------------
@@ -78,17 +91,26 @@ def reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: f
 
 
 @functools.lru_cache(maxsize=None)
-def context_logits(seed: int = SEED, sharpness: float = SHARPNESS) -> np.ndarray:
-    """[V^(K-1), K, V] float64 logits after PROMPT + h[:d] (d = 0..K-1) for every head h of K-1 tokens."""
-    model = tiny_model(vocab_size=V, seed=seed, sharpness=sharpness).double()
+def context_logits(seed: int = SEED, sharpness: float = SHARPNESS, source: str | None = None) -> np.ndarray:
+    """[V^(K-1), K, V] float64 logits after PROMPT + h[:d] (d = 0..K-1) for every head h of K-1 tokens; source:
+    a GGUF file whose weights (de-quantised by transformers) are the model, else the small float model."""
+    if source is None:
+        model = tiny_model(vocab_size=V, seed=seed, sharpness=sharpness).double()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        directory, name = source.rsplit("/", 1)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float64).eval()
     seqs = torch.tensor([PROMPT + list(h) for h in itertools.product(range(V), repeat=K - 1)])
     with torch.inference_mode():
         return model(seqs).logits[:, len(PROMPT) - 1:].numpy()
 
 
-def exact_joint(params: SamplingParams, seed: int = SEED, sharpness: float = SHARPNESS) -> np.ndarray:
-    """[V]*K array: the probability of every K-token continuation of PROMPT under the sampler `params`."""
-    logits = context_logits(seed, sharpness)
+def exact_joint(params: SamplingParams, seed: int = SEED, sharpness: float = SHARPNESS,
+                source: str | None = None) -> np.ndarray:
+    """[V]*K array: the probability of every K-token continuation of PROMPT under the sampler `params` (source:
+    see context_logits)."""
+    logits = context_logits(seed, sharpness, source)
     probs = np.array([[reference_probs(lg, params.temperature, params.top_k, params.top_p) for lg in row]
                       for row in logits])  # [V^(K-1), K, V]
     joint = np.ones([V] * K)

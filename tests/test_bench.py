@@ -130,10 +130,10 @@ def test_config_errors_name_what_was_wrong():
 def test_cli_bench_writes_json_and_plots(tiny, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import stand.backends.load
+    import stand.api
     from stand.cli import app
 
-    monkeypatch.setattr(stand.backends.load, "load_model", lambda *a, **k: tiny)
+    monkeypatch.setattr(stand.api, "load_target", lambda *a, **k: tiny)
     out = tmp_path / "r.json"
     res = CliRunner().invoke(app, ["bench", "--methods", "none,pld,hf,hf-batched", "--problems", "1", "--n", "1,2",
                                    "--max-new-tokens", "8", "-t", "0.6", "--no-warmup", "--json", str(out),
@@ -163,10 +163,10 @@ def test_cli_interrupted_still_writes_the_finished_rows(tiny, tmp_path, monkeypa
     from typer.testing import CliRunner
 
     import stand.lab.bench
-    import stand.backends.load
+    import stand.api
     from stand.cli import app
 
-    monkeypatch.setattr(stand.backends.load, "load_model", lambda *a, **k: tiny)
+    monkeypatch.setattr(stand.api, "load_target", lambda *a, **k: tiny)
     real, calls = stand.lab.bench.run_variant, []
 
     def run_variant(*a, **k):

@@ -1,5 +1,5 @@
 """Every drafter, through the whole engine, samples exactly the model's distribution (docs/design.md, "Lossless verification"), on the
-Hugging Face forward, our lean forward and llama.cpp.
+Hugging Face forward, our lean forward, our int4 forward over a Q4_0 GGUF file and llama.cpp.
 
 The expected distribution comes from the model's float64 logits through the sampler written out in
 tests/lossless.py (not the package's sampler_probs). Besides the drafters as they are (whose STAND tables learn
@@ -14,7 +14,7 @@ from extras import require, require_method
 import torch
 
 from lossless import (K, N, PLAIN, TRUNCATED, V, WRONG, Run, engine_run, exact_joint, marginal_pvalues, params_id,
-                      reference_probs, small_gguf, small_target, wrong_id)
+                      reference_probs, small_gguf, small_int4, small_target, wrong_id)
 from stand.core.cost import CostGrid
 from stand.core.verify import sampler_probs
 from stand.drafters.registry import make_drafter
@@ -39,8 +39,8 @@ CASES = [
 ]
 TRUNCATED_METHODS = {"pld", "stand", "stand-dynamic", "suffix"}
 RUNS = [(m, e, PLAIN) for m, e in CASES] + [(m, e, TRUNCATED) for m, e in CASES if m in TRUNCATED_METHODS and not e]
-BACKENDS = ("hf", "lean", "llama.cpp")
-BATCH = {"hf": 250, "lean": 250, "llama.cpp": 50}  # llama.cpp: 256 sequences a pass, so 5 leaves per row of 50
+BACKENDS = ("hf", "lean", "int4", "llama.cpp")
+BATCH = {"hf": 250, "lean": 250, "int4": 250, "llama.cpp": 50}  # llama.cpp: 256 sequences a pass, so 5 leaves per row of 50
 # llama.cpp: tests/test_llamacpp.py::test_sampling_is_exact checks the methods it names at T=1 (where its expected
 # distribution, from sampler_probs, is a plain softmax); the other runs are checked here
 LLAMACPP_ELSEWHERE = {("none", ()), ("pld", ()), ("recycle", ()), ("stand", ()), ("stand", (False,)),
@@ -59,12 +59,15 @@ def run_id(run) -> str:
 def exact_run(target, spec: SpecConfig, params: SamplingParams, batch: int = 250, grid=None, wrap=None) -> Run:
     """The check: N engine samples against the exact distribution (chi-square on pairs and triples, p > 1e-4)."""
     run = engine_run(target, spec, params, N, batch, grid, wrap)
-    pvals = marginal_pvalues(run.samples, exact_joint(params))
+    source = getattr(target, "source", None)  # int4: the file whose de-quantised weights are the model
+    pvals = marginal_pvalues(run.samples, exact_joint(params, source=source))
     assert min(pvals.values()) > 1e-4, pvals
     return run
 
 
 def build(name: str, tmp_path_factory):
+    if name == "int4":
+        return small_int4(str(tmp_path_factory.mktemp("int4") / "small.Q4_0.gguf"))
     if name != "llama.cpp":
         return small_target(forward=name)
     require("llama_cpp")
@@ -105,7 +108,7 @@ def test_wrong_drafts_stay_exact(backends, backend, method, extra, wrap, params)
         assert run.drafter.graft_accepted > 0, "no grafted node was ever accepted"
 
 
-@pytest.mark.parametrize("backend", ["hf", "lean"])
+@pytest.mark.parametrize("backend", ["hf", "lean", "int4"])
 def test_trees_cut_by_the_cost_grid_stay_exact(backends, backend):
     """STAND trees cut to the few best nodes a pass can afford (siblings included) keep the distribution."""
     target = backends(backend)
@@ -116,7 +119,7 @@ def test_trees_cut_by_the_cost_grid_stay_exact(backends, backend):
     assert 1.02 < run.per_step < K, run.per_step
 
 
-@pytest.mark.parametrize("backend", ["hf", "lean"])
+@pytest.mark.parametrize("backend", ["hf", "lean", "int4"])
 def test_best_first_trees_under_a_pass_floor_stay_exact(backends, backend):
     """stand-dynamic with the floor a cost grid sets: tree shapes follow the table's confidence, draw by draw."""
     target = backends(backend)
@@ -128,7 +131,7 @@ def test_best_first_trees_under_a_pass_floor_stay_exact(backends, backend):
     assert 1.02 < run.per_step < K, run.per_step
 
 
-@pytest.mark.parametrize("backend", ["hf", "lean"])
+@pytest.mark.parametrize("backend", ["hf", "lean", "int4"])
 @pytest.mark.parametrize("method", ["none", "stand"])
 def test_padded_passes_stay_exact(backends, backend, method, monkeypatch):
     """A grid on which a wider pass is cheaper (4 tokens per row cost less than 1, 2 or 3): every pass of fewer

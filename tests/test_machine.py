@@ -1,5 +1,5 @@
 """This machine: padded cost grids, grids measured robustly (busy machines detected, their grids not cached), the
-dtype chosen by measurement, and the tests' own cache. Timings come from a fake backend on a fake clock: fast and
+engine (backend and dtype) chosen by measurement, and the tests' own cache. Timings come from a fake backend on a fake clock: fast and
 deterministic."""
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def idle_cpu(clock: Clock, others: float = 0.0):
     return lambda: (clock.now * (1.0 + others), clock.now)
 
 
-def config(clock: Clock, others: float = 0.0, **kw) -> GridConfig:
-    return GridConfig(rows=(1, 2, 4), tokens=(1, 2, 4, 8), clock=clock, cpu=idle_cpu(clock, others), cpus=2, **kw)
+def config(clock: Clock, others: float = 0.0, rows=(1, 2, 4), **kw) -> GridConfig:
+    return GridConfig(rows=rows, tokens=(1, 2, 4, 8), clock=clock, cpu=idle_cpu(clock, others), cpus=2, **kw)
 
 
 @pytest.fixture
@@ -185,64 +185,120 @@ def test_measuring_here_replaces_the_cached_grid(cache):
     assert machine.machine_grid(target, config(clock)).ms[1][1] == pytest.approx(2 * first.ms[1][1])
 
 
-# ---- dtype by measurement -------------------------------------------------------------------------------------
+# ---- the engine chosen by measurement (choice.py) --------------------------------------------------------------
 
-def fake_models(clock: Clock, bf16_cost, f32_cost, opened: list, others: float = 0.0):
-    costs = {"bfloat16": bf16_cost, "float32": f32_cost}
+def fake_engines(clock: Clock, costs: dict, opened: list, model: str = "m"):
+    """name -> opener of a fake backend whose passes cost costs[name] (name: "torch bfloat16", ...); model: its
+    name (grids are cached per model and dtype)."""
 
-    def open_model(dtype: str, fresh: bool):
-        opened.append((dtype, fresh))
-        return FakeBackend(costs[dtype], clock, dtype=dtype)
+    def opener(name):
+        def open_model(fresh: bool):
+            opened.append((name, fresh))
+            return FakeBackend(costs[name], clock, dtype=name.split()[-1], name=f"{model} {name}")
+        return open_model
 
-    return open_model
+    return {name: opener(name) for name in costs}
 
 
 @pytest.fixture
 def measured_here(monkeypatch):
-    """machine's own measurements run on the fake clock (no /proc/stat, no real time)."""
+    """machine's and choice's measurements run on the fake clock (no /proc/stat, no real time), on the rows asked."""
+    from stand.backends import choice
+
     clock = Clock()
     state = {"others": 0.0}
     real = machine.measure_grid
-    monkeypatch.setattr(machine, "measure_grid", lambda t, cfg=None, progress=None: real(
-        t, config(clock, state["others"]), progress))
+
+    def fake(t, cfg=None, progress=None):
+        rows = cfg.rows if cfg is not None and cfg.rows == (1,) else (1, 2, 4)
+        return real(t, config(clock, state["others"], rows=rows), progress)
+
+    monkeypatch.setattr(machine, "measure_grid", fake)
+    monkeypatch.setattr(choice, "measure_grid", fake)
     return clock, state
 
 
-def test_auto_dtype_is_the_faster_here_and_cached(cache, tmp_path, measured_here):
-    clock, _ = measured_here
+@pytest.fixture
+def model_file(tmp_path):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"gguf")
+    return str(model)
+
+
+def test_auto_picks_the_cheaper_grid_and_caches_the_choice(cache, model_file, measured_here):
+    from stand.backends import choice
+
+    clock, _ = measured_here
     opened = []
     slow = lambda rows, tokens: 3 * linear(rows, tokens)  # noqa: E731
-    target = machine.fastest_dtype(str(model), "auto", fake_models(clock, linear, slow, opened))
-    assert target.dtype == "bfloat16" and opened == [("bfloat16", True), ("float32", True)]
-    doc = json.loads(open(machine.dtype_cache()).read())
-    assert [v["dtype"] for v in doc.values()] == ["bfloat16"]
-    assert len(os.listdir(os.path.join(cache_dir(), "grids"))) == 2  # both grids kept as this machine's
+    costs = {"torch bfloat16": linear, "torch float32": slow}
+    target = choice.choose(model_file, fake_engines(clock, costs, opened), None, {"forward": "auto"})
+    assert target.dtype == "bfloat16" and opened == [("torch bfloat16", True), ("torch float32", True)]
+    assert "torch bfloat16 ran" in target.choice
+    doc = json.loads(open(choice.choice_cache()).read())
+    assert [v["engine"] for v in doc.values()] == ["torch bfloat16"]
     opened.clear()
-    again = machine.fastest_dtype(str(model), "auto", fake_models(clock, slow, linear, opened))
-    assert again.dtype == "bfloat16" and opened == [("bfloat16", False)]  # from the cache: one load, not measured
-    other = machine.fastest_dtype(str(model), "hf", fake_models(clock, slow, linear, opened))
+    swapped = {"torch bfloat16": slow, "torch float32": linear}
+    again = choice.choose(model_file, fake_engines(clock, swapped, opened), None, {"forward": "auto"})
+    assert again.dtype == "bfloat16" and opened == [("torch bfloat16", False)]  # cached: one load, not measured
+    assert "measured here earlier" in again.choice
+    other = choice.choose(model_file, fake_engines(clock, swapped, opened, "m2"), None, {"forward": "hf"})
     assert other.dtype == "float32"  # another forward is measured for itself
 
 
-def test_auto_dtype_on_a_busy_machine_is_not_cached(cache, tmp_path, measured_here):
+def test_an_end_to_end_check_decides_over_the_grids(cache, model_file, measured_here):
+    """The grids say llama.cpp's passes are cheaper; tokens per second with drafting say torch int4."""
+    from stand.backends import choice
+
+    clock, _ = measured_here
+    costs = {"llama.cpp": linear, "torch int4": lambda rows, tokens: 2 * linear(rows, tokens)}
+    runs = []
+    speed = choice.SpeedCheck("fake", lambda t, grid: runs.append(t.name) or (90.0 if t.dtype == "int4" else 60.0))
+    target = choice.choose(model_file, fake_engines(clock, costs, []), speed, {})
+    assert target.name == "m torch int4" and "torch int4 90" in target.choice and "llama.cpp 60" in target.choice
+    assert len(runs) == 2 * (choice.SPEED_ROUNDS + 1)  # an untimed round, then the timed ones, every candidate
+
+
+def test_a_candidate_that_cannot_load_is_left_out(cache, model_file, measured_here, caplog):
+    from stand.backends import choice
+    from stand.errors import StandError
+
+    clock, _ = measured_here
+    engines = fake_engines(clock, {"torch bfloat16": linear}, [])
+    engines["torch int4"] = lambda fresh: (_ for _ in ()).throw(StandError("no int4 here"))
+    with caplog.at_level(logging.WARNING, logger="stand"):
+        target = choice.choose(model_file, engines, None, {})
+    assert target.dtype == "bfloat16" and any("no int4 here" in r.message for r in caplog.records)
+
+
+def test_auto_on_a_busy_machine_is_not_cached(cache, model_file, measured_here):
+    from stand.backends import choice
+
     clock, state = measured_here
     state["others"] = 1.5
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"gguf")
-    target = machine.fastest_dtype(str(model), "auto", fake_models(clock, linear, linear, []))
-    assert target.dtype in machine.DTYPES and not os.path.exists(machine.dtype_cache())
+    costs = {"torch bfloat16": linear, "torch float32": linear}
+    target = choice.choose(model_file, fake_engines(clock, costs, []), None, {})
+    assert "busy machine, not cached" in target.choice and not os.path.exists(choice.choice_cache())
 
 
 def test_explicit_dtype_loads_without_measuring(monkeypatch):
+    from stand.backends import choice, load
+
+    monkeypatch.setattr(choice, "choose", lambda *a: (_ for _ in ()).throw(AssertionError("measured")))
+    monkeypatch.setattr(load, "open_torch", lambda path, dtype, forward, fresh=False, device="cpu": (dtype, fresh))
+    monkeypatch.setattr(load, "check_path", lambda p: p)
+    assert load.load_model.__wrapped__("m", "bfloat16", "torch", "auto", "cpu") == ("bfloat16", False)
+
+
+def test_auto_offers_int4_only_for_a_file_of_q4_blocks(monkeypatch):
     from stand.backends import load
 
-    monkeypatch.setattr(machine, "fastest_dtype", lambda *a: (_ for _ in ()).throw(AssertionError("measured")))
-    monkeypatch.setattr(load, "open_torch", lambda path, dtype, forward, fresh=False: (dtype, fresh))
-    monkeypatch.setattr(load, "check_path", lambda p: p)
-    monkeypatch.setattr(load, "choose_backend", lambda p, b: "torch")
-    assert load.load_model.__wrapped__("m", "bfloat16", "torch", "auto") == ("bfloat16", False)
+    monkeypatch.setattr(load, "int4_candidate", lambda path, forward: path.endswith("q4.gguf"))
+    names = lambda path, dtype="auto", backends=("llama.cpp", "torch"): list(  # noqa: E731
+        load.engines(path, list(backends), dtype, "auto", "cpu"))
+    assert names("m.q4.gguf") == ["llama.cpp", "torch bfloat16", "torch float32", "torch int4"]
+    assert names("m.f32.gguf") == ["llama.cpp", "torch bfloat16", "torch float32"]
+    assert names("m.f32.gguf", "int4", ["torch"]) == ["torch int4"]  # asked for: a quantisation on load
 
 
 # ---- the tests' own cache -------------------------------------------------------------------------------------

@@ -79,8 +79,14 @@ def save_tiny_gguf(path: str, seed: int = 0, sharpness: float = 4.0, **kw) -> st
     return save_gguf(target.model, tokens, path, bos=tok.bos_token_id, eos=tok.eos_token_id)
 
 
-def save_gguf(model, tokens: list[str], path: str, bos: int, eos: int) -> str:
-    """A Hugging Face llama (float32) and its token strings as a GGUF file; tokens "<...>" are control tokens."""
+MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def save_gguf(model, tokens: list[str], path: str, bos: int, eos: int, matrices: str = "F32",
+              table: str = "F32") -> str:
+    """A Hugging Face llama (float32) and its token strings as a GGUF file; tokens "<...>" are control tokens.
+    matrices: the layer matrices' type, table: the embedding's and output head's ("F32", or a type gguf's numpy
+    quantizer writes: "Q4_0", "Q4_1", "Q8_0")."""
     import gguf
 
     cfg = model.config
@@ -94,7 +100,7 @@ def save_gguf(model, tokens: list[str], path: str, bos: int, eos: int) -> str:
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if matrices == "F32" else gguf.LlamaFileType[f"MOSTLY_{matrices}"])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -104,7 +110,14 @@ def save_gguf(model, tokens: list[str], path: str, bos: int, eos: int) -> str:
     w.add_bos_token_id(bos)
     w.add_eos_token_id(eos)
     for name, t in _gguf_tensors(model, cfg):
-        w.add_tensor(name, t.detach().float().contiguous().numpy())
+        kind = matrices if name.split(".")[-2] in MATRICES else table if "token_embd" in name or "output." in name \
+            else "F32"
+        data = t.detach().float().contiguous().numpy()
+        if kind == "F32":
+            w.add_tensor(name, data)
+        else:
+            qtype = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,6 +1,6 @@
 """stand: lossless model-free speculative decoding for test-time scaling."""
 
-from stand.api import Sample, generate
+from stand.api import Sample, generate, load_target
 from stand.errors import StandError
 from stand.backends.load import load_model
 from stand.backends.protocol import Backend
@@ -8,5 +8,6 @@ from stand.backends.torch import Target
 from stand.params import SamplingParams, SpecConfig
 from stand.tts.solve import solve
 
-__all__ = ["generate", "solve", "Sample", "StandError", "Target", "Backend", "load_model", "SamplingParams", "SpecConfig"]
+__all__ = ["generate", "solve", "Sample", "StandError", "Target", "Backend", "load_model", "load_target",
+           "SamplingParams", "SpecConfig"]
 __version__ = "0.1.0"

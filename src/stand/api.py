@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
 from dataclasses import dataclass, field
 
+from stand.backends.choice import SpeedCheck
 from stand.backends.load import load_model
 from stand.backends.protocol import Backend as Target
 from stand.core.cost import resolve_grid
@@ -17,6 +21,9 @@ from stand.params import SamplingParams, SpecConfig
 
 SCHEDULES = ("batched", "sequential")  # how the n samples of a prompt run: all at once, or one after another
 AUTO = "auto"  # as many at once as this machine's cost grid and the drafter's curve say is fastest (Sizer.best_live)
+SPEED_PROMPT = "Solve step by step: a train travels 60 km in 45 minutes. What is its speed in km per hour?"
+SPEED_TOKENS = 64  # the end-to-end check of `--backend auto` / `--dtype auto`: this many tokens at T=0.6
+log = logging.getLogger("stand")
 
 
 def check_schedule(schedule: str) -> str:
@@ -37,9 +44,39 @@ class Sample:
     index: int = 0
 
 
-def resolve_target(model: Target | str | None, backend: str = "auto", dtype: str = "auto") -> Target:
+@functools.lru_cache(maxsize=None)
+def speed_check(method: str = "stand") -> SpeedCheck:
+    """What `auto` measures end to end: SPEED_TOKENS tokens of SPEED_PROMPT with `method` drafting, T=0.6, the
+    drafts sized by the candidate's one-row grid (backends/choice.py)."""
+    params = SamplingParams(temperature=0.6, max_new_tokens=SPEED_TOKENS, seed=0, ignore_eos=True)
+
+    def run(target: Target, grid) -> float:
+        spec = SpecConfig(method=method)
+        t = time.perf_counter()
+        engine = Engine(target, make_drafter(spec, target.vocab_size, target), spec.step_tokens, grid)
+        run_group(engine, build_rows(encode_prompts(target, [SPEED_PROMPT]), 1, params)[0], "batched")
+        return SPEED_TOKENS / (time.perf_counter() - t)
+
+    return SpeedCheck(f"{method} at T=0.6, {SPEED_TOKENS} tokens", run)
+
+
+def load_target(model: str | None = None, backend: str = "auto", dtype: str = "auto", device: str = "auto",
+                method: str = "stand") -> Target:
+    """The model at `model` (None: the embedded default) on the fastest engine here where backend or dtype is
+    "auto" (measured end to end with `method` drafting the first time, then cached: backends/choice.py)."""
+    auto = backend == "auto" or dtype == "auto"
+    target = load_model(model, dtype, backend, "auto", device, speed_check(method) if auto else None)
+    if getattr(target, "choice", None):
+        log.info("%s", target.choice)
+    return target
+
+
+def resolve_target(model: Target | str | None, backend: str = "auto", dtype: str = "auto", device: str = "auto",
+                   method: str = "stand") -> Target:
     """A loaded backend: `model` itself, or the model at that path (None: the embedded default) loaded."""
-    return load_model(model, dtype, backend) if model is None or isinstance(model, str) else model
+    if model is None or isinstance(model, str):
+        return load_target(model, backend, dtype, device, method)
+    return model
 
 
 def encode_prompts(target: Target, prompts: list[str] | list[list[int]], chat: bool = True) -> list[list[int]]:
@@ -97,10 +134,12 @@ def to_sample(row: Row) -> Sample:
 def generate(prompts: str | list[str], model: Target | str | None = None, *,
              params: SamplingParams = SamplingParams(), spec: SpecConfig = SpecConfig(), n: int = 1,
              schedule: str = "batched", chat: bool = True, backend: str = "auto", dtype: str = "auto",
-             drafter: Drafter | None = None, on_commit: OnCommit | None = None) -> list[list[Sample]]:
+             device: str = "auto", drafter: Drafter | None = None,
+             on_commit: OnCommit | None = None) -> list[list[Sample]]:
     """Generate n samples per prompt; returns result[prompt][sample] with text, token ids and stats.
 
-    model: a path (None: the embedded default), loaded with `backend` and `dtype`, or a loaded Backend.
+    model: a path (None: the embedded default), loaded with `backend`, `dtype` and `device` (load_target), or a
+    loaded Backend.
     The output is what plain decoding of the model would give (token for token at temperature 0, the
     same distribution when sampling); spec.method only changes how fast it comes.
     """
@@ -110,7 +149,7 @@ def generate(prompts: str | list[str], model: Target | str | None = None, *,
     check_prompts(prompts, n)
     check_schedule(schedule)
     params, spec = params.validate(), spec.validate()
-    target = resolve_target(model, backend, dtype)
+    target = resolve_target(model, backend, dtype, device, spec.method)
     groups = build_rows(encode_prompts(target, prompts, chat), n, params)
     engine = make_engine(target, spec, drafter)
     for rows in groups:

@@ -18,6 +18,7 @@ from float32 than Hugging Face's bfloat16 is. tests/test_lean.py checks it.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -25,12 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from stand.errors import StandError
-from stand.backends.kv import TreeBatch, cat_rows, path_moves
+from stand.backends.kv import TreeBatch
+from stand.backends.lean_cache import CACHE_CHUNK, LeanCache  # noqa: F401  (CACHE_CHUNK: part of this module's API)
 from stand.backends.torch import Target
 
 LEAN_ARCHS = {"llama", "qwen2"}
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # rope types whose table does not depend on the length
-CACHE_CHUNK = 256  # cache capacity grows in steps of this many slots
 
 
 @dataclass(frozen=True)
@@ -165,9 +166,8 @@ def build_layer(hf_layer, mode: str) -> LeanLayer:
                      gate_up=Linear(wgu, None, mode), down=Linear(mlp.down_proj.weight.detach(), None, mode))
 
 
-def rope_table(model, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_len, head_dim] computed as the Hugging Face rotary module computes them."""
-    rot = model.model.rotary_emb
+def rope_table(rot, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_len, head_dim] computed as the Hugging Face rotary module `rot` computes them."""
     pos = torch.arange(max_len, dtype=torch.float32)
     freqs = pos[:, None] * rot.inv_freq.float()[None, :]  # [P, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
@@ -192,42 +192,62 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class LeanModel:
-    """The decoder as plain tensor code over weights taken from a Hugging Face llama/qwen2 model."""
+    """The decoder as plain tensor code over its weights: `embed` (ids -> [..., hidden]), the layers, the final
+    norm and `lm_head` ([..., hidden] -> [..., V]) are callables, so the weights may be dense (from a Hugging Face
+    model, `from_hf`) or 4-bit groups (backends/int4.py). Activations and the cache are in `dtype` on `device`."""
 
-    def __init__(self, model, linear: str = "auto"):
+    def __init__(self, cfg: LeanConfig, embed, layers: list[LeanLayer], norm: torch.Tensor, lm_head,
+                 rope: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.cfg, self.embed, self.layers, self.norm, self.lm_head = cfg, embed, layers, norm, lm_head
+        self.cos, self.sin = rope
+        self.dtype, self.device = dtype, torch.device(device)
+        self.cache_dtype = dtype
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    @classmethod
+    def from_hf(cls, model, linear: str = "auto") -> "LeanModel":
+        """The lean forward over a loaded Hugging Face llama/qwen2 model's weights (shared, not copied)."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise StandError(f"the lean forward does not support this model: {reason}")
-        self.cfg = lean_config(model)
-        self.dtype = model.get_input_embeddings().weight.dtype
-        self.linear = linear_mode(self.dtype, linear)
-        self.embed = model.get_input_embeddings().weight.detach()  # [V, hidden]
-        self.layers = [build_layer(layer, self.linear) for layer in model.model.layers]
-        self.norm = model.model.norm.weight.detach()
-        head = model.get_output_embeddings()
-        self.lm_head = Linear(head.weight.detach(), None, self.linear)
-        self.cos, self.sin = rope_table(model, self.cfg.max_len, self.dtype)
-        self.scale = 1.0 / math.sqrt(self.cfg.head_dim)
+        cfg = lean_config(model)
+        dtype, device = model.get_input_embeddings().weight.dtype, model.get_input_embeddings().weight.device
+        mode = linear_mode(dtype, linear) if device.type == "cpu" else "dense"  # oneDNN's packing is CPU-only
+        embed = functools.partial(F.embedding, weight=model.get_input_embeddings().weight.detach())  # [V, hidden]
+        layers = [build_layer(layer, mode) for layer in model.model.layers]
+        head = Linear(model.get_output_embeddings().weight.detach(), None, mode)
+        rope = tuple(t.to(device) for t in rope_table(model.model.rotary_emb, cfg.max_len, dtype))
+        lean = cls(cfg, embed, layers, model.model.norm.weight.detach(), head, rope, dtype, device)
+        lean.linear = mode
+        return lean
 
-    def new_cache(self) -> "LeanCache":
+    def new_cache(self) -> LeanCache:
         c = self.cfg
-        return LeanCache(c.layers, c.kv_heads, c.head_dim, self.dtype)
+        return LeanCache(c.layers, c.kv_heads, c.head_dim, self.cache_dtype, self.device)
 
-    def forward(self, cache: "LeanCache", ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, cache: LeanCache, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
                 keep_last: int = 0) -> torch.Tensor:
         """ids, pos [B, T]; mask [B, 1, T, S + T] bool or None (all allowed) -> logits [B, T or keep_last, V]."""
         B, T = ids.shape
         S = cache.reserve(B, T)
-        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B, T, 1, D]
-        x = F.embedding(ids, self.embed)  # [B, T, hidden]
+        rope = self.rope(pos)
+        x = self.embed(ids)  # [B, T, hidden]
         for i, layer in enumerate(self.layers):
-            x = self._layer(layer, x, cos, sin, cache.layer(i), S, mask)
+            x = self._layer(layer, x, rope, cache.layer(i), S, mask)
         cache.length = S + T
         if keep_last:
             x = x[:, -keep_last:]
-        return self.lm_head(rms_norm(x, self.norm, self.cfg.eps))
+        return self.lm_head(self.final_norm(x))
 
-    def _layer(self, layer: LeanLayer, x, cos, sin, kv, S: int, mask):
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos [B, T] -> the rotary tables at those positions, cos and sin [B, T, 1, D]."""
+        return self.cos[pos][:, :, None], self.sin[pos][:, :, None]
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.norm, self.cfg.eps)
+
+    def _layer(self, layer: LeanLayer, x, rope, kv, S: int, mask):
+        cos, sin = rope
         x = x + self._attention(layer, rms_norm(x, layer.ln1, self.cfg.eps), cos, sin, kv, S, mask)
         h = layer.gate_up(rms_norm(x, layer.ln2, self.cfg.eps))  # [B, T, 2I]
         gate, up = h.chunk(2, dim=-1)
@@ -242,7 +262,7 @@ class LeanModel:
         keys[:, :, S:S + T] = qk[:, :, c.heads:].transpose(1, 2)
         values[:, :, S:S + T] = qkv[:, :, c.heads + c.kv_heads:].transpose(1, 2)
         q = qk[:, :, : c.heads].transpose(1, 2)  # [B, H, T, D]
-        if T == 1 and q.dtype == torch.bfloat16:
+        if T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":  # CPU only: CUDA's SDPA is fast here
             out = one_query_attention(q, keys[:, :, : S + T], values[:, :, : S + T], mask, self.scale)
         else:
             out = F.scaled_dot_product_attention(q, keys[:, :, : S + T], values[:, :, : S + T], attn_mask=mask,
@@ -256,85 +276,22 @@ def one_query_attention(q, keys, values, mask, scale: float) -> torch.Tensor:
     rounded once. torch's CPU `scaled_dot_product_attention` is slow for this shape in bfloat16, and every plain
     decoding step has it (measured: docs/results.md#pass-shapes-on-torch)."""
     B, H, _, D = q.shape
+    return grouped_attention(q.transpose(1, 2).float(), keys, values, mask, scale).view(B, 1, H, D).transpose(
+        1, 2).to(q.dtype)
+
+
+def grouped_attention(q, keys, values, mask, scale: float) -> torch.Tensor:
+    """Attention in float32 whatever the cache's dtype, the query heads of a KV head as one product:
+    q [B, T, H, D] float32, keys and values [B, Hkv, S, D], mask [B, 1, T, S] bool or None -> [B, T, H * D]."""
+    B, T, H, D = q.shape
     kv_heads = keys.shape[1]
-    s = q.reshape(B, kv_heads, H // kv_heads, D).float() @ keys.float().transpose(-1, -2) * scale  # [B, Hkv, g, S]
+    g = H // kv_heads
+    qg = q.view(B, T, kv_heads, g, D).permute(0, 2, 3, 1, 4).reshape(B, kv_heads, g * T, D)
+    s = (qg * scale) @ keys.float().transpose(-1, -2)  # [B, Hkv, g T, S]
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    return (s.softmax(-1) @ values.float()).reshape(B, H, 1, D).to(q.dtype)
-
-
-# ---- the cache -----------------------------------------------------------------------------------
-
-class LeanCache:
-    """KV of every layer in one preallocated tensor [layers, 2, B, H_kv, capacity, D].
-
-    Slots [0, length) are in use (row b's committed KV in [0, L_b), a masked gap after it, as in
-    kv.py); capacity grows in chunks of CACHE_CHUNK slots, copying once per chunk.
-    """
-
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
-        self.shape = (layers, 2, kv_heads, head_dim)
-        self.dtype = dtype
-        self.kv: torch.Tensor | None = None
-        self.length = 0
-
-    def __len__(self) -> int:
-        return self.length
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self.kv is None else self.kv.shape[4]
-
-    def _alloc(self, rows: int, capacity: int) -> torch.Tensor:
-        layers, two, heads, dim = self.shape
-        return torch.empty(layers, two, rows, heads, capacity, dim, dtype=self.dtype)
-
-    @torch.inference_mode()
-    def reserve(self, rows: int, new: int) -> int:
-        """Room for `new` more slots in every one of `rows` rows; returns the first free slot."""
-        if self.kv is not None and self.kv.shape[2] != rows:
-            raise StandError(f"the cache holds {self.kv.shape[2]} rows, the batch has {rows}")
-        need = self.length + new
-        if need > self.capacity:
-            grown = self._alloc(rows, CACHE_CHUNK * math.ceil(need / CACHE_CHUNK))
-            if self.kv is not None and self.length:
-                grown[..., : self.length, :] = self.kv[..., : self.length, :]
-            self.kv = grown
-        return self.length
-
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of layer i, [B, H_kv, capacity, D] each (views)."""
-        return self.kv[i, 0], self.kv[i, 1]
-
-    @torch.inference_mode()
-    def commit(self, paths: list[list[int]], lengths: list[int], cache_len: int) -> list[int]:
-        """After a tree step written at slots [cache_len, cache_len + T): keep the accepted paths."""
-        rows, src, dst, new_lengths = path_moves(paths, lengths, cache_len)
-        self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]  # every layer at once; src >= dst
-        self.length = max(new_lengths)
-        return new_lengths
-
-    @torch.inference_mode()
-    def extend(self, other: "LeanCache", rows: tuple[int, int]) -> None:
-        """other's rows after ours (rows: how many each holds); slots padded to the longer."""
-        if self.kv is None and other.kv is None:
-            return
-        mine = None if self.kv is None else self.kv[..., : self.length, :]
-        theirs = None if other.kv is None else other.kv[..., : other.length, :]
-        both = cat_rows(mine, theirs, rows, 2, 4)  # [layers, 2, B1 + B2, H, S, D]
-        self.length = both.shape[4]
-        self.kv = self._alloc(both.shape[2], CACHE_CHUNK * math.ceil(max(self.length, 1) / CACHE_CHUNK))
-        self.kv[..., : self.length, :] = both
-
-    @torch.inference_mode()
-    def keep_rows(self, keep: list[int], new_len: int) -> None:
-        """Rows `keep` (repeats allowed) of the first new_len slots; the rest is dropped."""
-        if self.kv is None:
-            self.length = new_len
-            return
-        fresh = self._alloc(len(keep), max(self.capacity, new_len))
-        fresh[..., :new_len, :] = self.kv[:, :, torch.tensor(keep, dtype=torch.long), :, :new_len]
-        self.kv, self.length = fresh, new_len
+        s = s.view(B, kv_heads, g, T, -1).masked_fill(~mask[:, :, None], float("-inf")).view(B, kv_heads, g * T, -1)
+    out = s.softmax(-1) @ values.float()  # [B, Hkv, g T, D]
+    return out.view(B, kv_heads, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
 
 # ---- the target ----------------------------------------------------------------------------------
@@ -347,7 +304,7 @@ class LeanTarget(Target):
 
     @classmethod
     def from_target(cls, target: Target, linear: str = "auto") -> "LeanTarget":
-        lean = LeanModel(target.model, linear=linear)
+        lean = LeanModel.from_hf(target.model, linear=linear)
         return cls(target.model, target.tokenizer, target.name, target.dtype, lean=lean)
 
     def inner_cache(self) -> LeanCache:
@@ -355,11 +312,26 @@ class LeanTarget(Target):
 
     @torch.inference_mode()
     def forward(self, cache: LeanCache, batch: TreeBatch, all_logits: bool = True) -> torch.Tensor:
-        """Writes the batch's KV after the cache's slots; returns logits [B, T, V] (or [B, 1, V])."""
+        """Writes the batch's KV after the cache's slots; returns logits [B, T, V] (or [B, 1, V]) on the CPU."""
         allowed = batch.allowed  # [B, T, S + T]
         one_token = allowed.shape[1] == 1  # a tree always masks siblings: only a single token can see all
         mask = None if one_token and bool(allowed.all()) else allowed[:, None]
-        return self.lean.forward(cache, batch.input_ids, batch.position_ids, mask, keep_last=0 if all_logits else 1)
+        return self._run(cache, batch.input_ids, batch.position_ids, mask, 0 if all_logits else 1)
+
+    def _run(self, cache: LeanCache, ids, pos, mask, keep_last: int) -> torch.Tensor:
+        dev = self.lean.device
+        if dev.type != "cpu":
+            ids, pos, mask = (None if t is None else t.to(dev, non_blocking=True) for t in (ids, pos, mask))
+        return self.lean.forward(cache, ids, pos, mask, keep_last=keep_last).cpu()
+
+    @torch.inference_mode()
+    def next_logits(self, contexts: list[list[int]]) -> torch.Tensor:
+        """[N, V] float32 logits after each context (equal lengths), each context alone in a fresh cache."""
+        ids = torch.tensor(contexts, dtype=torch.long)  # [N, L]
+        N, L = ids.shape
+        mask = None if L == 1 else torch.ones(L, L, dtype=torch.bool).tril().expand(N, 1, L, L)
+        pos = torch.arange(L).expand(N, L)
+        return self._run(self.lean.new_cache(), ids, pos, mask, 1)[:, -1].float()
 
 
 def with_forward(target: Target, forward: str = "auto", linear: str = "auto") -> Target:

@@ -93,16 +93,18 @@ class Target(TokenizerText):
 
     @torch.inference_mode()
     def forward(self, cache: HFCache, batch: TreeBatch, all_logits: bool = True) -> torch.Tensor:
-        """Writes the batch's KV after the cache's slots; returns logits [B, T, V] (or [B, 1, V])."""
-        mask = additive_mask(batch.allowed, self.dtype)  # [B, 1, T, S + T]
-        out = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
-                         past_key_values=cache.cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
-        return out.logits
+        """Writes the batch's KV after the cache's slots; returns logits [B, T, V] (or [B, 1, V]) on the CPU."""
+        dev = self.model.device
+        mask = additive_mask(batch.allowed, self.dtype).to(dev)  # [B, 1, T, S + T]
+        out = self.model(input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev),
+                         attention_mask=mask, past_key_values=cache.cache, use_cache=True,
+                         logits_to_keep=0 if all_logits else 1)
+        return out.logits.cpu()
 
     @torch.inference_mode()
     def next_logits(self, contexts: list[list[int]]) -> torch.Tensor:
-        x = torch.tensor(contexts, dtype=torch.long)  # [N, L]
-        return self.model(input_ids=x, use_cache=False).logits[:, -1].float()  # [N, V]
+        x = torch.tensor(contexts, dtype=torch.long, device=self.model.device)  # [N, L]
+        return self.model(input_ids=x, use_cache=False).logits[:, -1].float().cpu()  # [N, V]
 
     def fingerprint(self) -> str:
         """A short hash of the name, vocabulary size, dtype and some of the weights."""

@@ -19,8 +19,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Lossless model-free speculative decoding for test-time scaling.")
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="auto | torch | llama.cpp (auto: llama.cpp for a .gguf file when llama-cpp-python is installed, else torch)")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="torch backend: auto | bfloat16 | float32 (auto: the faster here, measured once and cached)")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="auto | torch | llama.cpp (auto: the fastest here for this file, measured once and cached; it says which ran and why)")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="torch backend: auto | bfloat16 | float32 | int4 (int4: a GGUF's own 4-bit blocks, other weights quantised on load; auto: the fastest here, measured once and cached)")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="torch backend: auto | cpu | cuda (auto: CUDA when torch sees a GPU)")]
 MethodOpt = Annotated[str, typer.Option("--method", help=" | ".join(method_names()))]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy")]
 TopPOpt = Annotated[float, typer.Option("--top-p")]
@@ -65,11 +66,20 @@ def out_file(path: str | None, flag: str) -> str | None:
     return path
 
 
-def load(model: str | None, backend: str, dtype: str, forward: str = "auto"):
-    """The model on the chosen backend."""
-    from stand.backends.load import load_model
+def load(model: str | None, backend: str, dtype: str, forward: str = "auto", device: str = "auto",
+         method: str = "stand"):
+    """The model on the chosen backend; where backend or dtype is auto, one line on stderr says which engine ran and
+    why (measured with `method` drafting the first time)."""
+    if forward != "auto":
+        from stand.backends.load import load_model
 
-    return load_model(model, dtype, backend, forward)
+        return load_model(model, dtype, backend, forward, device)
+    from stand.api import load_target
+
+    target = load_target(model, backend, dtype, device, method)
+    if getattr(target, "choice", None):
+        typer.echo(f"[{target.choice}]", err=True)
+    return target
 
 
 def user_errors(fn):

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from stand.cli.common import (BackendOpt, CostOpt, DtypeOpt, JsonOpt, MaxNewOpt, ModelOpt, SeedOpt, TableOpt,
+from stand.cli.common import (BackendOpt, CostOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewOpt, ModelOpt, SeedOpt, TableOpt,
                               TemperatureOpt, TopKOpt, TopPOpt, TreeOpt, app, int_list, load, names, out_file, sampling,
                               sigterm_interrupts, speculation, user_errors)
 from stand.errors import StandError
@@ -30,6 +30,7 @@ def bench_cmd(
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     tree: TreeOpt = None,
     table: TableOpt = None,
     cost: CostOpt = None,
@@ -48,7 +49,7 @@ def bench_cmd(
                       sampling(temperature, top_p, top_k, max_new_tokens, seed), speculation("none", tree, table, cost),
                       names(schedules), repeats, warmup, first, model).validate()
     json_path = out_file(json_path, "--json")
-    rows = _bench_with_bar(load(model, backend, dtype), cfg)
+    rows = _bench_with_bar(load(model, backend, dtype, device=device), cfg)
     if json_path:  # files first: a Ctrl-C may also have closed the pipe behind stdout
         write_rows(rows, json_path)
     if plot:
@@ -85,6 +86,7 @@ def profile_cmd(
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     cache_len: int = typer.Option(500, "--cache-len", help="Tokens already in the cache"),
     reps: int = typer.Option(10, "--reps", help="Timed forwards per size (median reported)"),
     json_path: JsonOpt = None,
@@ -95,21 +97,24 @@ def profile_cmd(
     import torch
 
     from stand.core.files import write_json
-    from stand.lab.profile import ProfileConfig, as_json, cost_curves, ours, profile_targets, remeasure, table_lines
+    from stand.lab.profile import (ProfileConfig, as_json, cost_curves, ours, profile_targets, remeasure, split_lines,
+                                   table_lines)
 
     if cache_len < 1 or reps < 1 or (threads is not None and threads < 1):
         raise StandError("--cache-len, --reps and --threads must be at least 1")
     json_path, grid_path = out_file(json_path, "--json"), out_file(grid_path, "--grid")
     if threads:
         torch.set_num_threads(threads)
-    if dtype == "auto":  # the dtype stand decodes with here (measured the first time)
-        dtype = str(load(model, backend, dtype).dtype).replace("torch.", "")
-    target = load(model, backend, dtype, forward="hf")
+    target = load(model, backend, dtype, device=device)  # the engine stand decodes with (auto: measured)
+    if target.kind == "torch" and target.dtype != "int4":  # beside transformers' forward of the same weights
+        target = load(model, target.kind, str(target.dtype).replace("torch.", ""), forward="hf", device=device)
     curves = cost_curves(profile_targets(target), ProfileConfig(cache_len=cache_len, reps=reps),
                          progress=lambda msg: typer.echo(f"  {msg}", err=True))
     typer.echo(f"ms per forward, {target.name} on {target.kind}, {target.dtype}, cache {cache_len}, median of {reps}, "
                f"{torch.get_num_threads()} threads")
     for line in table_lines(curves):
+        typer.echo(line)
+    for line in split_lines(ours(target), cache_len):
         typer.echo(line)
     if json_path:
         write_json(json_path, as_json(curves), indent=2)
@@ -135,6 +140,7 @@ def calibrate_cmd(
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
 ):
     """Calibrate STAND's draft tree: count accepted nodes of a 600-node template, keep the best M for this machine."""
     from tqdm import tqdm
@@ -145,7 +151,7 @@ def calibrate_cmd(
     cfg = CalibrateConfig(dataset, problems, first, temperature=params.temperature,
                           max_new_tokens=params.max_new_tokens, max_m=max_m, cost_curve=cost).validate()
     out, plot = out_file(out, "--out"), out_file(plot or (out.rsplit(".", 1)[0] + ".png"), "--plot")
-    target = load(model, backend, dtype)
+    target = load(model, backend, dtype, device=device)
     if counts:
         from stand.core.cost import CostGrid
         from stand.lab.calibrate import recount

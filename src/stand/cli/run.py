@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from stand.cli.common import (BackendOpt, CostOpt, DtypeOpt, JsonOpt, MaxNewOpt, MethodOpt, ModelOpt, SeedOpt, TableOpt,
+from stand.cli.common import (BackendOpt, CostOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewOpt, MethodOpt, ModelOpt, SeedOpt, TableOpt,
                               TemperatureOpt, TopKOpt, TopPOpt, TreeOpt, app, load, out_file, sampling, sigterm_interrupts,
                               speculation, user_errors)
 
@@ -20,6 +20,7 @@ def generate_cmd(
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     method: MethodOpt = "none",
     n: int = typer.Option(1, "--n", help="Samples per prompt"),
     temperature: TemperatureOpt = 0.0,
@@ -37,7 +38,7 @@ def generate_cmd(
 
     check_prompts([prompt], n)
     params, spec = sampling(temperature, top_p, top_k, max_new_tokens, seed), speculation(method, tree, table, cost)
-    target = load(model, backend, dtype)
+    target = load(model, backend, dtype, device=device, method=spec.method)
     samples = generate(prompt, target, params=params, spec=spec, n=n)[0]
     if as_json:
         typer.echo(json.dumps([s.__dict__ for s in samples], indent=2))
@@ -77,6 +78,7 @@ def solve_cmd(
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     json_path: JsonOpt = None,
 ):
     """N samples per question; the voted (or best-scored) answer, checked against the reference.
@@ -89,10 +91,11 @@ def solve_cmd(
     config, json_path = SolveConfig(n, strategy, schedule).validate(), out_file(json_path, "--json")
     params, spec = sampling(temperature, top_p, top_k, max_new_tokens, seed), speculation(method, tree, table, cost)
     done, interrupted = [], False
+    target = load(model, backend, dtype, device=device, method=spec.method)
     try:
         with sigterm_interrupts(), contextlib.closing(TokenBar(len(items), n * max_new_tokens)) as bar:
-            for i, sol in enumerate(iter_solve(items, model, params=params, spec=spec, config=config,
-                                               backend=backend, dtype=dtype, progress=bar.update)):
+            for i, sol in enumerate(iter_solve(items, target, params=params, spec=spec, config=config,
+                                               progress=bar.update)):
                 bar.close()
                 done.append(sol)
                 typer.echo(solution_line(i, len(items), sol))

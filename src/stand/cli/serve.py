@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stand.cli.common import BackendOpt, CostOpt, DtypeOpt, MethodOpt, ModelOpt, app, user_errors
+from stand.cli.common import BackendOpt, CostOpt, DeviceOpt, DtypeOpt, MethodOpt, ModelOpt, app, user_errors
 from stand.server.memory import serve_help
 
 
@@ -16,6 +16,7 @@ def serve_cmd(
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     method: MethodOpt = "stand",
     host: str = typer.Option("127.0.0.1", "--host", help="Listen here (not loopback without --api-key: a warning)"),
     port: int = typer.Option(8000, "--port"),
@@ -39,7 +40,7 @@ def serve_cmd(
         return serve_vllm(model, method, host, port, dtype, api_key, table, share_table, engine)
     from stand.server.app import ServerConfig, serve
 
-    serve(ServerConfig(model=model, method=method, backend=backend, dtype=dtype, host=host, port=port,
+    serve(ServerConfig(model=model, method=method, backend=backend, dtype=dtype, device=device, host=host, port=port,
                        api_key=api_key, table=table, share_table=share_table, max_queue=max_queue,
                        default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, max_n=max_n,
                        max_prompt_tokens=max_prompt_tokens, max_live_rows=max_live_rows,

@@ -26,7 +26,7 @@ from stand.methods import check_method, engine_of, names
 from stand.params import SamplingParams, SpecConfig
 from stand.tts.answers import extract_answer, is_correct
 from stand.tts.problems import Problem, problem_range
-from stand.lab.llamacpp_anchors import anchor_generate
+from stand.lab.llamacpp_anchors import anchor_generate, gguf_file
 from stand.lab.vllm_anchors import close_engines, engine_dtype, vllm_run
 from stand.tts.vote import majority_vote
 
@@ -271,9 +271,12 @@ def rotated(variants: list[Variant], k: int) -> list[Variant]:
 def bench(target: Target, cfg: BenchConfig, progress: Progress | None = None) -> list[dict]:
     """Every variant on every problem, interleaved; one row per variant (see summarise)."""
     cfg.validate()
-    for kind, anchors in (("torch", HF_METHODS), ("llama.cpp", LLAMACPP_METHODS)):
-        if target.kind != kind and any(m in anchors for m in cfg.methods):
-            raise StandError(f"the anchors {', '.join(anchors)} need the {kind} backend, not {target.kind}")
+    if any(m in HF_METHODS for m in cfg.methods) and (target.kind != "torch" or target.dtype == "int4"):
+        raise StandError(f"the anchors {', '.join(HF_METHODS)} run transformers' forward: they need the torch "
+                         f"backend in bfloat16 or float32, not {target.kind} {target.dtype}")
+    if any(m in LLAMACPP_METHODS for m in cfg.methods) and gguf_file(target) is None:
+        raise StandError(f"the anchors {', '.join(LLAMACPP_METHODS)} need a .gguf model on the llama.cpp backend "
+                         "or on torch with --dtype int4")
     problems = problem_range(cfg.dataset, cfg.first, cfg.problems)
     variants = cfg.variants()
     runs: dict[Variant, dict[tuple[int, int], Run]] = {v: {} for v in variants}  # (repeat, problem) -> Run

@@ -25,12 +25,21 @@ def _llama(path: str, pld: bool, n_ctx: int = 4096):
                  flash_attn=False, verbose=False)
 
 
+def gguf_file(target) -> str | None:
+    """The GGUF file a loaded backend runs: llama.cpp's, or the int4 torch backend's source file."""
+    path = target.path if getattr(target, "kind", None) == "llama.cpp" else getattr(target, "source", None)
+    return path if isinstance(path, str) and path.endswith(".gguf") else None
+
+
 def anchor_generate(target, method: str, prompt_ids: list[int], n: int, params: SamplingParams) -> list[list[int]]:
-    """n samples of new token ids from llama.cpp's own loop; the sampler keeps only temperature, top-k and top-p
-    (min-p, typical-p and penalties off), so it draws from the same distribution as ours."""
-    if getattr(target, "kind", None) != "llama.cpp":
-        raise StandError(f"the {method} anchor needs the llama.cpp backend (a .gguf model and --backend llama.cpp)")
-    llm = _llama(target.path, method == "llama.cpp-pld")
+    """n samples of new token ids from llama.cpp's own loop on the target's GGUF file; the sampler keeps only
+    temperature, top-k and top-p (min-p, typical-p and penalties off), so it draws from the same distribution as
+    ours."""
+    path = gguf_file(target)
+    if path is None:
+        raise StandError(f"the {method} anchor needs a .gguf model on the llama.cpp backend or on torch with "
+                         "--dtype int4")
+    llm = _llama(path, method == "llama.cpp-pld")
     outs = []
     for i in range(n):
         llm.set_seed(0 if params.seed is None else params.seed + i)

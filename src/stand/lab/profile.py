@@ -91,3 +91,40 @@ def remeasure(target: Backend, reps: int, path: str, progress=None) -> list[str]
     return [f"ms per forward, rows x tokens per row (wrote {path}; {kept}):"] + [
         f"{rows:>3} rows: " + "  ".join(f"{t}:{ms:.0f}" for t, ms in sorted(curve.items()))
         for rows, curve in sorted(grid.ms.items())]
+
+
+PRODUCTS = ("int4pack_mm", "int8pack_mm", "linear", "addmm", "aten::mm", "aten::matmul")  # the weights' products
+ATTENTION = ("scaled_dot_product", "aten::bmm", "softmax")
+SPLIT_SHAPES = ((1, 1), (1, 4), (8, 1))  # (rows, tokens per row)
+
+
+@torch.inference_mode()
+def op_split(target: Backend, rows: int, tokens: int, cache_len: int, reps: int = 5) -> dict[str, float]:
+    """Where a pass's time goes (torch only): ms per pass, the matrix products of the weights, attention, and the
+    rest (norms, rotary, cache writes, casts, Python), from torch.profiler's per-operator times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    probe = Probe(target, rows, cache_len)
+    for _ in range(2):
+        probe.time_ms(tokens)
+    wall = sorted(probe.time_ms(tokens) for _ in range(reps))[reps // 2]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            probe.time_ms(tokens)
+    ms = lambda names: sum(e.self_cpu_time_total for e in prof.key_averages()  # noqa: E731
+                           if any(n in e.key for n in names)) / reps / 1000
+    products, attention = ms(PRODUCTS), ms(ATTENTION)
+    return {"pass": wall, "products": products, "attention": attention,
+            "rest": max(wall - products - attention, 0.0)}
+
+
+def split_lines(target: Backend, cache_len: int) -> list[str]:
+    """`stand profile`'s op split of ours on torch: one line per shape."""
+    if target.kind != "torch":
+        return []
+    lines = [f"where a pass goes (ms; torch.profiler, cache {cache_len}): pass = matrix products + attention + rest"]
+    for rows, tokens in SPLIT_SHAPES:
+        s = op_split(target, rows, tokens, cache_len)
+        lines.append(f"{rows:>3} rows x {tokens:>2}: {s['pass']:6.1f} = {s['products']:5.1f} + {s['attention']:5.1f} "
+                     f"+ {s['rest']:5.1f}")
+    return lines

@@ -23,8 +23,7 @@ from typing import Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from stand.api import build_rows, make_engine
-from stand.backends.load import load_model
+from stand.api import build_rows, load_target, make_engine
 from stand.backends.protocol import Backend as Target
 from stand.drafters.registry import make_drafter
 from stand.engine import Engine
@@ -247,10 +246,11 @@ async def collect(job: Job, request: Request, poll: float = 1.0) -> tuple[list[D
 
 def create_app(config: ServerConfig, loader: Callable[[], Target] | None = None,
                on_load_error: Callable[[], None] | None = None) -> FastAPI:
-    """The FastAPI app; the model loads in the background at startup (loader: how; default load_model;
+    """The FastAPI app; the model loads in the background at startup (loader: how; default load_target;
     on_load_error: called if it fails, e.g. to stop serving)."""
     config.validate()
-    state = State(config, loader or (lambda: load_model(config.model, config.dtype, config.backend)), on_load_error)
+    state = State(config, loader or (lambda: load_target(config.model, config.backend, config.dtype, config.device,
+                                                         config.method)), on_load_error)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

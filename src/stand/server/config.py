@@ -21,6 +21,7 @@ class ServerConfig:
     method: str = "stand"
     dtype: str = "auto"
     backend: str = "auto"  # "auto", "torch" or "llama.cpp" (see backends/load.py)
+    device: str = "auto"  # the torch backend's: "auto", "cpu" or "cuda"
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -40,11 +41,13 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20  # the largest request body (beyond: 413)
 
     def validate(self) -> "ServerConfig":
-        from stand.backends.load import BACKENDS  # here: importing it loads torch
+        from stand.backends.load import BACKENDS, DEVICES, DTYPES  # here: importing it loads torch
 
         check_method(self.method)
-        if self.backend not in BACKENDS:
-            raise StandError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        for name, value, choices in (("backend", self.backend, BACKENDS), ("dtype", self.dtype, DTYPES),
+                                     ("device", self.device, DEVICES)):
+            if value not in choices:
+                raise StandError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if not 0 <= self.port <= 65535:
             raise StandError(f"port must be in 0..65535, got {self.port}")
         if self.model is not None and not os.path.exists(self.model):

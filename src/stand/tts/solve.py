@@ -98,11 +98,11 @@ def solve(questions: str | Problem | list[str | Problem], model: Target | str | 
           params: SamplingParams = SOLVE_PARAMS, spec: SpecConfig = SpecConfig(), n: int = 8,
           strategy: str = "self-consistency", schedule: str = AUTO, scorer: Scorer | None = None,
           extractor: Extractor | None = None, normalizer: Callable[[str], str] | None = None, chat: bool = True,
-          backend: str = "auto", dtype: str = "auto") -> list[Solution]:
+          backend: str = "auto", dtype: str = "auto", device: str = "auto") -> list[Solution]:
     """N samples per question, then the answer by majority vote or by the best score.
 
     questions: strings (used as the prompt as given) or `Problem`s (their `answer` is the reference).
-    model: a path (None: the embedded default), loaded with `backend` and `dtype`, or a loaded Backend.
+    model: a path (None: the embedded default), loaded with `backend`, `dtype` and `device`, or a loaded Backend.
     extractor(text) -> answer or None (default: math answers, `extract_answer`); normalizer(answer) -> key,
     answers with equal keys vote together (default: `answer_key`, math-aware).
     scorer(question, sample) -> float, higher is better (default: mean token log-probability).
@@ -114,17 +114,18 @@ def solve(questions: str | Problem | list[str | Problem], model: Target | str | 
     """
     config = SolveConfig(n, strategy, schedule, scorer or mean_logprob, extractor or extract_answer,
                          normalizer or answer_key, chat)
-    return list(iter_solve(questions, model, params=params, spec=spec, config=config, backend=backend, dtype=dtype))
+    return list(iter_solve(questions, model, params=params, spec=spec, config=config, backend=backend, dtype=dtype,
+                           device=device))
 
 
 def iter_solve(questions: str | Problem | list[str | Problem], model: Target | str | None = None, *,
                params: SamplingParams = SOLVE_PARAMS, spec: SpecConfig = SpecConfig(),
-               config: SolveConfig = SolveConfig(), backend: str = "auto", dtype: str = "auto",
+               config: SolveConfig = SolveConfig(), backend: str = "auto", dtype: str = "auto", device: str = "auto",
                progress: Progress | None = None) -> Iterator[Solution]:
     """`solve`, one Solution at a time as each question finishes; progress(question, tokens) as tokens commit."""
     problems = as_problems(questions)
     config, params, spec = config.validate(), params.validate(), spec.validate()
-    target = resolve_target(model, backend, dtype)
+    target = resolve_target(model, backend, dtype, device, spec.method)
     prompt_ids = encode_prompts(target, [p.prompt for p in problems], config.chat)
     engine = make_engine(target, spec)
     for i, (problem, ids) in enumerate(zip(problems, prompt_ids)):
