@@ -42,10 +42,16 @@ class StandOptions:
     topk: int = 10  # next tokens kept per table entry
     capacity: int = 1 << 18  # table slots (the least recently used are evicted beyond)
     stochastic: bool = True  # Gumbel-Top-K drafts; False: the top-ranked tokens with one-hot q
+    recency: float = 0.0  # weight of a new distribution at least this (0: the running mean; 1: the latest only)
+    learn_drafts: bool = True  # insert every verified node's distribution; False: the accepted path's only
+    prompt: bool = True  # insert the prompt's distributions
+    min_n: int = 1  # shortest context suffix a lookup backs off to
 
     def __post_init__(self):
-        if self.max_n < 1:
-            raise StandError(f"max_n must be >= 1, got {self.max_n}")
+        if not 1 <= self.min_n <= self.max_n:
+            raise StandError(f"need 1 <= min_n <= max_n, got min_n={self.min_n}, max_n={self.max_n}")
+        if not 0.0 <= self.recency <= 1.0:
+            raise StandError(f"recency must be in [0, 1], got {self.recency}")
 
 
 @dataclass
@@ -90,10 +96,10 @@ class Draw:
     dist: SparseDist | None  # q as recorded on the drawn nodes (None for deterministic drafts: one-hot q)
 
 
-def draw(table: NGramTable, tail: tuple, noise: GumbelNoise, deterministic: bool) -> Draw | None:
-    """Draws from the table's top-k after the longest stored suffix of tail (None without one): without
-    replacement by Gumbel-Top-K on fresh noise, or by rank when deterministic."""
-    slot, _ = table.longest(tail)
+def draw(table: NGramTable, tail: tuple, noise: GumbelNoise, deterministic: bool, min_n: int = 1) -> Draw | None:
+    """Draws from the table's top-k after the longest stored suffix of tail of at least min_n tokens (None without
+    one): without replacement by Gumbel-Top-K on fresh noise, or by rank when deterministic."""
+    slot, _ = table.longest(tail, min_n)
     if slot < 0:
         return None
     ids, p = table.dist(slot)
@@ -179,7 +185,7 @@ class StandDrafter(Drafter):
 
     def _new_table(self) -> NGramTable:
         o = self.options
-        return NGramTable(o.max_n, o.topk, o.capacity)
+        return NGramTable(o.max_n, o.topk, o.capacity, o.recency)
 
     def _open_persistent(self) -> NGramTable:
         """The table at config.table_path, or an empty one where there is none yet (or an empty file).
@@ -202,6 +208,7 @@ class StandDrafter(Drafter):
         if table.max_n != o.max_n or table.topk != o.topk:
             raise TableMismatch(f"n-gram table {path} has max_n={table.max_n}, topk={table.topk}; this run uses "
                                 f"max_n={o.max_n}, topk={o.topk}: give another table path or matching options")
+        table.recency = o.recency
         return table
 
     def save_table(self, path: str | None = None) -> None:
@@ -229,7 +236,7 @@ class StandDrafter(Drafter):
         self.members.setdefault(key, set()).add(row.uid)
         seed = int(row.rng.integers(2**63))
         self.rows[row.uid] = RowState(key, GumbelNoise(np.random.default_rng(seed)))
-        if prompt is not None and len(prompt):
+        if prompt is not None and len(prompt) and self.options.prompt:
             tails = tails_of(np.asarray(row.prompt[: len(prompt)]), self.options.max_n)  # [P-1, max_n]
             self.tables[key].insert(tails, prompt.ids, prompt.probs)
         self._track_memory()
@@ -254,7 +261,11 @@ class StandDrafter(Drafter):
         if probs is None:
             return
         ids, p = top_dist(probs[: len(tree) + 1], self.options.topk)  # [M+1, k]
-        self.table_for(row).insert(node_tails(self._root_tail(row), tree), ids, p)
+        tails = node_tails(self._root_tail(row), tree)  # [M+1, max_n]
+        if not self.options.learn_drafts:
+            path = [0] + list(verdict.accepted)  # the root and the accepted nodes: the sample's own contexts
+            ids, p, tails = ids[path], p[path], tails[path]
+        self.table_for(row).insert(tails, ids, p)
         for node in verdict.accepted:
             tag = tree.tags[node - 1]
             if 0 <= tag < len(self.hits):
@@ -302,7 +313,7 @@ class StandDrafter(Drafter):
         """Fills the template (or its cut `kids`) breadth-first; a node without a table match loses its subtree."""
 
         def children(tail: tuple, n: int) -> list[tuple[int, SparseDist | None, tuple]]:
-            d = draw(table, tail, noise, deterministic)
+            d = draw(table, tail, noise, deterministic, self.options.min_n)
             return [] if d is None else [(t, d.dist, tail[1:] + (t,)) for t in d.tokens[:n].tolist()]
 
         return fill(self.kids if kids is None else kids, tuple(root_tail.tolist()), children)
@@ -339,7 +350,7 @@ class DynamicStandDrafter(StandDrafter):
         tick = itertools.count()
 
         def open_node(node: int, tail: tuple, worth: float) -> None:
-            d = draw(table, tail, noise, deterministic)
+            d = draw(table, tail, noise, deterministic, self.options.min_n)
             if d is not None:
                 opened[node] = (d.tokens, d.dist, np.sort(d.q)[::-1], worth, tail)
                 heapq.heappush(heap, (-worth * opened[node][2][0], next(tick), node, 0))
