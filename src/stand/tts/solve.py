@@ -3,7 +3,7 @@
 `solve` runs the N samples of each question as one drafter group, batched (together, as rows of one
 batch), sequential (one after another: later samples draft from what earlier ones taught the
 drafter), or `auto` (k at a time, the k that this machine's cost grid and the drafter's acceptance
-curve say is fastest: Engine.best_live).
+curve say is fastest: Sizer.best_live).
 """
 
 from __future__ import annotations
