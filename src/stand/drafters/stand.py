@@ -26,8 +26,8 @@ import torch
 from stand.errors import StandError
 from stand.drafters.ngram_table import NGramTable, TableMismatch, check_table_path, last_tail, tails_of
 from stand.core.sizing import acceptance_curve
-from stand.drafters.templates import (DEFAULT_PRIOR, TreeTemplate, check_vocab, fill, heuristic, most_valuable,
-                                      shipped_tree_path)
+from stand.drafters.templates import (DEFAULT_PRIOR, TreeTemplate, check_vocab, fill, grown_tree, heuristic,
+                                      most_valuable, shipped_tree_path)
 from stand.core.tree import DraftTree, SparseDist
 from stand.core.drafter import Drafter, PromptDists
 
@@ -46,6 +46,7 @@ class StandOptions:
     learn_drafts: bool = True  # insert every verified node's distribution; False: the accepted path's only
     prompt: bool = True  # insert the prompt's distributions
     min_n: int = 1  # shortest context suffix a lookup backs off to
+    shared: bool = True  # the samples of a question share one table; False: a table per sample (an ablation)
 
     def __post_init__(self):
         if not 1 <= self.min_n <= self.max_n:
@@ -162,9 +163,8 @@ class StandDrafter(Drafter):
         self.template = template
         self.kids = template.children()
         self.node_p = node_acceptance(template)  # [M] chance each node lies on the accepted path
-        self.default_nodes = min(int(template.meta.get("m") or len(template)), len(template))  # calibration's M
-        self._cuts: dict[int, list[list[int]]] = {}
-        self.hits = np.zeros(len(template), dtype=np.int64)  # accepted-path count per template node
+        self._cuts: dict[int, list[list[int]]] = {}  # nodes -> children lists of the tree of that many nodes
+        self.hits = np.zeros(len(template), dtype=np.int64)  # accepted-path count per template node (calibration)
 
     def _load_template(self) -> TreeTemplate:
         """--tree (a warning if it was calibrated for another vocabulary), else the shipped calibrated tree
@@ -219,7 +219,9 @@ class StandDrafter(Drafter):
             table.save(path, meta={"vocab_size": self.vocab_size, "method": self.name})
 
     def _key(self, row) -> object:
-        return SHARED if (self.config.share_across_prompts or self.config.table_path) else ("group", row.group)
+        if self.config.share_across_prompts or self.config.table_path:
+            return SHARED
+        return ("group", row.group) if self.options.shared else ("row", row.uid)
 
     def table_for(self, row) -> NGramTable:
         return self.tables[self.rows[row.uid].table_key]
@@ -243,8 +245,7 @@ class StandDrafter(Drafter):
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         deterministic = (not self.options.stochastic) or row.params.greedy
-        m = self.default_nodes if max_nodes is None else max_nodes
-        kids = self.kids if m >= len(self.template) else self._cut(m)
+        kids = self.kids if max_nodes is None else self._cut(max_nodes)
         return self.draft(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise, deterministic, kids)
 
     def acceptance_curve(self) -> np.ndarray:
@@ -252,10 +253,21 @@ class StandDrafter(Drafter):
         return acceptance_curve(self.node_p)
 
     def _cut(self, m: int) -> list[list[int]]:
-        """Children lists of the template's m most valuable nodes (a connected subtree; ids unchanged)."""
+        """Children lists of the template's m most valuable nodes (a connected subtree; ids unchanged); for more
+        nodes than the template has (an equal budget), the tree grown to m nodes where it can grow, else the whole
+        template."""
         if m not in self._cuts:
-            self._cuts[m] = self.template.children(most_valuable(self.node_p, m))
+            if m < len(self.template):
+                self._cuts[m] = self.template.children(most_valuable(self.node_p, m))
+            else:
+                grown = self.grown(m) if m > len(self.template) else None
+                self._cuts[m] = self.kids if grown is None else grown.children()
         return self._cuts[m]
+
+    def grown(self, m: int) -> TreeTemplate | None:
+        """A tree of m nodes larger than the template: the m most accepted nodes of the large template the
+        calibrated tree was cut from, where its file keeps their counts (None otherwise)."""
+        return grown_tree(self.template.meta, m)
 
     def observe(self, row, tree: DraftTree, probs: torch.Tensor | None, verdict) -> None:
         if probs is None:
@@ -336,11 +348,11 @@ class DynamicStandDrafter(StandDrafter):
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         deterministic = (not self.options.stochastic) or row.params.greedy
-        cap = self.options.nodes  # with a floor from the pass (min_value > 0) the size follows worth
-        if max_nodes is not None and min_value == 0.0:
-            cap = min(cap, max_nodes)
+        # with a floor from the pass (min_value > 0) the size follows worth; an equal budget fills the asked nodes
+        cap = self.options.nodes if min_value > 0.0 else self.size(max_nodes, self.options.nodes)
+        floor = 0.0 if self.config.nodes is not None else max(min_value, self.options.floor)
         return self.draft_best_first(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise,
-                                     deterministic, cap, max(min_value, self.options.floor))
+                                     deterministic, cap, floor)
 
     def draft_best_first(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool,
                          cap: int, floor: float) -> DraftTree:
@@ -375,3 +387,6 @@ class HeuristicStandDrafter(StandDrafter):
 
     def _load_template(self) -> TreeTemplate:
         return heuristic()
+
+    def grown(self, m: int) -> TreeTemplate:
+        return heuristic(m)

@@ -11,6 +11,7 @@ comparison stays fair) and say `interrupted: true`.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections import Counter
@@ -57,7 +58,10 @@ class BenchConfig:
 
     def validate(self) -> "BenchConfig":
         for m in self.methods:
-            check_method(m, engine=None)  # ours or another engine's (an anchor)
+            base, options = with_options(m)
+            check_method(base, engine=None)  # ours or another engine's (an anchor)
+            if options and engine_of(base) != "stand":
+                raise StandError(f"{m}: drafter options are for stand's own methods, not the {engine_of(base)} anchor")
         if not self.methods:
             raise StandError("no methods given")
         if not isinstance(self.repeats, int) or self.repeats < 1:
@@ -95,6 +99,7 @@ class Run:
     table_bytes: int | None = None  # the drafter's peak table memory
     correct: bool | None = None  # majority-voted answer matches the reference; None: no reference
     accepted: Counter = field(default_factory=Counter)  # tokens committed in one step -> how many steps
+    drafted: int | None = 0  # draft nodes verified over all steps (None: unknown, the anchors)
 
 
 def label(v: Variant) -> str:
@@ -104,8 +109,28 @@ def label(v: Variant) -> str:
 
 def anchor_schedule(method: str) -> str | None:
     """An anchor's schedule label: the tool it runs (its own loop decides how samples are scheduled)."""
-    engine = engine_of(method)
+    engine = engine_of(with_options(method)[0])
     return None if engine == "stand" else engine
+
+
+def with_options(method: str) -> tuple[str, dict]:
+    """A bench method with its drafter's own options, one row: 'stand[recency=1;stochastic=false]' -> ('stand',
+    {'recency': 1, 'stochastic': False}). Values read as JSON (true, 0.5, "x"), else as strings."""
+    base, bracket, rest = method.partition("[")
+    if not bracket:
+        return method, {}
+    if not rest.endswith("]"):
+        raise StandError(f"method {method!r}: options go in brackets, e.g. stand[recency=1;stochastic=false]")
+    options = {}
+    for item in filter(None, rest[:-1].split(";")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise StandError(f"method {method!r}: {item!r} is not key=value")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value.strip()
+    return base, options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +163,8 @@ def run_ours(target: Target, method: str, n: int, schedule: str, problem: Proble
     from stand.drafters.registry import make_drafter
 
     t = time.perf_counter()
-    spec = replace(cfg.spec, method=method).validate()
+    base, options = with_options(method)
+    spec = replace(cfg.spec, method=base, options={**cfg.spec.options, **options}).validate()
     drafter = make_drafter(spec, target.vocab_size, target)
     hook = _Memory(drafter)
     samples = generate(problem.prompt, target, params=replace(cfg.params, seed=seed), spec=spec, n=n,
@@ -146,7 +172,8 @@ def run_ours(target: Target, method: str, n: int, schedule: str, problem: Proble
     seconds = time.perf_counter() - t
     return Run(sum(s.stats["new_tokens"] for s in samples), seconds, sum(s.stats["steps"] for s in samples),
                sum(s.stats["draft_seconds"] for s in samples), max(hook.peak, drafter.memory_bytes()),
-               _majority_correct([s.text for s in samples], problem.answer), hook.accepted)
+               _majority_correct([s.text for s in samples], problem.answer), hook.accepted,
+               sum(s.stats["drafted"] for s in samples))
 
 
 class _ForwardCount:
@@ -215,7 +242,7 @@ def run_hf(target: Target, method: str, n: int, problem: Problem, cfg: BenchConf
     outs, passes = hf_generate(target, ids, method, n, replace(cfg.params, seed=seed))
     texts = [target.decode(o) for o in outs]  # timed, as our rows' detokenising is
     seconds = time.perf_counter() - t
-    return Run(sum(map(len, outs)), seconds, passes, None, None, _majority_correct(texts, problem.answer))
+    return Run(sum(map(len, outs)), seconds, passes, None, None, _majority_correct(texts, problem.answer), drafted=None)
 
 
 def run_llamacpp(target: Target, method: str, n: int, problem: Problem, cfg: BenchConfig, seed: int) -> Run:
@@ -223,13 +250,13 @@ def run_llamacpp(target: Target, method: str, n: int, problem: Problem, cfg: Ben
     outs = anchor_generate(target, method, target.encode(problem.prompt), n, replace(cfg.params, seed=seed))
     texts = [target.decode(o) for o in outs]
     seconds = time.perf_counter() - t
-    return Run(sum(map(len, outs)), seconds, 0, None, None, _majority_correct(texts, problem.answer))
+    return Run(sum(map(len, outs)), seconds, 0, None, None, _majority_correct(texts, problem.answer), drafted=None)
 
 
 def run_vllm(target: Target, method: str, n: int, problem: Problem, cfg: BenchConfig, seed: int) -> Run:
     r = vllm_run(cfg.model, target, method, problem.prompt, n, replace(cfg.params, seed=seed))
     return Run(r["new_tokens"], r["seconds"], r["steps"], r["draft_seconds"], None,
-               _majority_correct(r["texts"], problem.answer))
+               _majority_correct(r["texts"], problem.answer), drafted=None)
 
 
 def run_variant(target: Target, v: Variant, problem: Problem, cfg: BenchConfig, seed: int) -> Run:
@@ -340,6 +367,7 @@ def variant_row(v: Variant, runs: list[Run], keys: list[tuple[int, int]], cfg: B
     mems = [x.table_bytes for x in runs if x.table_bytes is not None]
     judged = [x.correct for x in runs if x.correct is not None]
     accepted = sum((x.accepted for x in runs), Counter())
+    drafted = None if any(x.drafted is None for x in runs) else sum(x.drafted for x in runs)
     return {
         "method": method, "schedule": schedule, "engine": anchor_schedule(method) or "stand",
         "backend": "vllm" if method in VLLM_METHODS else target.kind,
@@ -352,6 +380,8 @@ def variant_row(v: Variant, runs: list[Run], keys: list[tuple[int, int]], cfg: B
         "tok_per_s_max": round(max(tps), 2),
         "speedup_vs_none": None, "speedup_vs_hf": None, "speedup_vs_llamacpp": None, "speedup_vs_vllm": None,  # summarise
         "mean_accepted": round(mean_accepted(tokens, steps), 3) if steps else None,
+        "nodes": cfg.spec.nodes,  # asked of every row each step (None: each method's own sizing)
+        "nodes_per_step": round(drafted / steps, 2) if steps and drafted is not None else None,
         "draft_seconds": None if draft is None else round(draft, 3),
         "draft_share": None if draft is None or not seconds else round(draft / seconds, 4),
         "table_bytes": max(mems) if mems else None,
@@ -362,7 +392,7 @@ def variant_row(v: Variant, runs: list[Run], keys: list[tuple[int, int]], cfg: B
 
 
 COLUMNS = ("method", "schedule", "engine", "backend", "dtype", "n", "temperature", "new_tokens", "seconds", "tok_per_s", "tok_per_s_min",
-           "tok_per_s_max", "speedup_vs_none", "speedup_vs_hf", "speedup_vs_llamacpp", "speedup_vs_vllm", "mean_accepted", "draft_share", "table_bytes",
+           "tok_per_s_max", "speedup_vs_none", "speedup_vs_hf", "speedup_vs_llamacpp", "speedup_vs_vllm", "mean_accepted", "nodes_per_step", "draft_share", "table_bytes",
            "accuracy")
 
 
