@@ -47,6 +47,7 @@ class StandOptions:
     prompt: bool = True  # insert the prompt's distributions
     min_n: int = 1  # shortest context suffix a lookup backs off to
     shared: bool = True  # the samples of a question share one table; False: a table per sample (an ablation)
+    sharpen: float = 1.0  # draws from q ~ p^sharpen over the stored top-k (1: the stored distribution renormalised)
 
     def __post_init__(self):
         if not 1 <= self.min_n <= self.max_n:
@@ -97,16 +98,18 @@ class Draw:
     dist: SparseDist | None  # q as recorded on the drawn nodes (None for deterministic drafts: one-hot q)
 
 
-def draw(table: NGramTable, tail: tuple, noise: GumbelNoise, deterministic: bool, min_n: int = 1) -> Draw | None:
+def draw(table: NGramTable, tail: tuple, noise: GumbelNoise, deterministic: bool, min_n: int = 1,
+         sharpen: float = 1.0) -> Draw | None:
     """Draws from the table's top-k after the longest stored suffix of tail of at least min_n tokens (None without
-    one): without replacement by Gumbel-Top-K on fresh noise, or by rank when deterministic."""
+    one): without replacement by Gumbel-Top-K on fresh noise from q ~ p^sharpen, or by rank when deterministic."""
     slot, _ = table.longest(tail, min_n)
     if slot < 0:
         return None
     ids, p = table.dist(slot)
     if len(ids) == 0:
         return None
-    q = p / p.sum()  # [K'] the distribution sampled from, recorded exactly
+    q = p if sharpen == 1.0 else p ** sharpen
+    q = q / q.sum()  # [K'] the distribution sampled from, recorded exactly
     keys = -q if deterministic else -(np.log(q) + noise.take(len(q)))
     return Draw(ids[np.argsort(keys, kind="stable")], q, None if deterministic else SparseDist(ids, q))
 
@@ -325,7 +328,7 @@ class StandDrafter(Drafter):
         """Fills the template (or its cut `kids`) breadth-first; a node without a table match loses its subtree."""
 
         def children(tail: tuple, n: int) -> list[tuple[int, SparseDist | None, tuple]]:
-            d = draw(table, tail, noise, deterministic, self.options.min_n)
+            d = draw(table, tail, noise, deterministic, self.options.min_n, self.options.sharpen)
             return [] if d is None else [(t, d.dist, tail[1:] + (t,)) for t in d.tokens[:n].tolist()]
 
         return fill(self.kids if kids is None else kids, tuple(root_tail.tolist()), children)
@@ -362,7 +365,7 @@ class DynamicStandDrafter(StandDrafter):
         tick = itertools.count()
 
         def open_node(node: int, tail: tuple, worth: float) -> None:
-            d = draw(table, tail, noise, deterministic, self.options.min_n)
+            d = draw(table, tail, noise, deterministic, self.options.min_n, self.options.sharpen)
             if d is not None:
                 opened[node] = (d.tokens, d.dist, np.sort(d.q)[::-1], worth, tail)
                 heapq.heappush(heap, (-worth * opened[node][2][0], next(tick), node, 0))
