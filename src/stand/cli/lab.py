@@ -135,7 +135,7 @@ def calibrate_cmd(
     keep: int = typer.Option(80, "--keep", help="Most-accepted nodes the tree keeps (the tree drafted without a cost grid)"),
     cost: Optional[str] = typer.Option(None, "--cost", help="Cost grid from `stand profile --grid` or curve from `--json` (default: measure now)"),
     max_m: int = typer.Option(160, "--max-m", help="Largest tree size considered"),
-    counts: Optional[str] = typer.Option(None, "--counts", help="Decode nothing: choose M again from the counts in this calibrated tree file (with --cost)"),
+    counts: Optional[str] = typer.Option(None, "--counts", help="Decode nothing: choose M again from the counts in this calibrated tree file, or several (comma-separated: their counts added up), with --cost"),
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -159,7 +159,7 @@ def calibrate_cmd(
         from stand.backends.protocol import pads
         from stand.backends.machine import machine_grid
 
-        cal, cfg = recount(counts, (CostGrid.load(cost) if cost else machine_grid(target)).with_padding(pads(target)))
+        cal, cfg = recount(names(counts), (CostGrid.load(cost) if cost else machine_grid(target)).with_padding(pads(target)))
     else:
         prompts = calibration_prompts(target, cfg)
         with tqdm(total=len(prompts) * n * cfg.max_new_tokens, desc="calibrate", unit="tok", file=sys.stderr) as bar:

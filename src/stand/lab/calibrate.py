@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -46,6 +46,7 @@ class CalibrateConfig:
     seed: int = 0
     cost_curve: str | None = None  # cost grid (`stand profile --grid`) or curve (`--json`) JSON; None = measure here
     reps: int = 3  # forwards per size when measuring the cost grid
+    parts: list = field(default_factory=list)  # the configs of the runs whose counts were added up (recount)
 
 
 @dataclass
@@ -139,18 +140,31 @@ def from_counts(template: TreeTemplate, hits: np.ndarray, steps: int, draft_node
     return Calibration(template, hits, steps, draft_node_ms, cost_ms, m, tree, curve, grid)
 
 
-def recount(path: str, grid: CostGrid) -> tuple[Calibration, CalibrateConfig]:
-    """Chooses M again from the counts a calibrated tree file stores (no decoding): e.g. for another machine's grid."""
+def stored_counts(path: str) -> tuple[np.ndarray, int, float, CalibrateConfig]:
+    """(counts per large-template node, steps, drafting ms per node, config) that a calibrated tree file keeps."""
     meta = TreeTemplate.load(path).meta
     hits, cfg = meta.get("template_hits"), meta.get("config")
     if not isinstance(hits, list) or not isinstance(cfg, dict) or not meta.get("steps"):
         raise StandError(f"{path} holds no calibration counts (template_hits, steps, config)")
     cfg = CalibrateConfig(**{k: v for k, v in cfg.items() if k in CalibrateConfig.__dataclass_fields__})
-    template = large_template(cfg.template_size)
-    if len(hits) != len(template):
-        raise StandError(f"{path} counts {len(hits)} template nodes; the large template has {len(template)}")
-    return from_counts(template, np.asarray(hits), int(meta["steps"]), float(meta.get("draft_ms_per_node", 0.0)),
-                       grid, cfg), cfg
+    if len(hits) != len(large_template(cfg.template_size)):
+        raise StandError(f"{path} counts {len(hits)} template nodes; the large template has {cfg.template_size}")
+    return np.asarray(hits), int(meta["steps"]), float(meta.get("draft_ms_per_node", 0.0)), cfg
+
+
+def recount(paths: list[str], grid: CostGrid) -> tuple[Calibration, CalibrateConfig]:
+    """Chooses M again from the counts calibrated tree files store (no decoding): e.g. for another machine's grid,
+    or the counts of several runs over the same large template (other problems) added up."""
+    parts = [stored_counts(p) for p in paths]
+    cfg = parts[0][3]
+    if any(c.template_size != cfg.template_size for *_, c in parts):
+        raise StandError(f"{', '.join(paths)} count different large templates; they cannot be added up")
+    if len(parts) > 1:
+        cfg = replace(cfg, problems=sum(c.problems for *_, c in parts), parts=[asdict(c) for *_, c in parts])
+    steps = sum(s for _, s, _, _ in parts)
+    draft_ms = sum(ms * s for _, s, ms, _ in parts) / steps
+    hits = np.sum([h for h, *_ in parts], axis=0)
+    return from_counts(large_template(cfg.template_size), hits, steps, draft_ms, grid, cfg), cfg
 
 
 def provenance(cal: Calibration, target, cfg: CalibrateConfig) -> dict:
