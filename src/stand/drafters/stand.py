@@ -154,6 +154,7 @@ class StandDrafter(Drafter):
         self.use_template(self._load_template())
         self.tables: dict[object, NGramTable] = {}
         self.members: dict[object, set[int]] = {}
+        self.prompts: dict[object, set[int]] = {}  # table key -> hashes of the prompts inserted into it
         self.rows: dict[int, RowState] = {}
         self.peak_bytes = 0
         self.table_error: str | None = None
@@ -241,7 +242,11 @@ class StandDrafter(Drafter):
         self.members.setdefault(key, set()).add(row.uid)
         seed = int(row.rng.integers(2**63))
         self.rows[row.uid] = RowState(key, GumbelNoise(np.random.default_rng(seed)))
-        if prompt is not None and len(prompt) and self.options.prompt:
+        fresh = hash(tuple(row.prompt)) not in self.prompts.setdefault(key, set())
+        if prompt is not None and len(prompt) and self.options.prompt and fresh:
+            # once per table: the samples of a question share its prompt, and N copies of one distribution would
+            # only weigh the prompt's entries N times against what the samples write later
+            self.prompts[key].add(hash(tuple(row.prompt)))
             tails = tails_of(np.asarray(row.prompt[: len(prompt)]), self.options.max_n)  # [P-1, max_n]
             self.tables[key].insert(tails, prompt.ids, prompt.probs)
         self._track_memory()
@@ -299,7 +304,7 @@ class StandDrafter(Drafter):
             if self.config.table_path:
                 self._save_quietly()
             return
-        del self.tables[state.table_key], self.members[state.table_key]
+        del self.tables[state.table_key], self.members[state.table_key], self.prompts[state.table_key]
 
     def _save_quietly(self) -> None:
         """Saves the persistent table; a failure is logged, never raised into the decoding it follows."""
