@@ -163,6 +163,32 @@ run_load_mixed() {  # the server surviving its users: 8 clients x 50 requests mi
   python3 benchmarks/load_mixed.py --backends torch,llama.cpp --clients 8 --requests 50 --out "$RESULTS"
 }
 
+ACCEPT_METHODS=stand,stand-dynamic,recycle,pld,suffix
+
+run_acceptance() {  # tokens accepted per step (A) at equal node budgets (--cost off --nodes K), held-out CHAMP, T=0.6 and 0;
+  # n=1 on PROBLEMS problems; n=1 and n=8 (the samples of a question share STAND's table) on the first PROBLEMS8 of
+  # them, so n=8 compares with n=1 on the same problems; then tok/s with this machine's cost grid (each method sized
+  # by it), the same problems at T=0.6
+  local first=${FIRST:-240} problems=${PROBLEMS:-8} problems8=${PROBLEMS8:-4} tokens=${TOKENS:-768}
+  local common=(--backend torch --dtype "$DTYPE" --dataset champ --first "$first" --max-new-tokens "$tokens" --seed 0)
+  for t in 0.6 0; do
+    for k in 24 64; do
+      stand bench "${common[@]}" --methods "$ACCEPT_METHODS" --problems "$problems" --n 1 --temperature "$t" \
+        --cost off --nodes "$k" --json "$RESULTS/n1_t${t}_k$k.json" | tee -i "$RESULTS/n1_t${t}_k$k.txt"
+      table "$RESULTS/n1_t${t}_k$k"
+      stand bench "${common[@]}" --methods "$ACCEPT_METHODS,consensus" --problems "$problems8" --n 1,8 \
+        --temperature "$t" --cost off --nodes "$k" --json "$RESULTS/n8_t${t}_k$k.json" | tee -i "$RESULTS/n8_t${t}_k$k.txt"
+      table "$RESULTS/n8_t${t}_k$k"
+    done
+  done
+  stand bench "${common[@]}" --methods "none,$ACCEPT_METHODS" --problems "$problems" --n 1 --temperature 0.6 \
+    --repeats "$REPEATS" --json "$RESULTS/speed_n1.json" | tee -i "$RESULTS/speed_n1.txt"
+  table "$RESULTS/speed_n1"
+  stand bench "${common[@]}" --methods "none,$ACCEPT_METHODS,consensus" --problems "$problems8" --n 8 \
+    --temperature 0.6 --repeats "$REPEATS" --json "$RESULTS/speed_n8.json" | tee -i "$RESULTS/speed_n8.txt"
+  table "$RESULTS/speed_n8"
+}
+
 run_smoke() {  # one problem, 32 tokens, every main method: checks the pipeline in a few minutes (into /tmp)
   stand bench --methods "$MAIN_METHODS" --dataset champ --problems 1 --n 1,2 --temperature 0.6 \
     --max-new-tokens 32 --dtype "$DTYPE" --json "$RESULTS/smoke.json" --plot "$RESULTS/plots"

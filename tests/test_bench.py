@@ -189,7 +189,8 @@ def test_cli_interrupted_still_writes_the_finished_rows(tiny, tmp_path, monkeypa
 def test_greedy_anchors_at_n2_match_plain_decoding(tiny):
     """Greedy: hf-batched (a hand-built batch, as HF refuses num_return_sequences there) runs, and every row
     produces as many tokens as plain decoding (the same greedy text, or EOS at the same place)."""
-    from stand.lab.bench import hf_generate, run_variant
+    from stand.lab.bench import run_variant
+    from stand.lab.hf_anchors import hf_generate
     from stand.tts.problems import champ
 
     problem = champ(1)[0]

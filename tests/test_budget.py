@@ -89,10 +89,11 @@ def test_noisy_grid_is_read_non_decreasing_without_padding():
 
 
 def test_shipped_tree_is_calibrated_and_carries_its_grid():
-    """The default model's vocabulary gets the shipped tree (M by default, the grid sizing batches); others the heuristic."""
+    """The default model's vocabulary gets the shipped tree (all of it without a grid, the grid sizing batches);
+    others the heuristic."""
     d = StandDrafter(SpecConfig(method="stand"), 49152)
     meta = d.template.meta
-    assert meta["kind"] == "calibrated" and d.default_nodes == meta["m"] < len(d.template)
+    assert meta["kind"] == "calibrated" and d.default_nodes is None and meta["m"] <= len(d.template)
     grid = resolve_grid("tree", d)
     assert grid is not None and 1 in grid.ms and 8 in grid.ms
     acc = d.acceptance_curve()

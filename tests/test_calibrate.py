@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from stand.core.cost import CostGrid, interpolate
-from stand.lab.calibrate import CalibrateConfig, calibrate, choose_m, expected_accepted, save, top_m
+from stand.lab.calibrate import CalibrateConfig, calibrate, choose_m, expected_accepted, recount, save, top_m
 from stand.drafters.stand import StandDrafter
 from stand.errors import StandError
 from stand.params import SpecConfig
@@ -64,12 +64,16 @@ def test_calibration_on_tiny_model(tiny, tmp_path):
     assert doc["provenance"]["cost_ms"]["64"] == 32.0 and doc["size"] == K
     assert CostGrid.from_dict(doc["provenance"]["cost_grid"]).ms == grid.ms  # the engine sizes batches by it
     d = StandDrafter(SpecConfig(method="stand", tree=str(out)), tiny.vocab_size)
-    assert d.template == cal.tree and d.default_nodes == M
-    kept = [c for kids in d._cut(M) for c in kids]  # the tree drafted without a grid: exactly the M best nodes
+    assert d.template == cal.tree and d.default_nodes is None  # without a grid: the whole kept tree
+    assert sum(map(len, d._cut(K + 10))) == K + 10  # an equal budget beyond it: grown from the template's counts
+    kept = [c for kids in d._cut(M) for c in kids]  # asked for M: exactly the M best nodes
     assert len(kept) == M and all(cal.tree.parents[c] < 0 or cal.tree.parents[c] in kept for c in kept)
     assert sorted(kept) == sorted(np.argsort(-np.array(counts), kind="stable")[:M].tolist())
     acc = d.acceptance_curve()  # from the kept counts: what choose_m expected for M nodes
     assert len(acc) == K + 1 and acc[M] == pytest.approx(meta["expected_accepted"])
+    twice, cfg2 = recount([str(out), str(out)], grid)  # the counts of two runs added up: the same curve
+    assert twice.steps == 2 * cal.steps and (twice.hits == 2 * cal.hits).all() and twice.m == M
+    assert cfg2.problems == 4 and len(cfg2.parts) == 2
 
 
 def test_tree_for_another_vocabulary_warns(tmp_path):

@@ -4,7 +4,7 @@ from stand.core.drafter import PromptDists
 from stand.drafters.recycle import TokenRecycling
 from stand.core.sequence import Row
 from stand.params import SamplingParams, SpecConfig
-from stand.drafters.templates import TreeTemplate
+from stand.drafters.templates import DEFAULT_SIZE, TreeTemplate
 from stand.core.tree import DraftTree
 from stand.core.verify import Verdict
 
@@ -27,8 +27,7 @@ def _prompt(prompt: list[int], probs: torch.Tensor, k: int) -> PromptDists:
 
 def _drafter(k=2):
     d = TokenRecycling(SpecConfig(method="recycle", options={"k": k}), 50)
-    d.template = TreeTemplate.from_pairs([(-1, 0), (-1, 1), (0, 0), (0, 1), (2, 0)])
-    d.kids = d.template.children()
+    d.kids[DEFAULT_SIZE] = TreeTemplate.from_pairs([(-1, 0), (-1, 1), (0, 0), (0, 1), (2, 0)]).children()
     return d
 
 

@@ -213,7 +213,7 @@ class Engine:
                 with Timer(r):
                     self.drafter.observe(r, tree, p, v)
             self.sizer.record(r.group, asked[b], [0] + v.accepted)
-            new = r.append(v.tokens(tree), self.target.eos_ids, self.target.max_len, self.target.decode)
+            new = r.append(v.tokens(tree), self.target.eos_ids, self.target.max_len, self.target.decode, len(tree))
             kept.append(len(new))
             if r.logprobs is not None:
                 r.logprobs += token_logprobs(logits[b], [0] + v.accepted, new)

@@ -31,6 +31,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
 TreeOpt = Annotated[Optional[str], typer.Option("--tree", help="STAND: a draft tree JSON from `stand calibrate` (default: the shipped one)")]
 TableOpt = Annotated[Optional[str], typer.Option("--table", help="STAND: n-gram table file, loaded at start and saved at the end (a warm start for the next run)")]
 CostOpt = Annotated[Optional[str], typer.Option("--cost", help="What a pass costs, which sizes each row's tree: default this machine's grid (measured once, cached); a grid JSON (`stand profile --grid`); tree: the calibrated tree's; off: a fixed share of each pass")]
+NodesOpt = Annotated[Optional[int], typer.Option("--nodes", help="Ask every row for exactly this many draft nodes each step (an equal budget for comparing methods: no cost sizing, no cap per pass; chains draft up to this many tokens)")]
 JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write the results to this JSON file")]
 
 
@@ -40,10 +41,12 @@ def sampling(temperature: float, top_p: float = 1.0, top_k: int = 0, max_new_tok
     return SamplingParams(temperature, top_p, top_k, max_new_tokens, seed).validate()
 
 
-def speculation(method: str = "none", tree: str | None = None, table: str | None = None, cost: str | None = None) -> SpecConfig:
+def speculation(method: str = "none", tree: str | None = None, table: str | None = None, cost: str | None = None,
+                nodes: int | None = None) -> SpecConfig:
     """The drafting flags as a SpecConfig, checked (before any model is loaded): a --table PATH that is a directory
     or a file other than a stand table is refused now, not overwritten or crashed on after decoding; a --cost grid
-    and a --tree file are read once to check them."""
+    and a --tree file are read once to check them. With --nodes no pass is capped (every row gets its nodes however
+    many rows run)."""
     if table is not None:
         from stand.drafters.ngram_table import check_table_path
 
@@ -56,7 +59,10 @@ def speculation(method: str = "none", tree: str | None = None, table: str | None
         from stand.drafters.templates import TreeTemplate
 
         TreeTemplate.load(tree)
-    return SpecConfig(method=method, tree=tree, table_path=table, cost_grid=cost).validate()
+    spec = SpecConfig(method=method, tree=tree, table_path=table, cost_grid=cost, nodes=nodes)
+    if nodes is not None:
+        spec.step_tokens = None
+    return spec.validate()
 
 
 def out_file(path: str | None, flag: str) -> str | None:

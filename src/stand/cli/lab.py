@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from stand.cli.common import (BackendOpt, CostOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewOpt, ModelOpt, SeedOpt, TableOpt,
-                              TemperatureOpt, TopKOpt, TopPOpt, TreeOpt, app, int_list, load, names, out_file, sampling,
-                              sigterm_interrupts, speculation, user_errors)
+from stand.cli.common import (BackendOpt, CostOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewOpt, ModelOpt, NodesOpt, SeedOpt,
+                              TableOpt, TemperatureOpt, TopKOpt, TopPOpt, TreeOpt, app, int_list, load, names, out_file,
+                              sampling, sigterm_interrupts, speculation, user_errors)
 from stand.errors import StandError
 
 
@@ -34,6 +34,7 @@ def bench_cmd(
     tree: TreeOpt = None,
     table: TableOpt = None,
     cost: CostOpt = None,
+    nodes: NodesOpt = None,
     json_path: JsonOpt = None,
     repeats: int = typer.Option(1, "--repeats", help="Run every problem R times: median tok/s and its min-max"),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write PNG figures into this directory"),
@@ -46,7 +47,7 @@ def bench_cmd(
     from stand.lab.report import rich_table, write_rows
 
     cfg = BenchConfig(names(methods), dataset, problems, int_list(n, "--n"),
-                      sampling(temperature, top_p, top_k, max_new_tokens, seed), speculation("none", tree, table, cost),
+                      sampling(temperature, top_p, top_k, max_new_tokens, seed), speculation("none", tree, table, cost, nodes),
                       names(schedules), repeats, warmup, first, model).validate()
     json_path = out_file(json_path, "--json")
     rows = _bench_with_bar(load(model, backend, dtype, device=device), cfg)
@@ -132,11 +133,15 @@ def calibrate_cmd(
     first: int = typer.Option(0, "--first", help="Index of the first calibration problem"),
     out: str = typer.Option("tree.json", "--out", help="Where to write the tree JSON"),
     plot: Optional[str] = typer.Option(None, "--plot", help="PNG of accepted tokens and tok/s against M (default: OUT with .png)"),
+    n: int = typer.Option(1, "--n", help="Samples per problem, sharing one n-gram table (calibrate at the N you run)"),
+    schedule: str = typer.Option("sequential", "--schedule", help="For n > 1: sequential (each sample drafts from a table the earlier ones warmed) or batched"),
     temperature: TemperatureOpt = 0.6,
-    max_new_tokens: MaxNewOpt = 128,
+    max_new_tokens: MaxNewOpt = 1024,
+    template_size: int = typer.Option(600, "--template-size", help="Nodes of the large template whose acceptance is counted"),
+    keep: int = typer.Option(80, "--keep", help="Most-accepted nodes the tree keeps (the tree drafted without a cost grid)"),
     cost: Optional[str] = typer.Option(None, "--cost", help="Cost grid from `stand profile --grid` or curve from `--json` (default: measure now)"),
     max_m: int = typer.Option(160, "--max-m", help="Largest tree size considered"),
-    counts: Optional[str] = typer.Option(None, "--counts", help="Decode nothing: choose M again from the counts in this calibrated tree file (with --cost)"),
+    counts: Optional[str] = typer.Option(None, "--counts", help="Decode nothing: choose M again from the counts in this calibrated tree file, or several (comma-separated: their counts added up), with --cost"),
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -148,8 +153,11 @@ def calibrate_cmd(
     from stand.lab.calibrate import CalibrateConfig, calibrate, calibration_prompts, save
 
     params = sampling(temperature, max_new_tokens=max_new_tokens)
-    cfg = CalibrateConfig(dataset, problems, first, temperature=params.temperature,
-                          max_new_tokens=params.max_new_tokens, max_m=max_m, cost_curve=cost).validate()
+    if schedule not in ("sequential", "batched"):
+        raise StandError(f"--schedule must be sequential or batched, got {schedule!r}")
+    cfg = CalibrateConfig(dataset, problems, first, n, schedule, temperature=params.temperature,
+                          max_new_tokens=params.max_new_tokens, template_size=template_size, max_m=max_m, keep=keep,
+                          cost_curve=cost).validate()
     out, plot = out_file(out, "--out"), out_file(plot or (out.rsplit(".", 1)[0] + ".png"), "--plot")
     target = load(model, backend, dtype, device=device)
     if counts:
@@ -158,10 +166,10 @@ def calibrate_cmd(
         from stand.backends.protocol import pads
         from stand.backends.machine import machine_grid
 
-        cal, cfg = recount(counts, (CostGrid.load(cost) if cost else machine_grid(target)).with_padding(pads(target)))
+        cal, cfg = recount(names(counts), (CostGrid.load(cost) if cost else machine_grid(target)).with_padding(pads(target)))
     else:
         prompts = calibration_prompts(target, cfg)
-        with tqdm(total=len(prompts), desc="calibrate", unit="problem", file=sys.stderr) as bar:
+        with tqdm(total=len(prompts) * n * cfg.max_new_tokens, desc="calibrate", unit="tok", file=sys.stderr) as bar:
             cal = calibrate(target, prompts, cfg, progress=bar.update)
     meta = save(cal, target, cfg, out, plot)
     typer.echo(f"M = {cal.m} nodes: {meta['expected_accepted']:.2f} tokens/step, {meta['expected_tokens_per_s']:.1f} tok/s "

@@ -97,6 +97,13 @@ class Drafter:
         pass; a drafter that estimates the chance may leave such nodes out."""
         return DraftTree()
 
+    def size(self, max_nodes: int | None, own: int) -> int:
+        """The nodes to draft: what the pass asks (max_nodes) when the run asks every row for a fixed number
+        (SpecConfig.nodes, an equal budget), else the drafter's own size `own` cut to what the pass asks."""
+        if max_nodes is None:
+            return own
+        return max_nodes if self.config.nodes is not None else min(own, max_nodes)
+
     def acceptance_curve(self) -> np.ndarray | None:
         """[M+1] expected tokens per step with m draft nodes (m = 0..M), if the drafter knows it; the engine
         then sizes each row's tree by the cost of a pass (core/sizing.py)."""

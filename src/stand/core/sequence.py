@@ -35,14 +35,20 @@ class RowStats:
     seconds: float = 0.0  # from the run's start to this row's end
     draft_seconds: float = 0.0  # in the drafter: propose + observe
     accept_lengths: list[int] = field(default_factory=list)  # tokens committed per step
+    drafted: int = 0  # draft nodes verified, summed over the steps
 
     @property
     def mean_accepted(self) -> float:
         return mean_accepted(self.new_tokens, self.steps)
 
+    @property
+    def nodes_per_step(self) -> float:
+        return self.drafted / max(self.steps, 1)
+
     def as_dict(self) -> dict:
         return {"new_tokens": self.new_tokens, "forward_passes": self.steps + 1, "steps": self.steps,
-                "mean_accepted": self.mean_accepted, "seconds": self.seconds, "draft_seconds": self.draft_seconds}
+                "mean_accepted": self.mean_accepted, "drafted": self.drafted, "nodes_per_step": self.nodes_per_step,
+                "seconds": self.seconds, "draft_seconds": self.draft_seconds}
 
 
 @dataclass
@@ -82,9 +88,10 @@ class Row:
         """Draft tokens this row can still take in one step (the bonus token is always added)."""
         return max(min(self.params.max_new_tokens - self.stats.new_tokens, max_len - len(self.tokens)) - 1, 0)
 
-    def append(self, new: list[int], eos_ids: set[int], max_len: int, decode: Callable[[list[int]], str]) -> list[int]:
+    def append(self, new: list[int], eos_ids: set[int], max_len: int, decode: Callable[[list[int]], str],
+               drafted: int = 0) -> list[int]:
         """Appends one step's tokens up to the first end condition, as plain decoding (one token a step) would
-        keep them; returns those kept."""
+        keep them; returns those kept. drafted: the draft nodes this step verified."""
         start = len(self.tokens)
         for tok in new:
             self.tokens.append(tok)
@@ -98,6 +105,7 @@ class Row:
             self._cut_at_stop(start, decode)
         kept = self.tokens[start:]
         self.stats.steps += 1
+        self.stats.drafted += drafted
         self.stats.new_tokens = len(self.tokens) - self.prompt_len
         self.stats.accept_lengths.append(len(kept))
         self.check_room(max_len)

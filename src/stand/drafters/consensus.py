@@ -321,7 +321,7 @@ class ConsensusDrafter(Drafter):
             self.start(row)  # a row the engine did not start: index it now
         return self.groups[group_key(row)]
 
-    def continuations(self, row) -> list[tuple[np.ndarray, np.ndarray]]:
+    def continuations(self, row, length: int) -> list[tuple[np.ndarray, np.ndarray]]:
         group = self._group(row)
         hits = group.matches(row.uid, MAX_MATCHES)  # the k-gram
         fuzzy = self.options.fuzzy
@@ -329,15 +329,19 @@ class ConsensusDrafter(Drafter):
             hits = group.fuzzy_matches(row.uid, fuzzy, MAX_MATCHES)
         if not hits:
             hits = group.matches(row.uid, MAX_MATCHES, self.min_n)  # back off to shorter suffixes
-        return [group.continuation(src, start, self.options.length) for src, start in hits]
+        return [group.continuation(src, start, length) for src, start in hits]
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
-        dag = build_dag(self.continuations(row))
+        """The best chain (continuations up to the option length, or the asked nodes under an equal budget), or
+        with the option nodes a tree of that many nodes (or the asked nodes)."""
+        o = self.options
+        nodes = self.size(max_nodes, o.nodes) if o.nodes > 0 else 0
+        dag = build_dag(self.continuations(row, nodes or self.size(max_nodes, o.length)))
         if dag.paths == 0:
             return DraftTree()
-        if self.options.nodes > 0:
-            return best_tree(dag, self.options.alpha, self.options.nodes)
-        return DraftTree.chain(best_path(dag, self.options.alpha))
+        if nodes > 0:
+            return best_tree(dag, o.alpha, nodes)
+        return DraftTree.chain(best_path(dag, o.alpha))
 
     def observe(self, row, tree, probs, verdict) -> None:
         group = self._group(row)

@@ -65,14 +65,15 @@ def last_tail(tokens, max_n: int) -> np.ndarray:
 
 
 def merge_topk(old_ids: np.ndarray, old_p: np.ndarray, counts: np.ndarray, new_ids: np.ndarray,
-               new_p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(c*old + new)/(c+1) over the union of tokens, cut to the top k; ids -1 mark empty entries.
+               new_p: np.ndarray, k: int, recency: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(1-a)*old + a*new over the union of tokens with a = max(1/(c+1), recency), cut to the top k; ids -1 mark
+    empty entries. recency 0: the running mean (c*old + new)/(c+1); 1: the latest distribution only.
 
     old_ids, old_p: [R, k]; counts: [R]; new_ids, new_p: [R, k'] -> ids [R, k], probs [R, k].
     """
-    c = counts.astype(np.float64)[:, None]
-    old_w = np.where(old_ids >= 0, old_p * (c / (c + 1)), 0.0)  # [R, k]
-    new_w = np.where(new_ids >= 0, new_p / (c + 1), 0.0)  # [R, k']
+    a = np.maximum(1.0 / (counts.astype(np.float64)[:, None] + 1.0), recency)  # [R, 1] weight of the new one
+    old_w = np.where(old_ids >= 0, old_p * (1.0 - a), 0.0)  # [R, k]
+    new_w = np.where(new_ids >= 0, new_p * a, 0.0)  # [R, k']
     match = (new_ids[:, :, None] == old_ids[:, None, :]) & (old_ids[:, None, :] >= 0)  # [R, k', k]
     old_w = old_w + (match * new_w[:, :, None]).sum(1)
     new_w = np.where(match.any(2), 0.0, new_w)
@@ -86,11 +87,11 @@ def merge_topk(old_ids: np.ndarray, old_p: np.ndarray, counts: np.ndarray, new_i
 
 
 class NGramTable:
-    def __init__(self, max_n: int = 4, topk: int = 10, capacity: int = 1 << 18):
-        if max_n < 1 or topk < 1 or capacity < 8:
-            raise StandError(f"n-gram table needs max_n >= 1, topk >= 1, capacity >= 8 "
-                             f"(got {max_n}, {topk}, {capacity})")
-        self.max_n, self.topk, self.capacity = max_n, topk, capacity
+    def __init__(self, max_n: int = 4, topk: int = 10, capacity: int = 1 << 18, recency: float = 0.0):
+        if max_n < 1 or topk < 1 or capacity < 8 or not 0.0 <= recency <= 1.0:
+            raise StandError(f"n-gram table needs max_n >= 1, topk >= 1, capacity >= 8, recency in [0, 1] "
+                             f"(got {max_n}, {topk}, {capacity}, {recency})")
+        self.max_n, self.topk, self.capacity, self.recency = max_n, topk, capacity, recency
         self.keys = np.full((capacity, max_n), -1, dtype=np.int32)  # [C, max_n] left-padded key tokens
         self.ids = np.full((capacity, topk), -1, dtype=np.int32)  # [C, K]
         self.probs = np.zeros((capacity, topk), dtype=np.float32)  # [C, K]
@@ -136,7 +137,7 @@ class NGramTable:
             slots[missing] = self._allocate(keys[missing], [tuples[i] for i in missing])
         self.stamps[slots] = self.tick
         new_ids, new_p = merge_topk(self.ids[slots].astype(np.int64), self.probs[slots].astype(np.float64),
-                                    self.counts[slots], ids, probs, self.topk)
+                                    self.counts[slots], ids, probs, self.topk, self.recency)
         self.ids[slots] = new_ids
         self.probs[slots] = new_p
         self.counts[slots] += 1
@@ -181,12 +182,13 @@ class NGramTable:
 
     # ---- lookup ---------------------------------------------------------------------------------
 
-    def longest(self, tail) -> tuple[int, int]:
-        """(slot, order) of the longest stored suffix of one context tail (max_n ids, left-padded -1); (-1, 0) if none."""
+    def longest(self, tail, min_n: int = 1) -> tuple[int, int]:
+        """(slot, order) of the longest stored suffix of one context tail (max_n ids, left-padded -1) of at least
+        min_n tokens; (-1, 0) if none."""
         tail = tuple(tail)
         m = self.max_n
         get = self.index.get
-        for n in range(m, 0, -1):
+        for n in range(m, min_n - 1, -1):
             if tail[m - n] < 0:
                 continue
             slot = get((-1,) * (m - n) + tail[m - n:])

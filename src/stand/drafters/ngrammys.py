@@ -196,7 +196,10 @@ class NGrammys(Drafter):
         if len(tokens) == 0:
             return DraftTree()
         o = self.options
-        return trie(mix_drafts(tokens, self.tables, o.slots, o.length, o.max_n))
+        if self.config.nodes is None or max_nodes is None:
+            return trie(mix_drafts(tokens, self.tables, o.slots, o.length, o.max_n))
+        slots = max(o.slots, -(-2 * max_nodes // o.length))  # an equal budget: enough drafts to fill it, then cut
+        return trie(mix_drafts(tokens, self.tables, slots, o.length, o.max_n)).prefix(max_nodes)
 
     def memory_bytes(self) -> int:
         t = self.tables

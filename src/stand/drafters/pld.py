@@ -37,4 +37,5 @@ class PromptLookup(Drafter):
         """The continuation after the most recent earlier match of the longest suffix, as a chain."""
         tokens = np.asarray(row.tokens, dtype=np.int64)
         start = next(earlier_matches(tokens, self.options.max_ngram), None)
-        return DraftTree.chain([] if start is None else tokens[start:start + self.options.num_tokens].tolist())
+        size = self.size(max_nodes, self.options.num_tokens)
+        return DraftTree.chain([] if start is None else tokens[start:start + size].tolist())

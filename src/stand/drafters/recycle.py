@@ -34,8 +34,7 @@ class TokenRecycling(Drafter):
         super().__init__(config, vocab_size)
         self.k = self.options.k
         self.adj = np.full((vocab_size, self.k), -1, dtype=np.int32)  # [V, k] next tokens, best first
-        self.template = heuristic(DEFAULT_SIZE, max_children=self.k)
-        self.kids = self.template.children()
+        self.kids: dict[int, list[list[int]]] = {}  # tree size -> children lists of its static template
 
     def _update(self, tokens, ids: np.ndarray) -> None:
         """tokens [N] each followed by top-k next tokens ids [N, k]: overwrite their rows (later ones win)."""
@@ -55,7 +54,14 @@ class TokenRecycling(Drafter):
             self._update([row.tokens[-1]] + tree.tokens, top_dist(probs[: len(tree) + 1], self.k)[0])
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
-        return fill(self.kids, row.tokens[-1], self._next)
+        """The static tree (DEFAULT_SIZE nodes, or the asked nodes under an equal budget) filled from the matrix."""
+        return fill(self.template(self.size(max_nodes, DEFAULT_SIZE)), row.tokens[-1], self._next)
+
+    def template(self, size: int) -> list[list[int]]:
+        """Children lists of the static tree of `size` nodes (at most k children a node)."""
+        if size not in self.kids:
+            self.kids[size] = heuristic(size, max_children=self.k).children()
+        return self.kids[size]
 
     def _next(self, token: int, n: int) -> list[tuple[int, None, int]]:
         """The n likeliest next tokens of `token` (none before its row is written), each drafted with one-hot q."""

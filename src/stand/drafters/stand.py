@@ -26,8 +26,8 @@ import torch
 from stand.errors import StandError
 from stand.drafters.ngram_table import NGramTable, TableMismatch, check_table_path, last_tail, tails_of
 from stand.core.sizing import acceptance_curve
-from stand.drafters.templates import (DEFAULT_PRIOR, TreeTemplate, check_vocab, fill, heuristic, most_valuable,
-                                      shipped_tree_path)
+from stand.drafters.templates import (DEFAULT_PRIOR, TreeTemplate, check_vocab, fill, grown_tree, heuristic,
+                                      most_valuable, shipped_tree_path)
 from stand.core.tree import DraftTree, SparseDist
 from stand.core.drafter import Drafter, PromptDists
 
@@ -42,10 +42,18 @@ class StandOptions:
     topk: int = 10  # next tokens kept per table entry
     capacity: int = 1 << 18  # table slots (the least recently used are evicted beyond)
     stochastic: bool = True  # Gumbel-Top-K drafts; False: the top-ranked tokens with one-hot q
+    recency: float = 0.0  # weight of a new distribution at least this (0: the running mean; 1: the latest only)
+    learn_drafts: bool = True  # insert every verified node's distribution; False: the accepted path's only
+    prompt: bool = True  # insert the prompt's distributions
+    min_n: int = 1  # shortest context suffix a lookup backs off to
+    shared: bool = True  # the samples of a question share one table; False: a table per sample (an ablation)
+    sharpen: float = 1.0  # draws from q ~ p^sharpen over the stored top-k (1: the stored distribution renormalised)
 
     def __post_init__(self):
-        if self.max_n < 1:
-            raise StandError(f"max_n must be >= 1, got {self.max_n}")
+        if not 1 <= self.min_n <= self.max_n:
+            raise StandError(f"need 1 <= min_n <= max_n, got min_n={self.min_n}, max_n={self.max_n}")
+        if not 0.0 <= self.recency <= 1.0:
+            raise StandError(f"recency must be in [0, 1], got {self.recency}")
 
 
 @dataclass
@@ -90,16 +98,18 @@ class Draw:
     dist: SparseDist | None  # q as recorded on the drawn nodes (None for deterministic drafts: one-hot q)
 
 
-def draw(table: NGramTable, tail: tuple, noise: GumbelNoise, deterministic: bool) -> Draw | None:
-    """Draws from the table's top-k after the longest stored suffix of tail (None without one): without
-    replacement by Gumbel-Top-K on fresh noise, or by rank when deterministic."""
-    slot, _ = table.longest(tail)
+def draw(table: NGramTable, tail: tuple, noise: GumbelNoise, deterministic: bool, min_n: int = 1,
+         sharpen: float = 1.0) -> Draw | None:
+    """Draws from the table's top-k after the longest stored suffix of tail of at least min_n tokens (None without
+    one): without replacement by Gumbel-Top-K on fresh noise from q ~ p^sharpen, or by rank when deterministic."""
+    slot, _ = table.longest(tail, min_n)
     if slot < 0:
         return None
     ids, p = table.dist(slot)
     if len(ids) == 0:
         return None
-    q = p / p.sum()  # [K'] the distribution sampled from, recorded exactly
+    q = p if sharpen == 1.0 else p ** sharpen
+    q = q / q.sum()  # [K'] the distribution sampled from, recorded exactly
     keys = -q if deterministic else -(np.log(q) + noise.take(len(q)))
     return Draw(ids[np.argsort(keys, kind="stable")], q, None if deterministic else SparseDist(ids, q))
 
@@ -144,6 +154,7 @@ class StandDrafter(Drafter):
         self.use_template(self._load_template())
         self.tables: dict[object, NGramTable] = {}
         self.members: dict[object, set[int]] = {}
+        self.prompts: dict[object, set[int]] = {}  # table key -> hashes of the prompts inserted into it
         self.rows: dict[int, RowState] = {}
         self.peak_bytes = 0
         self.table_error: str | None = None
@@ -156,9 +167,8 @@ class StandDrafter(Drafter):
         self.template = template
         self.kids = template.children()
         self.node_p = node_acceptance(template)  # [M] chance each node lies on the accepted path
-        self.default_nodes = min(int(template.meta.get("m") or len(template)), len(template))  # calibration's M
-        self._cuts: dict[int, list[list[int]]] = {}
-        self.hits = np.zeros(len(template), dtype=np.int64)  # accepted-path count per template node
+        self._cuts: dict[int, list[list[int]]] = {}  # nodes -> children lists of the tree of that many nodes
+        self.hits = np.zeros(len(template), dtype=np.int64)  # accepted-path count per template node (calibration)
 
     def _load_template(self) -> TreeTemplate:
         """--tree (a warning if it was calibrated for another vocabulary), else the shipped calibrated tree
@@ -179,7 +189,7 @@ class StandDrafter(Drafter):
 
     def _new_table(self) -> NGramTable:
         o = self.options
-        return NGramTable(o.max_n, o.topk, o.capacity)
+        return NGramTable(o.max_n, o.topk, o.capacity, o.recency)
 
     def _open_persistent(self) -> NGramTable:
         """The table at config.table_path, or an empty one where there is none yet (or an empty file).
@@ -199,6 +209,7 @@ class StandDrafter(Drafter):
             self.table_error = str(e)
             log.error("%s; continuing with an empty table, saved over it at the end", e)
             return self._new_table()
+        table.recency = o.recency
         return table
 
     def save_table(self, path: str | None = None) -> None:
@@ -209,7 +220,9 @@ class StandDrafter(Drafter):
             table.save(path, meta={"vocab_size": self.vocab_size, "method": self.name})
 
     def _key(self, row) -> object:
-        return SHARED if (self.config.share_across_prompts or self.config.table_path) else ("group", row.group)
+        if self.config.share_across_prompts or self.config.table_path:
+            return SHARED
+        return ("group", row.group) if self.options.shared else ("row", row.uid)
 
     def table_for(self, row) -> NGramTable:
         return self.tables[self.rows[row.uid].table_key]
@@ -226,15 +239,18 @@ class StandDrafter(Drafter):
         self.members.setdefault(key, set()).add(row.uid)
         seed = int(row.rng.integers(2**63))
         self.rows[row.uid] = RowState(key, GumbelNoise(np.random.default_rng(seed)))
-        if prompt is not None and len(prompt):
+        fresh = hash(tuple(row.prompt)) not in self.prompts.setdefault(key, set())
+        if prompt is not None and len(prompt) and self.options.prompt and fresh:
+            # once per table: the samples of a question share its prompt, and N copies of one distribution would
+            # only weigh the prompt's entries N times against what the samples write later
+            self.prompts[key].add(hash(tuple(row.prompt)))
             tails = tails_of(np.asarray(row.prompt[: len(prompt)]), self.options.max_n)  # [P-1, max_n]
             self.tables[key].insert(tails, prompt.ids, prompt.probs)
         self._track_memory()
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         deterministic = (not self.options.stochastic) or row.params.greedy
-        m = self.default_nodes if max_nodes is None else max_nodes
-        kids = self.kids if m >= len(self.template) else self._cut(m)
+        kids = self.kids if max_nodes is None else self._cut(max_nodes)
         return self.draft(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise, deterministic, kids)
 
     def acceptance_curve(self) -> np.ndarray:
@@ -242,16 +258,31 @@ class StandDrafter(Drafter):
         return acceptance_curve(self.node_p)
 
     def _cut(self, m: int) -> list[list[int]]:
-        """Children lists of the template's m most valuable nodes (a connected subtree; ids unchanged)."""
+        """Children lists of the template's m most valuable nodes (a connected subtree; ids unchanged); for more
+        nodes than the template has (an equal budget), the tree grown to m nodes where it can grow, else the whole
+        template."""
         if m not in self._cuts:
-            self._cuts[m] = self.template.children(most_valuable(self.node_p, m))
+            if m < len(self.template):
+                self._cuts[m] = self.template.children(most_valuable(self.node_p, m))
+            else:
+                grown = self.grown(m) if m > len(self.template) else None
+                self._cuts[m] = self.kids if grown is None else grown.children()
         return self._cuts[m]
+
+    def grown(self, m: int) -> TreeTemplate | None:
+        """A tree of m nodes larger than the template: the m most accepted nodes of the large template the
+        calibrated tree was cut from, where its file keeps their counts (None otherwise)."""
+        return grown_tree(self.template.meta, m)
 
     def observe(self, row, tree: DraftTree, probs: torch.Tensor | None, verdict) -> None:
         if probs is None:
             return
         ids, p = top_dist(probs[: len(tree) + 1], self.options.topk)  # [M+1, k]
-        self.table_for(row).insert(node_tails(self._root_tail(row), tree), ids, p)
+        tails = node_tails(self._root_tail(row), tree)  # [M+1, max_n]
+        if not self.options.learn_drafts:
+            path = [0] + list(verdict.accepted)  # the root and the accepted nodes: the sample's own contexts
+            ids, p, tails = ids[path], p[path], tails[path]
+        self.table_for(row).insert(tails, ids, p)
         for node in verdict.accepted:
             tag = tree.tags[node - 1]
             if 0 <= tag < len(self.hits):
@@ -270,7 +301,7 @@ class StandDrafter(Drafter):
             if self.config.table_path:
                 self._save_quietly()
             return
-        del self.tables[state.table_key], self.members[state.table_key]
+        del self.tables[state.table_key], self.members[state.table_key], self.prompts[state.table_key]
 
     def _save_quietly(self) -> None:
         """Saves the persistent table; a failure is logged, never raised into the decoding it follows."""
@@ -299,7 +330,7 @@ class StandDrafter(Drafter):
         """Fills the template (or its cut `kids`) breadth-first; a node without a table match loses its subtree."""
 
         def children(tail: tuple, n: int) -> list[tuple[int, SparseDist | None, tuple]]:
-            d = draw(table, tail, noise, deterministic)
+            d = draw(table, tail, noise, deterministic, self.options.min_n, self.options.sharpen)
             return [] if d is None else [(t, d.dist, tail[1:] + (t,)) for t in d.tokens[:n].tolist()]
 
         return fill(self.kids if kids is None else kids, tuple(root_tail.tolist()), children)
@@ -322,11 +353,11 @@ class DynamicStandDrafter(StandDrafter):
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         deterministic = (not self.options.stochastic) or row.params.greedy
-        cap = self.options.nodes  # with a floor from the pass (min_value > 0) the size follows worth
-        if max_nodes is not None and min_value == 0.0:
-            cap = min(cap, max_nodes)
+        # with a floor from the pass (min_value > 0) the size follows worth; an equal budget fills the asked nodes
+        cap = self.options.nodes if min_value > 0.0 else self.size(max_nodes, self.options.nodes)
+        floor = 0.0 if self.config.nodes is not None else max(min_value, self.options.floor)
         return self.draft_best_first(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise,
-                                     deterministic, cap, max(min_value, self.options.floor))
+                                     deterministic, cap, floor)
 
     def draft_best_first(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool,
                          cap: int, floor: float) -> DraftTree:
@@ -336,7 +367,7 @@ class DynamicStandDrafter(StandDrafter):
         tick = itertools.count()
 
         def open_node(node: int, tail: tuple, worth: float) -> None:
-            d = draw(table, tail, noise, deterministic)
+            d = draw(table, tail, noise, deterministic, self.options.min_n, self.options.sharpen)
             if d is not None:
                 opened[node] = (d.tokens, d.dist, np.sort(d.q)[::-1], worth, tail)
                 heapq.heappush(heap, (-worth * opened[node][2][0], next(tick), node, 0))
@@ -361,3 +392,6 @@ class HeuristicStandDrafter(StandDrafter):
 
     def _load_template(self) -> TreeTemplate:
         return heuristic()
+
+    def grown(self, m: int) -> TreeTemplate:
+        return heuristic(m)

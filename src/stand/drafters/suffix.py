@@ -91,7 +91,7 @@ class SuffixDrafter(Drafter):
         if row.uid not in self.keys:
             self.start(row)
         o = self.options
-        limit = o.nodes if max_nodes is None else min(o.nodes, max_nodes)
+        limit = self.size(max_nodes, o.nodes)
         if limit < 1:
             return DraftTree()
         context = np.asarray(row.tokens[-o.max_depth:], dtype=np.int32)

@@ -177,6 +177,18 @@ def large_template(size: int = LARGE_SIZE) -> TreeTemplate:
     return heuristic(size, DEEP_PRIOR)
 
 
+def grown_tree(meta: dict, m: int) -> TreeTemplate | None:
+    """The m most accepted nodes of the large template a calibrated tree was cut from, from the counts of all its
+    nodes that the tree's provenance keeps (template_hits, large_template); None where it keeps none."""
+    hits, large = meta.get("template_hits"), meta.get("large_template")
+    if not isinstance(hits, list) or not isinstance(large, dict):
+        return None
+    template = heuristic(int(large.get("size", 0)), tuple(large.get("prior") or DEEP_PRIOR))
+    if len(template) != len(hits):
+        return None
+    return template.subset(most_valuable(np.asarray(hits, dtype=np.float64), min(m, len(template))))[0]
+
+
 def shipped_tree_path() -> str | None:
     """The calibrated tree shipped for the default model, if the package has it."""
     try:

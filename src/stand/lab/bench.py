@@ -11,13 +11,12 @@ comparison stays fair) and say `interrupted: true`.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable
-
-import torch
 
 from stand.api import Target, check_schedule, generate
 from stand.core.sequence import mean_accepted
@@ -26,6 +25,7 @@ from stand.methods import check_method, engine_of, names
 from stand.params import SamplingParams, SpecConfig
 from stand.tts.answers import extract_answer, is_correct
 from stand.tts.problems import Problem, problem_range
+from stand.lab.hf_anchors import hf_generate
 from stand.lab.llamacpp_anchors import anchor_generate, gguf_file
 from stand.lab.vllm_anchors import close_engines, engine_dtype, vllm_run
 from stand.tts.vote import majority_vote
@@ -57,7 +57,10 @@ class BenchConfig:
 
     def validate(self) -> "BenchConfig":
         for m in self.methods:
-            check_method(m, engine=None)  # ours or another engine's (an anchor)
+            base, options = with_options(m)
+            check_method(base, engine=None)  # ours or another engine's (an anchor)
+            if options and engine_of(base) != "stand":
+                raise StandError(f"{m}: drafter options are for stand's own methods, not the {engine_of(base)} anchor")
         if not self.methods:
             raise StandError("no methods given")
         if not isinstance(self.repeats, int) or self.repeats < 1:
@@ -100,6 +103,7 @@ class Run:
     table_bytes: int | None = None  # the drafter's peak table memory
     correct: bool | None = None  # majority-voted answer matches the reference; None: no reference
     accepted: Counter = field(default_factory=Counter)  # tokens committed in one step -> how many steps
+    drafted: int | None = 0  # draft nodes verified over all steps (None: unknown, the anchors)
 
 
 def label(v: Variant) -> str:
@@ -109,8 +113,28 @@ def label(v: Variant) -> str:
 
 def anchor_schedule(method: str) -> str | None:
     """An anchor's schedule label: the tool it runs (its own loop decides how samples are scheduled)."""
-    engine = engine_of(method)
+    engine = engine_of(with_options(method)[0])
     return None if engine == "stand" else engine
+
+
+def with_options(method: str) -> tuple[str, dict]:
+    """A bench method with its drafter's own options, one row: 'stand[recency=1;stochastic=false]' -> ('stand',
+    {'recency': 1, 'stochastic': False}). Values read as JSON (true, 0.5, "x"), else as strings."""
+    base, bracket, rest = method.partition("[")
+    if not bracket:
+        return method, {}
+    if not rest.endswith("]"):
+        raise StandError(f"method {method!r}: options go in brackets, e.g. stand[recency=1;stochastic=false]")
+    options = {}
+    for item in filter(None, rest[:-1].split(";")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise StandError(f"method {method!r}: {item!r} is not key=value")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value.strip()
+    return base, options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +167,8 @@ def run_ours(target: Target, method: str, n: int, schedule: str, problem: Proble
     from stand.drafters.registry import make_drafter
 
     t = time.perf_counter()
-    spec = replace(cfg.spec, method=method).validate()
+    base, options = with_options(method)
+    spec = replace(cfg.spec, method=base, options={**cfg.spec.options, **options}).validate()
     drafter = make_drafter(spec, target.vocab_size, target)
     hook = _Memory(drafter)
     samples = generate(problem.prompt, target, params=replace(cfg.params, seed=seed), spec=spec, n=n,
@@ -151,67 +176,8 @@ def run_ours(target: Target, method: str, n: int, schedule: str, problem: Proble
     seconds = time.perf_counter() - t
     return Run(sum(s.stats["new_tokens"] for s in samples), seconds, sum(s.stats["steps"] for s in samples),
                sum(s.stats["draft_seconds"] for s in samples), max(hook.peak, drafter.memory_bytes()),
-               _majority_correct([s.text for s in samples], problem.answer), hook.accepted)
-
-
-class _ForwardCount:
-    """Counts the model's forward calls during Hugging Face generate (its verification passes)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.calls = 0
-        self.handle = model.register_forward_hook(self._hook)
-
-    def _hook(self, *_):
-        self.calls += 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def hf_config(target: Target, method: str, params: SamplingParams, n: int = 1):
-    """A clean GenerationConfig: the model's own defaults (repetition penalty, top-k 50, ...) would sample from
-    another distribution than our rows; this one is the target distribution that `params` asks for."""
-    from transformers import GenerationConfig
-
-    sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) \
-        if not params.greedy else dict(do_sample=False)
-    extra = dict(prompt_lookup_num_tokens=10) if method == "hf-pld" else {}
-    if method == "hf-batched" and not params.greedy:
-        extra["num_return_sequences"] = n
-    return GenerationConfig(max_new_tokens=params.max_new_tokens, eos_token_id=sorted(target.eos_ids),
-                            pad_token_id=target.tokenizer.pad_token_id or min(target.eos_ids), **sampling, **extra)
-
-
-def hf_generate(target: Target, prompt_ids: list[int], method: str, n: int,
-                params: SamplingParams) -> tuple[list[list[int]], int]:
-    """Hugging Face generate as a user would call it; returns (new ids per sample, forward passes x rows).
-
-    hf, hf-pld: n calls, one sample each. hf-batched: one call for all n (num_return_sequences=n; greedy, which
-    HF refuses that for, gets the same batch of n copies of the prompt).
-    """
-    config = hf_config(target, method, params, n)
-    batched = method == "hf-batched"
-    ids = torch.tensor([prompt_ids] * (n if batched and params.greedy else 1))  # [1 or n, P]
-    calls = 1 if batched else n
-    torch.manual_seed(params.seed or 0)
-    outs = []
-    with torch.inference_mode(), _ForwardCount(target.model) as fc:
-        for _ in range(calls):
-            out = target.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)  # [R, P + T]
-            outs += _new_ids(target, out, len(prompt_ids))
-    return outs, fc.calls * (n if batched else 1)
-
-
-def _new_ids(target: Target, out: torch.Tensor, prompt_len: int) -> list[list[int]]:
-    """out [R, P + T]: each row's new ids up to and including the first EOS (padding after it dropped)."""
-    rows = []
-    for seq in out[:, prompt_len:].tolist():
-        ends = [i for i, t in enumerate(seq) if t in target.eos_ids]
-        rows.append(seq[: ends[0] + 1] if ends else seq)
-    return rows
+               _majority_correct([s.text for s in samples], problem.answer), hook.accepted,
+               sum(s.stats["drafted"] for s in samples))
 
 
 def run_hf(target: Target, method: str, n: int, problem: Problem, cfg: BenchConfig, seed: int) -> Run:
@@ -220,7 +186,7 @@ def run_hf(target: Target, method: str, n: int, problem: Problem, cfg: BenchConf
     outs, passes = hf_generate(target, ids, method, n, replace(cfg.params, seed=seed))
     texts = [target.decode(o) for o in outs]  # timed, as our rows' detokenising is
     seconds = time.perf_counter() - t
-    return Run(sum(map(len, outs)), seconds, passes, None, None, _majority_correct(texts, problem.answer))
+    return Run(sum(map(len, outs)), seconds, passes, None, None, _majority_correct(texts, problem.answer), drafted=None)
 
 
 def run_llamacpp(target: Target, method: str, n: int, problem: Problem, cfg: BenchConfig, seed: int) -> Run:
@@ -228,13 +194,13 @@ def run_llamacpp(target: Target, method: str, n: int, problem: Problem, cfg: Ben
     outs = anchor_generate(target, method, target.encode(problem.prompt), n, replace(cfg.params, seed=seed))
     texts = [target.decode(o) for o in outs]
     seconds = time.perf_counter() - t
-    return Run(sum(map(len, outs)), seconds, 0, None, None, _majority_correct(texts, problem.answer))
+    return Run(sum(map(len, outs)), seconds, 0, None, None, _majority_correct(texts, problem.answer), drafted=None)
 
 
 def run_vllm(target: Target, method: str, n: int, problem: Problem, cfg: BenchConfig, seed: int) -> Run:
     r = vllm_run(cfg.model, target, method, problem.prompt, n, replace(cfg.params, seed=seed))
     return Run(r["new_tokens"], r["seconds"], r["steps"], r["draft_seconds"], None,
-               _majority_correct(r["texts"], problem.answer))
+               _majority_correct(r["texts"], problem.answer), drafted=None)
 
 
 def run_variant(target: Target, v: Variant, problem: Problem, cfg: BenchConfig, seed: int) -> Run:
@@ -346,6 +312,7 @@ def variant_row(v: Variant, runs: list[Run], keys: list[tuple[int, int]], cfg: B
     mems = [x.table_bytes for x in runs if x.table_bytes is not None]
     judged = [x.correct for x in runs if x.correct is not None]
     accepted = sum((x.accepted for x in runs), Counter())
+    drafted = None if any(x.drafted is None for x in runs) else sum(x.drafted for x in runs)
     return {
         "method": method, "schedule": schedule, "engine": anchor_schedule(method) or "stand",
         "backend": "vllm" if method in VLLM_METHODS else target.kind,
@@ -358,6 +325,8 @@ def variant_row(v: Variant, runs: list[Run], keys: list[tuple[int, int]], cfg: B
         "tok_per_s_max": round(max(tps), 2),
         "speedup_vs_none": None, "speedup_vs_hf": None, "speedup_vs_llamacpp": None, "speedup_vs_vllm": None,  # summarise
         "mean_accepted": round(mean_accepted(tokens, steps), 3) if steps else None,
+        "nodes": cfg.spec.nodes,  # asked of every row each step (None: each method's own sizing)
+        "nodes_per_step": round(drafted / steps, 2) if steps and drafted is not None else None,
         "draft_seconds": None if draft is None else round(draft, 3),
         "draft_share": None if draft is None or not seconds else round(draft / seconds, 4),
         "table_bytes": max(mems) if mems else None,
@@ -368,7 +337,7 @@ def variant_row(v: Variant, runs: list[Run], keys: list[tuple[int, int]], cfg: B
 
 
 COLUMNS = ("method", "schedule", "engine", "backend", "dtype", "n", "temperature", "new_tokens", "seconds", "tok_per_s", "tok_per_s_min",
-           "tok_per_s_max", "speedup_vs_none", "speedup_vs_hf", "speedup_vs_llamacpp", "speedup_vs_vllm", "mean_accepted", "draft_share", "table_bytes",
+           "tok_per_s_max", "speedup_vs_none", "speedup_vs_hf", "speedup_vs_llamacpp", "speedup_vs_vllm", "mean_accepted", "nodes_per_step", "draft_share", "table_bytes",
            "accuracy")
 
 

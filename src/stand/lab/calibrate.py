@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -36,14 +36,17 @@ class CalibrateConfig:
     problems: int = 4
     first_problem: int = 0  # problems [first, first + problems) of the dataset
     n: int = 1  # samples per problem (sharing one table)
+    schedule: str = "sequential"  # for n > 1: the samples one after another (each drafts from a table the earlier
+    # ones warmed, as batched samples soon do) or "batched" (n rows of the large template in every pass)
     temperature: float = 0.6
-    max_new_tokens: int = 128
+    max_new_tokens: int = 1024  # as long as the traces users generate (the default model ends most within 300-700)
     template_size: int = 600
     max_m: int = 160  # largest tree considered
-    keep: int = 64  # nodes the tree file keeps with their counts (>= M): the engine may draft more or fewer per pass
+    keep: int = 80  # nodes the tree file keeps with their counts (>= M): the tree drafted without a cost grid
     seed: int = 0
     cost_curve: str | None = None  # cost grid (`stand profile --grid`) or curve (`--json`) JSON; None = measure here
     reps: int = 3  # forwards per size when measuring the cost grid
+    parts: list = field(default_factory=list)  # the configs of the runs whose counts were added up (recount)
 
     def validate(self) -> "CalibrateConfig":
         """Checks what can be checked before a model is loaded (the problems' range, the sizes)."""
@@ -101,7 +104,8 @@ def choose_m(hits: np.ndarray, steps: int, cost_ms: dict[int, float], draft_ms_p
 
 def count_hits(target, prompts: list[list[int]], template: TreeTemplate, cfg: CalibrateConfig,
                progress=None) -> tuple[np.ndarray, int, float]:
-    """Decodes the prompts with the large template: (hits per node, steps, drafting ms per node per step)."""
+    """Decodes the prompts with the large template (n samples each, sharing a table): (hits per node, steps,
+    drafting ms per node per step). progress(k): k more tokens were committed."""
     from stand.drafters.stand import StandDrafter
     from stand.core.sequence import Row
     from stand.engine import Engine
@@ -111,14 +115,16 @@ def count_hits(target, prompts: list[list[int]], template: TreeTemplate, cfg: Ca
     drafter.use_template(template)
     engine = Engine(target, drafter)
     steps, draft_s, drafted = 0, 0.0, 0
+    on_commit = None if progress is None else (lambda row, new: progress(len(new)))
     for i, prompt in enumerate(prompts):
         params = SamplingParams(cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + i)
-        rows = engine.run([Row(prompt, params, group=i, index=j) for j in range(cfg.n)])
+        rows = [Row(prompt, params, group=i, index=j) for j in range(cfg.n)]
+        engine.run(rows, on_commit, max_live=cfg.n if cfg.schedule == "batched" else 1)
         steps += sum(r.stats.steps for r in rows)
         draft_s += sum(r.stats.draft_seconds for r in rows)
-        drafted += sum(r.stats.steps for r in rows) * len(template)
+        drafted += sum(r.stats.drafted for r in rows)
         if progress:
-            progress(1)
+            progress(sum(cfg.max_new_tokens - r.stats.new_tokens for r in rows))  # a sample that ended early
     return drafter.hits.copy(), steps, 1000.0 * draft_s / max(drafted, 1)
 
 
@@ -145,18 +151,31 @@ def from_counts(template: TreeTemplate, hits: np.ndarray, steps: int, draft_node
     return Calibration(template, hits, steps, draft_node_ms, cost_ms, m, tree, curve, grid)
 
 
-def recount(path: str, grid: CostGrid) -> tuple[Calibration, CalibrateConfig]:
-    """Chooses M again from the counts a calibrated tree file stores (no decoding): e.g. for another machine's grid."""
+def stored_counts(path: str) -> tuple[np.ndarray, int, float, CalibrateConfig]:
+    """(counts per large-template node, steps, drafting ms per node, config) that a calibrated tree file keeps."""
     meta = TreeTemplate.load(path).meta
     hits, cfg = meta.get("template_hits"), meta.get("config")
     if not isinstance(hits, list) or not isinstance(cfg, dict) or not meta.get("steps"):
         raise StandError(f"{path} holds no calibration counts (template_hits, steps, config)")
     cfg = CalibrateConfig(**{k: v for k, v in cfg.items() if k in CalibrateConfig.__dataclass_fields__})
-    template = large_template(cfg.template_size)
-    if len(hits) != len(template):
-        raise StandError(f"{path} counts {len(hits)} template nodes; the large template has {len(template)}")
-    return from_counts(template, np.asarray(hits), int(meta["steps"]), float(meta.get("draft_ms_per_node", 0.0)),
-                       grid, cfg), cfg
+    if len(hits) != len(large_template(cfg.template_size)):
+        raise StandError(f"{path} counts {len(hits)} template nodes; the large template has {cfg.template_size}")
+    return np.asarray(hits), int(meta["steps"]), float(meta.get("draft_ms_per_node", 0.0)), cfg
+
+
+def recount(paths: list[str], grid: CostGrid) -> tuple[Calibration, CalibrateConfig]:
+    """Chooses M again from the counts calibrated tree files store (no decoding): e.g. for another machine's grid,
+    or the counts of several runs over the same large template (other problems) added up."""
+    parts = [stored_counts(p) for p in paths]
+    cfg = parts[0][3]
+    if any(c.template_size != cfg.template_size for *_, c in parts):
+        raise StandError(f"{', '.join(paths)} count different large templates; they cannot be added up")
+    if len(parts) > 1:
+        cfg = replace(cfg, problems=sum(c.problems for *_, c in parts), parts=[asdict(c) for *_, c in parts])
+    steps = sum(s for _, s, _, _ in parts)
+    draft_ms = sum(ms * s for _, s, ms, _ in parts) / steps
+    hits = np.sum([h for h, *_ in parts], axis=0)
+    return from_counts(large_template(cfg.template_size), hits, steps, draft_ms, grid, cfg), cfg
 
 
 def provenance(cal: Calibration, target, cfg: CalibrateConfig) -> dict:
@@ -167,7 +186,8 @@ def provenance(cal: Calibration, target, cfg: CalibrateConfig) -> dict:
             "expected_tokens_per_s": cal.curve["tokens_per_s"][i], "draft_ms_per_node": cal.draft_ms_per_node,
             "cost_ms": {str(k): v for k, v in sorted(cal.cost_ms.items())},
             "cost_grid": cal.grid.to_dict() if cal.grid is not None else None,
-            "large_template": {"size": len(cal.template), "depth": cal.template.depth},
+            "large_template": {"size": len(cal.template), "depth": cal.template.depth,
+                               "prior": list(cal.template.meta.get("prior") or [])},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 

@@ -43,11 +43,11 @@ def _fmt(r: dict, c: str) -> str:
 
 SCREEN = (("method", "method"), ("n", "n"), ("schedule", "schedule"), ("new_tokens", "tokens"),
           ("seconds", "s"), ("tok_per_s", "tok/s"), ("speedup_vs_none", "x none"), ("speedup_vs_hf", "x hf"),
-          ("speedup_vs_vllm", "x vllm"), ("mean_accepted", "tok/step"), ("draft_share", "drafting"), ("table_bytes", "table MiB"),
+          ("speedup_vs_vllm", "x vllm"), ("mean_accepted", "tok/step"), ("nodes_per_step", "nodes/step"), ("draft_share", "drafting"), ("table_bytes", "table MiB"),
           ("accuracy", "accuracy"))
 MARKDOWN = (("method", "method"), ("n", "n"), ("schedule", "schedule"), ("tok_per_s", "tok/s"),
             ("speedup_vs_none", "x none"), ("speedup_vs_hf", "x hf"), ("speedup_vs_vllm", "x vllm"),
-            ("mean_accepted", "tokens/step"),
+            ("mean_accepted", "tokens/step"), ("nodes_per_step", "nodes/step"),
             ("draft_share", "drafting"), ("table_bytes", "table MiB"), ("accuracy", "accuracy"))
 
 

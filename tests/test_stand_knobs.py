@@ -1,0 +1,90 @@
+"""STAND's ablation knobs: the table's update rule (running mean .. latest), what is inserted, the shortest back-off
+order, a table per sample, sharpened draws; and trees grown from calibration counts."""
+
+import numpy as np
+import pytest
+import torch
+
+from stand.core.drafter import PromptDists
+from stand.core.sequence import Row
+from stand.core.tree import DraftTree
+from stand.core.verify import Verdict
+from stand.drafters.ngram_table import NGramTable, merge_topk
+from stand.drafters.stand import GumbelNoise, StandDrafter, draw
+from stand.drafters.templates import DEEP_PRIOR, grown_tree, heuristic
+from stand.errors import StandError
+from stand.params import SamplingParams, SpecConfig
+
+
+def test_recency_weights_the_latest_distribution():
+    old_ids, old_p, count = np.array([[1, 2]]), np.array([[0.8, 0.2]]), np.array([3])
+    new_ids, new_p = np.array([[2, 3]]), np.array([[0.6, 0.4]])
+    mean = merge_topk(old_ids, old_p, count, new_ids, new_p, 3)  # (3 old + new) / 4
+    assert dict(zip(*[x[0].tolist() for x in mean])) == pytest.approx({1: 0.6, 2: 0.3, 3: 0.1})
+    half = merge_topk(old_ids, old_p, count, new_ids, new_p, 3, recency=0.5)
+    assert dict(zip(*[x[0].tolist() for x in half])) == pytest.approx({1: 0.4, 2: 0.4, 3: 0.2})
+    latest = merge_topk(old_ids, old_p, count, new_ids, new_p, 3, recency=1.0)
+    assert latest[0][0].tolist() == [2, 3, -1] and latest[1][0, :2] == pytest.approx([0.6, 0.4])
+    young = merge_topk(old_ids, old_p, np.array([0]), new_ids, new_p, 3, recency=0.25)  # 1/(c+1) = 1 wins
+    assert young[0][0].tolist() == [2, 3, -1]
+    with pytest.raises(StandError, match="recency"):
+        NGramTable(recency=1.5)
+
+
+def test_min_n_skips_shorter_contexts():
+    t = NGramTable(max_n=2, topk=2, capacity=64)
+    t.insert([[-1, 5]], [[7, 8]], [[0.6, 0.4]])  # key (5) only
+    assert t.longest((9, 5))[1] == 1 and t.longest((9, 5), min_n=2) == (-1, 0)
+    noise = GumbelNoise(np.random.default_rng(0))
+    assert draw(t, (9, 5), noise, True) is not None and draw(t, (9, 5), noise, True, min_n=2) is None
+    with pytest.raises(StandError, match="min_n"):
+        StandDrafter(SpecConfig(method="stand", options={"min_n": 5}), 100)
+
+
+def test_sharpened_draws_record_the_q_they_draw_from():
+    t = NGramTable(max_n=1, topk=3, capacity=64)
+    t.insert([[5]], [[1, 2, 3]], [[0.5, 0.3, 0.2]])
+    d = draw(t, (5,), GumbelNoise(np.random.default_rng(0)), False, sharpen=2.0)
+    want = np.array([0.25, 0.09, 0.04]) / 0.38
+    assert d.dist.probs == pytest.approx(want) and d.dist.ids.tolist() == [1, 2, 3]
+
+
+def _observed(learn_drafts: bool) -> NGramTable:
+    d = StandDrafter(SpecConfig(method="stand", options={"max_n": 1, "learn_drafts": learn_drafts}), 100)
+    row = Row([1, 2], SamplingParams())
+    d.start(row, None)
+    tree = DraftTree()
+    tree.add(3)  # node 1: accepted
+    tree.add(4)  # node 2: a rejected sibling
+    probs = np.full((3, 100), 1e-4)
+    probs[:, 50] = 0.9
+    d.observe(row, tree, torch.tensor(probs), Verdict([1], 6))
+    return d.table_for(row)
+
+
+def test_learn_drafts_off_inserts_the_accepted_path_only():
+    every, path = _observed(True), _observed(False)
+    assert set(every.index) == {(2,), (3,), (4,)}  # the root and both drafted nodes
+    assert set(path.index) == {(2,), (3,)}
+
+
+def test_prompt_off_and_a_table_per_sample():
+    d = StandDrafter(SpecConfig(method="stand", options={"shared": False, "prompt": False}), 100)
+    rows = [Row([1, 2, 3], SamplingParams(), group=0, index=i) for i in range(2)]
+    for r in rows:
+        dists = PromptDists(np.array([[5], [6]]), np.array([[1.0], [1.0]]), np.ones(2))
+        d.start(r, dists)
+    assert d.table_for(rows[0]) is not d.table_for(rows[1]) and len(d.table_for(rows[0])) == 0
+    for r in rows:
+        d.finish(r)
+    assert not d.tables
+
+
+def test_grown_tree_follows_the_large_templates_counts():
+    large = heuristic(40, DEEP_PRIOR)
+    hits = (np.arange(40)[::-1] * 2).tolist()  # earlier nodes (parents first) counted more: connected
+    meta = {"template_hits": hits, "large_template": {"size": 40, "prior": list(DEEP_PRIOR)}}
+    grown = grown_tree(meta, 30)
+    assert len(grown) == 30 and grown == large.subset(range(30))[0]
+    assert grown_tree({"template_hits": hits[:10], "large_template": {"size": 40}}, 30) is None  # not that template
+    assert grown_tree({}, 30) is None
