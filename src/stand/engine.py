@@ -60,6 +60,7 @@ class Engine:
         self.live: list[Row] = []  # rows in the cache, decoding
         self.waiting: list[Row] = []  # added, not admitted yet
         self.retiring: list[Row] = []  # ended; the drafter hears of it once the rows waiting behind them joined
+        self.held: dict[int, list[Row]] = {}  # group -> its ended rows, kept in the drafter until release(group)
         self.cache = None
         self.passes = 0  # verification passes run
         self.online: dict[int, OnlineAcceptance] | None = None  # group -> curve, for drafters without their own
@@ -75,6 +76,17 @@ class Engine:
     def add(self, rows: list[Row]) -> None:
         """Rows join at the next step (their prompts are prefilled then)."""
         self.waiting += rows
+
+    def hold(self, group: int) -> None:
+        """Rows of `group` that end stay in the drafter (its shared table, their text) until release(group): the
+        rounds of a tree search run one after another, every round's rows drafting from what all earlier ones wrote."""
+        self.held.setdefault(group, [])
+
+    def release(self, group: int) -> None:
+        """The drafter hears of the group's held rows ending (and may drop what the group shared)."""
+        self.retiring += self.held.pop(group, [])
+        if not self.live and not self.waiting:
+            self._retire()
 
     @torch.inference_mode()
     def run(self, rows: list[Row], on_commit: OnCommit | None = None, max_live: int | None = None) -> list[Row]:
@@ -114,30 +126,36 @@ class Engine:
         if not self.live:
             self.cache = self.target.new_cache()
         k = 0 if self.idle else min(self.drafter.prompt_topk(), self.target.vocab_size)
-        dists = [PromptDists.empty(len(r.prompt) - 1, k) for r in rows] if k else None
+        # a resuming row's prompt went through the drafter before: no distributions for it
+        dists = [PromptDists.empty(len(r.prompt) - 1, k) if k and not r.resumes else None for r in rows]
 
         def fill(members: list[int], start: int, logits: torch.Tensor) -> None:  # logits [C, V]
             probs = {}  # rows sharing a prefix mostly share their sampling too
             for b in members:
+                if dists[b] is None:
+                    continue
                 key = repr(rows[b].params)
                 if key not in probs:
                     probs[key] = sampler_probs(logits, rows[b].params)  # [C, V]
                 dists[b].fill(start, probs[key], rows[b].prompt[start + 1:start + 1 + len(logits)])
 
-        self.cache.prefill([r.prompt[:-1] for r in rows], fill if k else None)
+        self.cache.prefill([r.prompt[:-1] for r in rows], fill if any(d is not None for d in dists) else None)
         t = time.perf_counter()
         for b, r in enumerate(rows):
             r.started = t
             with Timer(r):
-                self.drafter.start(r, dists[b] if k else None)
+                self.drafter.start(r, dists[b])
             r.check_room(self.target.max_len)
         self.live += rows
 
     def _retire(self) -> None:
         for r in self.retiring:
-            self.drafter.finish(r)
+            if r.group in self.held:
+                self.held[r.group].append(r)
+            else:
+                self.drafter.finish(r)
         if self.online is not None and self.retiring:
-            groups = {r.group for r in self.live + self.waiting}
+            groups = {r.group for r in self.live + self.waiting} | set(self.held)
             for r in self.retiring:
                 if r.group not in groups:
                     self.online.pop(r.group, None)

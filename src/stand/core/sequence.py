@@ -59,6 +59,9 @@ class Row:
     stats: RowStats = field(default_factory=RowStats)
     logprobs: list[float] | None = None  # set to [] to record each generated token's log-prob under the model (T=1)
     started: float = 0.0  # perf_counter() when the row joined the batch
+    # a row that resumes its group's text (a tree-search beam): the prompt's first question_len tokens are the
+    # group's question and the rest is text rows of the group generated before (None: the whole prompt is new)
+    question_len: int | None = None
 
     def __post_init__(self):
         self.tokens = list(self.prompt)
@@ -68,6 +71,15 @@ class Row:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt)
+
+    @property
+    def resumes(self) -> bool:
+        """The prompt continues text its group's drafter has seen (see question_len)."""
+        return self.question_len is not None
+
+    def group_key(self) -> tuple[int, int]:
+        """(group, hash of the question): the rows of a group asking one question draft from each other."""
+        return self.group, hash(tuple(self.prompt[: self.question_len]))
 
     @property
     def generated(self) -> list[int]:
