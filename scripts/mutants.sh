@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mutation check of the lossless promise (issue 15). Each mutant is one small change, made in a copy of src/, that
+# Mutation check of the lossless promise. Each mutant is one small change, made in a copy of src/, that
 # breaks exact sampling (or greedy equality): the fast tests chosen for it run against the copy (PYTHONPATH) and
 # must fail ("killed"). Tests that still pass: "survived". A mutant whose text no longer occurs exactly once in
 # src: "stale" (this script needs updating). The chosen tests must pass on the unmutated copy first ("baseline").

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from stand.core.budget import CostGrid, nodes_per_row, resolve_grid
+from stand.core.cost import CostGrid, resolve_grid
+from stand.core.sizing import nodes_per_row
 from stand.lab.profile import GridConfig, measure_grid
 from stand.drafters.stand import StandDrafter, node_acceptance
 from stand.core.sequence import Row
@@ -66,8 +67,8 @@ def test_engine_sizes_rows_by_the_grid(tiny):
     d = StandDrafter(spec, tiny.vocab_size)
     cpu = CostGrid({1: {1: 50.0, 4: 60.0, 16: 90.0, 32: 150.0}, 8: {1: 100.0, 2: 180.0, 4: 340.0}})
     e = Engine(tiny, d, step_tokens=None, grid=cpu)
-    assert e.budget(1)[0] > e.budget(8)[0]
-    assert Engine(tiny, d, step_tokens=64).budget(8)[0] == 7  # no grid: the share of the pass
+    assert e.sizer.budget(1)[0] > e.sizer.budget(8)[0]
+    assert Engine(tiny, d, step_tokens=64).sizer.budget(8)[0] == 7  # no grid: the share of the pass
     prompt = tiny.encode("one two three, one two three, one two")
     rows = e.run([Row(prompt, SamplingParams(0.0, max_new_tokens=30), index=j) for j in range(8)])
     alone = Engine(tiny, StandDrafter(spec, tiny.vocab_size)).run([Row(prompt, SamplingParams(0.0, max_new_tokens=30))])
@@ -100,7 +101,7 @@ def test_shipped_tree_is_calibrated_and_carries_its_grid():
 
 
 def test_online_curve_learns_which_nodes_pay():
-    from stand.core.budget import OnlineAcceptance, best_nodes
+    from stand.core.sizing import OnlineAcceptance, best_nodes
 
     costs = np.array([10.0 + 2.0 * k for k in range(65)])  # ms of a pass with k draft nodes per row
     useless, useful = OnlineAcceptance(), OnlineAcceptance()
@@ -139,15 +140,15 @@ def test_engine_drafts_plainly_where_drafts_never_land(tiny, monkeypatch):
 
 
 def test_probes_back_off_while_drafts_do_not_pay():
-    from stand.core.budget import OnlineAcceptance
+    from stand.core.sizing import ProbeSchedule
 
-    stats = OnlineAcceptance(explore_every=16, explore_max=256)
+    stats = ProbeSchedule(every=16, most=256)
     probes = [now for now in range(2000) if stats.explores(now, paying=False)]
     assert probes[:5] == [0, 32, 96, 224, 480] and all(b - a == 256 for a, b in zip(probes[5:], probes[6:]))
-    again = OnlineAcceptance()
+    again = ProbeSchedule()
     assert again.explores(0, paying=False) and again.explores(0, paying=False)  # every row of a probe pass is told
     assert not again.explores(1, paying=False)
-    paying = OnlineAcceptance(explore_every=16)
+    paying = ProbeSchedule(every=16)
     assert [now for now in range(100) if paying.explores(now, paying=True)] == [0, 16, 32, 48, 64, 80, 96]
 
 
@@ -182,12 +183,12 @@ def test_a_drafter_that_never_pays_here_stays_idle(tiny, monkeypatch):
     monkeypatch.setattr(StandDrafter, "observe", lambda self, *a: seen.append(a))
     steep = CostGrid({b: {t: 10.0 * b * t for t in (1, 2, 4, 8, 16, 32, 64)} for b in (1, 2, 4, 8, 16)})
     e = Engine(tiny, make_drafter(SpecConfig(method="stand"), tiny.vocab_size), grid=steep)
-    assert e.idle
+    assert e.sizer.idle
     row = Row(tiny.encode("hello"), SamplingParams(0.6, max_new_tokens=20, seed=0, ignore_eos=True))
     e.run([row])
     assert not seen and row.stats.mean_accepted == 1.0
     flat = CostGrid({b: {t: 10.0 for t in (1, 2, 4, 8, 16, 32, 64)} for b in (1, 2, 4, 8, 16)})
-    assert not Engine(tiny, make_drafter(SpecConfig(method="stand"), tiny.vocab_size), grid=flat).idle
+    assert not Engine(tiny, make_drafter(SpecConfig(method="stand"), tiny.vocab_size), grid=flat).sizer.idle
 
 
 def test_machine_grid_is_measured_once_per_machine_and_model(tiny, tmp_path, monkeypatch):
@@ -211,7 +212,7 @@ def test_machine_grid_is_measured_once_per_machine_and_model(tiny, tmp_path, mon
 def test_online_curve_counts_nodes_asked_even_when_none_is_drafted(tiny, monkeypatch):
     """A pass costs its width whatever each row drafted: a drafter asked for nodes that delivers none (no match)
     has them counted as offered and missed, so its curve learns that asking it does not pay."""
-    from stand.core.budget import OnlineAcceptance
+    from stand.core.sizing import OnlineAcceptance
     from stand.core.tree import DraftTree
     from stand.drafters.pld import PromptLookup
 
@@ -236,9 +237,34 @@ def test_stand_learns_nothing_in_passes_where_its_curve_drafts_nothing(tiny, mon
     grid = CostGrid({1: {t: 10.0 for t in (1, 2, 4, 8, 16)},
                      8: {t: 80.0 * t for t in (1, 2, 4, 8, 16)}, 16: {t: 160.0 * t for t in (1, 2, 4, 8, 16)}})
     e = Engine(tiny, make_drafter(SpecConfig(method="stand"), tiny.vocab_size), grid=grid)
-    assert not e.idle and e.budget(1)[0] > 0 and e.budget(8)[0] == 0
+    assert not e.sizer.idle and e.sizer.budget(1)[0] > 0 and e.sizer.budget(8)[0] == 0
     params = SamplingParams(0.6, max_new_tokens=12, seed=0, ignore_eos=True)
     e.run([Row(tiny.encode("hello"), params, index=j) for j in range(8)])
     assert not seen
     e.run([Row(tiny.encode("hello"), params)])
     assert len(seen) == 12
+
+
+def test_one_worth_rule_sizes_trees_and_chains():
+    """The engine's choice of m (most tokens per ms over a curve) and the vLLM chains' best-first keep (a node joins
+    while it pays by the worth rule) are one rule: on a linear cost they keep the same nodes."""
+    from stand.core.sizing import acceptance_curve, best_nodes, keep_best_first
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        values = np.sort(rng.random(12))[::-1]  # chances of the chain's nodes, best first
+        base, marginal = rng.uniform(5, 20), rng.uniform(0.1, 4)
+        costs = base + marginal * np.arange(13)  # [K] ms with k nodes
+        assert keep_best_first([values], base, marginal) == [best_nodes(acceptance_curve(values), 1, costs)]
+
+
+def test_fixed_nodes_give_every_row_the_same_budget_whatever_the_grid(tiny):
+    """SpecConfig.nodes (equal budgets for comparing drafters): every row is asked for that many nodes, with no
+    grid sizing and no online curve, even where the grid says no node pays."""
+    steep = CostGrid({1: {1: 10.0, 2: 100.0, 16: 1000.0}, 8: {1: 20.0, 2: 400.0, 16: 4000.0}})
+    for method in ("stand", "pld"):
+        e = Engine(tiny, make_drafter(SpecConfig(method=method, nodes=5), tiny.vocab_size), grid=steep)
+        assert not e.sizer.idle and e.sizer.learns(8)
+        assert e.sizer.ask(0, 1, 0) == ((5, 0.0, None), None) and e.sizer.budget(8).nodes == 5
+    with pytest.raises(StandError, match="nodes must be"):
+        SpecConfig(method="stand", nodes=-1).validate()

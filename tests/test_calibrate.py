@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from stand.core.budget import CostGrid, interpolate
+from stand.core.cost import CostGrid, interpolate
 from stand.lab.calibrate import CalibrateConfig, calibrate, choose_m, expected_accepted, save, top_m
 from stand.drafters.stand import StandDrafter
 from stand.errors import StandError

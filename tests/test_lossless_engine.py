@@ -1,4 +1,4 @@
-"""Every drafter, through the whole engine, samples exactly the model's distribution (DESIGN.md section 2), on the
+"""Every drafter, through the whole engine, samples exactly the model's distribution (docs/design.md, "Lossless verification"), on the
 Hugging Face forward, our lean forward and llama.cpp.
 
 The expected distribution comes from the model's float64 logits through the sampler written out in
@@ -15,7 +15,7 @@ import torch
 
 from lossless import (K, N, PLAIN, TRUNCATED, V, WRONG, Run, engine_run, exact_joint, marginal_pvalues, params_id,
                       reference_probs, small_gguf, small_target, wrong_id)
-from stand.core.budget import CostGrid
+from stand.core.cost import CostGrid
 from stand.core.verify import sampler_probs
 from stand.drafters.registry import make_drafter
 from stand.engine import Engine
@@ -111,7 +111,7 @@ def test_trees_cut_by_the_cost_grid_stay_exact(backends, backend):
     target = backends(backend)
     grid = CostGrid({1: {1: 10.0, 64: 20.0}, 256: {1: 100.0, 2: 101.0, 3: 102.0, 4: 103.0, 5: 104.0, 6: 400.0}})
     spec = SpecConfig(method="stand")
-    assert Engine(target, make_drafter(spec, target.vocab_size), grid=grid).budget(250)[0] == 4
+    assert Engine(target, make_drafter(spec, target.vocab_size), grid=grid).sizer.budget(250)[0] == 4
     run = exact_run(target, spec, PLAIN, grid=grid)
     assert 1.02 < run.per_step < K, run.per_step
 
@@ -122,7 +122,7 @@ def test_best_first_trees_under_a_pass_floor_stay_exact(backends, backend):
     target = backends(backend)
     grid = CostGrid({1: {1: 10.0, 64: 20.0}, 256: {1: 100.0, 2: 101.0, 3: 102.0, 4: 103.0, 5: 104.0, 6: 110.0}})
     spec = SpecConfig(method="stand-dynamic")
-    nodes, floor, _ = Engine(target, make_drafter(spec, target.vocab_size), grid=grid).budget(250)
+    nodes, floor, _ = Engine(target, make_drafter(spec, target.vocab_size), grid=grid).sizer.budget(250)
     assert 0.05 < floor < 0.5, floor
     run = exact_run(target, spec, PLAIN, grid=grid)
     assert 1.02 < run.per_step < K, run.per_step

@@ -14,7 +14,8 @@ import torch
 
 import stand.backends.machine as machine
 from stand.backends.probe import GridConfig, measure_grid
-from stand.core.budget import CostGrid, nodes_per_row
+from stand.core.cost import CostGrid
+from stand.core.sizing import nodes_per_row
 from stand.core.files import cache_dir
 
 # ---- a backend whose passes take the time we say ---------------------------------------------------------------
@@ -91,7 +92,7 @@ def cache(tmp_path, monkeypatch):
 
 # ---- padded grids --------------------------------------------------------------------------------------------
 
-# measured on a CPU with avx512_bf16 (DESIGN.md section 5): one token dearer than two, 8 rows dearer than 16
+# measured on a CPU with avx512_bf16 (docs/results.md, "Pass shapes on torch"): one token dearer than two, 8 rows dearer than 16
 JAGGED = {1: {1: 23.0, 2: 17.0, 4: 19.0, 8: 21.0, 16: 31.0}, 8: {1: 267.0, 2: 127.0, 4: 140.0}, 16: {1: 127.0, 2: 140.0}}
 
 

@@ -13,7 +13,7 @@ from stand.tts import answers, report, solve as tts, vote
 from dataclasses import replace
 
 from stand.api import make_engine, run_group, schedule_label
-from stand.core.budget import CostGrid
+from stand.core.cost import CostGrid
 from stand.tts.problems import Problem, champ
 from stand.drafters.registry import make_drafter
 from stand.core.sequence import Row
@@ -284,21 +284,20 @@ def test_auto_schedule_follows_the_cost_grid(tiny):
     ids = tiny.encode(PROMPTS[0], chat=False)
     cheap_rows, dear_rows = _grid(0.1, 0.5), _grid(50.0, 0.1, power=1.5)
     stand_spec = SpecConfig("stand")
-    assert make_engine(tiny, replace(stand_spec, cost_grid="off")).best_live(8) == 8  # no grid: batched
-    engine = make_engine(tiny, stand_spec)
-    engine.grid = cheap_rows
-    assert engine.best_live(8) == 8 and engine.best_live(6) == 6
-    engine.grid, engine._budgets = dear_rows, {}
-    assert engine.best_live(8) == 1
+    assert make_engine(tiny, replace(stand_spec, cost_grid="off")).sizer.best_live(8) == 8  # no grid: batched
+    engine = Engine(tiny, make_drafter(stand_spec, tiny.vocab_size), grid=cheap_rows)
+    assert engine.sizer.best_live(8) == 8 and engine.sizer.best_live(6) == 6
+    engine = Engine(tiny, make_drafter(stand_spec, tiny.vocab_size), grid=dear_rows)
+    assert engine.sizer.best_live(8) == 1
     rows = [Row(ids, SamplingParams(0.6, max_new_tokens=3, seed=0), index=j) for j in range(4)]
     assert run_group(engine, rows, "auto") == "sequential" and all(r.done for r in rows)
 
 
 def test_auto_schedule_can_mix(tiny):
     """Rows cheap up to 4, dear beyond: 4 at a time."""
-    engine = make_engine(tiny, SpecConfig("none"))
-    engine.grid = CostGrid({1: {1: 10.0}, 2: {1: 10.5}, 4: {1: 11.0}, 8: {1: 80.0}})
-    assert engine.best_live(8) == 4
+    engine = Engine(tiny, make_drafter(SpecConfig("none"), tiny.vocab_size),
+                    grid=CostGrid({1: {1: 10.0}, 2: {1: 10.5}, 4: {1: 11.0}, 8: {1: 80.0}}))
+    assert engine.sizer.best_live(8) == 4
     assert schedule_label(4, 8) == "4 at a time" and schedule_label(8, 8) == "batched"
     kw = dict(model=tiny, n=8, schedule="auto", params=SamplingParams(0.6, max_new_tokens=3, seed=0),
               extractor=first_chars, chat=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stand.errors import StandError
-from stand.integrations.vllm.chains import Calibration, StepCost, select
+from stand.integrations.vllm.chains import ChanceBins, StepCost, select
 from stand.integrations.vllm.consensus_proposer import ConsensusProposer
 from stand.integrations.vllm.cpu_fix import expand_on_cpu
 from stand.integrations.vllm.rows import RowTracker
@@ -138,7 +138,7 @@ def test_consensus_proposer_drafts_what_another_sample_wrote(monkeypatch):
 
 
 def test_calibration_learns_what_vllm_accepted():
-    cal = Calibration()
+    cal = ChanceBins()
     assert 0.5 < cal.chances([0.55])[0] < 0.6  # the prior: the bin's centre
     for _ in range(50):
         cal.update([0.95, 0.95, 0.95], accepted=1)  # the first token always accepted, the second never

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from stand.backends.load import load_model
 from stand.backends.protocol import Backend as Target
-from stand.core.budget import resolve_grid
+from stand.core.cost import resolve_grid
 from stand.core.drafter import Drafter
 from stand.core.sequence import OnCommit, Row
 from stand.drafters.registry import make_drafter
@@ -16,7 +16,7 @@ from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
 
 SCHEDULES = ("batched", "sequential")  # how the n samples of a prompt run: all at once, or one after another
-AUTO = "auto"  # as many at once as this machine's cost grid and the drafter's curve say is fastest (Engine.best_live)
+AUTO = "auto"  # as many at once as this machine's cost grid and the drafter's curve say is fastest (Sizer.best_live)
 
 
 def check_schedule(schedule: str) -> str:
@@ -75,7 +75,7 @@ def make_engine(target: Target, spec: SpecConfig, drafter: Drafter | None = None
 
 def live_rows(engine: Engine, n: int, schedule: str) -> int:
     """How many of a prompt's n samples decode at once under `schedule`."""
-    return {"batched": n, "sequential": 1}.get(check_schedule(schedule)) or engine.best_live(n)
+    return {"batched": n, "sequential": 1}.get(check_schedule(schedule)) or engine.sizer.best_live(n)
 
 
 def schedule_label(live: int, n: int) -> str:

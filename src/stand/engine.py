@@ -1,4 +1,4 @@
-"""The decoding loop: prefill, then per step budget -> draft -> verify -> commit -> observe.
+"""The decoding loop: prefill, then per step size -> draft -> verify -> commit -> observe.
 
 Rows (different prompts, or the N samples of one prompt) advance together with ragged lengths;
 a row that finishes leaves the batch. The engine speaks to the model only through the backend
@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from stand.backends.protocol import Backend, pads
-from stand.core.budget import CostGrid, OnlineAcceptance, best_nodes, nodes_per_row
+from stand.core.cost import CostGrid
+from stand.core.sizing import Sizer
 from stand.core.drafter import Drafter, PromptDists
 from stand.core.sequence import OnCommit, Row
 from stand.core.tree import DraftTree
 from stand.core.verify import Verdict, sampler_probs, verify
-
-Budget = tuple[int | None, float, int | None]  # (nodes asked of each row, least worth of a node, hard cap per row)
-EXPLORE_EVERY = 16  # a drafter sized by its online curve probes this often while drafts pay, so the curve can recover
-EXPLORE_MAX = 256  # ... and at least this often while they do not
-ONLINE_NODES = 64  # most nodes an online curve covers
-IDLE_ROWS = 16  # a drafter whose curve pays in no pass of 1..IDLE_ROWS rows stays idle (Engine._never_drafts)
 
 
 def token_logprobs(logits: torch.Tensor, nodes: list[int], tokens: list[int]) -> list[float]:
@@ -51,23 +45,19 @@ class Engine:
 
     def __init__(self, target: Backend, drafter: Drafter, step_tokens: int | None = None, grid: CostGrid | None = None):
         """step_tokens: most tokens one verification pass may carry over all rows (None: no cap).
-        grid: what a pass costs here; with it, a drafter that knows its acceptance curve gets the tree size
-        per row that maximises tokens per second for the number of live rows (budget.py), and on a backend that
-        pads, every pass runs at the cheapest width that holds it (the grid is read padded: what a pass costs as run)."""
-        self.target, self.drafter, self.step_tokens = target, drafter, step_tokens
+        grid: what a pass costs here; with it, the sizer (core/sizing.py) gives each row the draft nodes that pay
+        for the number of live rows, and on a backend that pads, every pass runs at the cheapest width that holds
+        it (the grid is read padded: what a pass costs as run)."""
+        self.target, self.drafter = target, drafter
         self.grid = None if grid is None else grid.with_padding(pads(target))
-        self._budgets: dict[int, Budget] = {}
+        self.sizer = Sizer(self.grid, drafter.acceptance_curve(), drafter.default_nodes, step_tokens,
+                           drafter.config.nodes)
         self.live: list[Row] = []  # rows in the cache, decoding
         self.waiting: list[Row] = []  # added, not admitted yet
         self.retiring: list[Row] = []  # ended; the drafter hears of it once the rows waiting behind them joined
         self.held: dict[int, list[Row]] = {}  # group -> its ended rows, kept in the drafter until release(group)
         self.cache = None
         self.passes = 0  # verification passes run
-        self.online: dict[int, OnlineAcceptance] | None = None  # group -> curve, for drafters without their own
-        if grid is not None and drafter.acceptance_curve() is None:
-            self.online = {}
-            self._costs: dict[int, tuple[np.ndarray, int]] = {}  # rows -> (ms with k nodes per row, probe size)
-        self.idle = self._never_drafts()
 
     @property
     def busy(self) -> bool:
@@ -99,7 +89,7 @@ class Engine:
 
     @torch.inference_mode()
     def step(self, on_commit: OnCommit | None = None, max_live: int | None = None) -> list[Row]:
-        """Admits waiting rows, then one pass: budget -> draft -> verify -> commit -> observe. Returns the rows
+        """Admits waiting rows, then one pass: size -> draft -> verify -> commit -> observe. Returns the rows
         that ended in it."""
         self._admit(max_live)
         self._retire()
@@ -125,7 +115,7 @@ class Engine:
             return
         if not self.live:
             self.cache = self.target.new_cache()
-        k = 0 if self.idle else min(self.drafter.prompt_topk(), self.target.vocab_size)
+        k = 0 if self.sizer.idle else min(self.drafter.prompt_topk(), self.target.vocab_size)
         # a resuming row's prompt went through the drafter before: no distributions for it
         dists = [PromptDists.empty(len(r.prompt) - 1, k) if k and not r.resumes else None for r in rows]
 
@@ -154,19 +144,14 @@ class Engine:
                 self.held[r.group].append(r)
             else:
                 self.drafter.finish(r)
-        if self.online is not None and self.retiring:
-            groups = {r.group for r in self.live + self.waiting} | set(self.held)
-            for r in self.retiring:
-                if r.group not in groups:
-                    self.online.pop(r.group, None)
+        self.sizer.forget({r.group for r in self.retiring} - {r.group for r in self.live + self.waiting} - set(self.held))
         self.retiring = []
 
     def _pass(self, live: list[Row], cache, on_commit: OnCommit | None) -> None:
         self.passes += 1
-        budget = self.budget(len(live))
-        asked, trees = zip(*(self._draft(r, budget) for r in live))
+        asked, trees = zip(*(self._draft(r, len(live)) for r in live))
         trees = self._fit(list(trees))
-        learns = self._learns(len(live))
+        learns = self.sizer.learns(len(live))
         logits = cache.step(trees, [r.tokens[-1] for r in live], self._width(len(live), trees))  # row b: [M_b + 1, V]
         verdicts, probs = zip(*(self._verify(r, t, logits[b], learns) for b, (r, t) in enumerate(zip(live, trees))))
         cache.commit([[0] + v.accepted for v in verdicts])
@@ -174,9 +159,7 @@ class Engine:
             if learns:
                 with Timer(r):
                     self.drafter.observe(r, tree, p, v)
-            if self.online is not None:
-                self.online.setdefault(r.group, OnlineAcceptance(ONLINE_NODES, EXPLORE_EVERY, EXPLORE_MAX)).record(
-                    asked[b], [0] + v.accepted)
+            self.sizer.record(r.group, asked[b], [0] + v.accepted)
             new = r.append(v.tokens(tree), self.target.eos_ids, self.target.max_len, self.target.decode)
             if r.logprobs is not None:
                 r.logprobs += token_logprobs(logits[b], [0] + v.accepted, new)
@@ -195,51 +178,11 @@ class Engine:
         r.text = r.final_text(self.target.decode)
         self.retiring.append(r)
 
-    def budget(self, rows: int) -> Budget:
-        """(nodes asked of each row, least worth of a node, hard cap per row) for a pass of `rows` rows.
-
-        The least worth: a node accepted with chance v adds v tokens for the marginal cost of one token; with
-        m nodes per row, E = acc[m] tokens per row and c = grid(rows, m + 1) ms, it pays iff v >= dc * E / c.
-        """
-        if rows not in self._budgets:
-            cap = None if self.step_tokens is None else max(self.step_tokens // rows - 1, 0)
-            acc = None if self.grid is None else self.drafter.acceptance_curve()
-            nodes, floor = cap, 0.0
-            if acc is not None:
-                nodes = nodes_per_row(acc[: None if cap is None else cap + 1], rows, self.grid)
-                c = self.grid(rows, nodes + 1)
-                floor = float((self.grid(rows, nodes + 2) - c) * acc[nodes] / c)
-            elif self.drafter.default_nodes is not None:
-                nodes = self.drafter.default_nodes if cap is None else min(cap, self.drafter.default_nodes)
-            self._budgets[rows] = (nodes, floor, cap)
-        return self._budgets[rows]
-
-    def _never_drafts(self) -> bool:
-        """A drafter with a known curve for which no pass of up to IDLE_ROWS rows pays on this grid never drafts here;
-        it then learns nothing either (no prompt distributions, no observe): it costs what plain decoding costs."""
-        if self.grid is None or self.drafter.acceptance_curve() is None:
-            return False
-        return all(self.budget(rows)[0] == 0 for rows in range(1, IDLE_ROWS + 1))
-
-    def best_live(self, n: int) -> int:
-        """How many of a question's n samples to decode at once (a divisor of n: 1 is sequential, n batched) for the
-        most expected tokens per ms on this machine: k rows with m nodes each bring k * acc[m] tokens in
-        grid(k, m + 1) ms (a drafter without a known curve counts as plain decoding). Without a grid: all n."""
-        if self.grid is None:
-            return n
-        acc = self.drafter.acceptance_curve()
-
-        def rate(k: int) -> float:
-            m = 0 if acc is None else min(self.budget(k)[0] or 0, len(acc) - 1)
-            return k * (1.0 if acc is None else float(acc[m])) / self.grid(k, m + 1)
-
-        return max((k for k in range(1, n + 1) if n % k == 0), key=rate)
-
-    def _draft(self, r: Row, budget: Budget) -> tuple[int, DraftTree]:
-        """The nodes asked of the row's drafter and its tree (asked for `nodes` nodes worth at least `floor`), cut
-        to the row's room (tokens left, context left) and its hard share of the pass."""
-        nodes, floor, cap = budget
-        online = self._online_nodes(r, len(self.live)) if self.online is not None else None
+    def _draft(self, r: Row, rows: int) -> tuple[int, DraftTree]:
+        """The row's tree for a pass of `rows` rows, as the sizer asks (nodes worth at least the floor, the first
+        `online` of them where an online curve sizes the drafter), cut to the row's room and its hard share of the
+        pass; and the nodes the row was asked for (what an online curve records)."""
+        (nodes, floor, cap), online = self.sizer.ask(r.group, rows, self.passes)
         if nodes == 0 or online == 0:
             return 0, DraftTree()  # no draft pays in this pass: plain decoding, and no drafting work
         with Timer(r):
@@ -249,30 +192,6 @@ class Engine:
         tree = tree.clip(r.room(self.target.max_len))
         tree = tree if cap is None else tree.prefix(cap)
         return (len(tree) if online is None else online), tree
-
-    def _learns(self, rows: int) -> bool:
-        """Whether the drafter is told what this pass of `rows` rows verified: not when idle, and not when it has a
-        known curve that gives no row of such a pass a node (its table updates would cost time that nothing
-        drafted from them in this batch repays; prompt distributions still go in when rows are admitted)."""
-        if self.idle:
-            return False
-        return self.online is not None or self.grid is None or self.budget(rows)[0] != 0
-
-    def _online_nodes(self, r: Row, rows: int) -> int:
-        """The first m nodes of the row's draft that its group's online curve says pay for themselves in a pass of
-        `rows` rows. Before any evidence, and in the group's probe passes (OnlineAcceptance.explores: every
-        EXPLORE_EVERY passes while drafts pay, ever rarer while they do not), a probe: the most nodes whose pass
-        costs at most twice a plain one (at least one), so the curve can learn and recover at a bounded price."""
-        if rows not in self._costs:
-            costs = np.array([self.grid(rows, k + 1) for k in range(ONLINE_NODES + 1)])  # [K] ms with k nodes per row
-            self._costs[rows] = costs, max(int(np.searchsorted(costs, 2 * costs[0], side="right")) - 1, 1)
-        costs, probe = self._costs[rows]
-        stats = self.online.get(r.group)
-        acc = None if stats is None else stats.curve()
-        if acc is None:
-            return probe
-        m = best_nodes(acc, rows, costs)
-        return probe if stats.explores(self.passes, paying=m > 0) else m
 
     def _width(self, rows: int, trees: list[DraftTree]) -> int | None:
         """Tokens per row the pass runs at: the widest tree's (root included) padded to the cheapest width the grid

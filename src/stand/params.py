@@ -69,11 +69,14 @@ class SpecConfig:
     table_path: str | None = None  # warm start / persistence of a drafter's table
     share_across_prompts: bool = False  # one table for the whole run instead of one per question
     options: dict = field(default_factory=dict)
+    nodes: int | None = None  # every row is asked for this many draft nodes each pass (equal budgets; no cost sizing)
 
     def validate(self) -> "SpecConfig":
         check_method(self.method)
         if self.step_tokens is not None and self.step_tokens < 1:
             raise StandError(f"step_tokens must be >= 1, got {self.step_tokens}")
+        if self.nodes is not None and (isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or self.nodes < 0):
+            raise StandError(f"nodes must be an integer >= 0, got {self.nodes!r}")
         if not isinstance(self.options, dict):
             raise StandError(f"options must be a dict of the drafter's knobs, got {self.options!r}")
         return self

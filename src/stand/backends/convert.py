@@ -1,8 +1,8 @@
 """`stand convert MODEL.gguf OUTDIR`: a Hugging Face model directory from a GGUF file, for engines that do not read
 GGUF (vLLM) and for anyone else. `stand convert MODEL.gguf OUT.gguf --to bf16` (or f16, q8_0, f32): the GGUF file
 re-encoded by llama.cpp's own quantizer, because what a llama.cpp pass of several tokens costs depends on the weight
-type (measured here: with Q4_1 weights a second token costs a whole step; with BF16 on a CPU with avx512_bf16, a
-pass of 8 tokens costs twice a pass of one, so drafts pay).
+type: where extra tokens of a pass cost nearly a whole step, no draft pays (measured by weight type:
+docs/results.md#llamacpp-pass-cost-by-weight-type).
 
 transformers reads the GGUF file and de-quantises its weights to float32 (the exact values the quantised weights
 stand for); the model is saved with its configuration, generation configuration and tokenizer (with the chat

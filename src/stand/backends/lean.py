@@ -253,9 +253,8 @@ class LeanModel:
 def one_query_attention(q, keys, values, mask, scale: float) -> torch.Tensor:
     """Attention of one bfloat16 query per row: q [B, H, 1, D], keys and values [B, Hkv, S, D], mask [B, 1, 1, S]
     bool or None -> [B, H, 1, D]. Scores, softmax and the weighted sum in float32 (as the fused kernel accumulates),
-    rounded once. torch's CPU `scaled_dot_product_attention` is slow for this shape in bfloat16 (measured on a CPU
-    with avx512_bf16, per layer: 1 row x 350 keys 0.14 ms against 0.05 here; 8 rows 0.99 ms against 0.18), and
-    every plain decoding step has it."""
+    rounded once. torch's CPU `scaled_dot_product_attention` is slow for this shape in bfloat16, and every plain
+    decoding step has it (measured: docs/results.md#pass-shapes-on-torch)."""
     B, H, _, D = q.shape
     kv_heads = keys.shape[1]
     s = q.reshape(B, kv_heads, H // kv_heads, D).float() @ keys.float().transpose(-1, -2) * scale  # [B, Hkv, g, S]

@@ -2,7 +2,7 @@
 (model, backend, dtype, threads, CPU) and cached under the stand cache directory; and, for `--dtype auto` on
 torch, which of bfloat16 and float32 runs faster here, measured once per (model, forward, threads, CPU).
 
-The cost grid sizes every row's draft tree (core/budget.py). Grids measured on another CPU, another thread
+The cost grid sizes every row's draft tree (core/cost.py). Grids measured on another CPU, another thread
 count or another backend are never used for this one: its shape, not only its scale, differs by machine. A
 grid measured while the machine was busy (backends/probe.py) is used for the run that measured it and not
 cached, so the next run measures again.
@@ -23,7 +23,7 @@ import torch
 
 from stand.backends.probe import GridConfig, measure_grid, threads
 from stand.backends.protocol import Backend, pads
-from stand.core.budget import CostGrid
+from stand.core.cost import CostGrid
 from stand.core.files import cache_dir, read_json, write_json
 from stand.errors import StandError
 

@@ -1,12 +1,13 @@
 """Timing a backend's verification passes: one pass of a tree per row over a filled cache, and the cost grid
 (rows x tokens per row) measured so that load from other processes shows instead of silently skewing it.
 
-A grid measured while another process loads the CPU is wrong in shape, not only in scale (a llama.cpp grid
-measured under load read 20 ms for one token instead of 6.5, and STAND then drafted where drafting does not
-pay). So: every shape is timed `reps` times in rounds that visit all shapes (load that comes and goes hits them
-alike) and the fastest repeat is kept (load only ever adds time); and the machine counts as busy when one
-reference pass is slower or faster at the end than at the start, or when other processes used CPU time this
-process needed. A busy grid is for the run that measured it only (machine.py does not cache it).
+A grid measured while another process loads the CPU is wrong in shape, not only in scale: load inflates a cheap
+pass more, in proportion, than a wide one, so wide passes look cheap beside it and the sizer drafts where drafting
+does not pay (measured: docs/results.md#llamacpp-pass-cost-by-weight-type). So: every shape is timed `reps` times
+in rounds that visit all shapes (load that comes and goes hits them alike) and the fastest repeat is kept (load
+only ever adds time); and the machine counts as busy when one reference pass is slower or faster at the end than at
+the start, or when other processes used CPU time this process needed. A busy grid is for the run that measured it
+only (machine.py does not cache it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 
 from stand.backends.protocol import Backend
-from stand.core.budget import GRID_MAX_TOKENS, GRID_ROWS, GRID_TOKENS, CostGrid
+from stand.core.cost import GRID_MAX_TOKENS, GRID_ROWS, GRID_TOKENS, CostGrid
 from stand.core.tree import DraftTree
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64)

@@ -45,7 +45,7 @@ class Backend(Protocol):
     kind: str  # "torch", "llama.cpp"
     name: str  # the model's name
     dtype: object  # what the weights compute in (a torch dtype, or a GGUF type name)
-    pads: bool  # Cache.step honours `width`: a pass can be widened to a faster shape (core/budget.py CostGrid)
+    pads: bool  # Cache.step honours `width`: a pass can be widened to a faster shape (core/cost.py CostGrid)
 
     @property
     def vocab_size(self) -> int: ...

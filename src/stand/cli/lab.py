@@ -21,7 +21,7 @@ def bench_cmd(
     problems: int = typer.Option(4, "--problems"),
     first: int = typer.Option(0, "--first", help="Index of the first problem"),
     n: str = typer.Option("1", "--n", help="Samples per problem; comma-separated for several, e.g. 1,8"),
-    schedules: str = typer.Option("batched", "--schedule", help="For n > 1: batched, sequential or both (comma-separated)"),
+    schedules: str = typer.Option("batched", "--schedule", help="For n > 1: batched, sequential, auto, or several (comma-separated)"),
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
@@ -145,7 +145,7 @@ def calibrate_cmd(
                           max_new_tokens=params.max_new_tokens, max_m=max_m, cost_curve=cost)
     target = load(model, backend, dtype)
     if counts:
-        from stand.core.budget import CostGrid
+        from stand.core.cost import CostGrid
         from stand.lab.calibrate import recount
         from stand.backends.protocol import pads
         from stand.backends.machine import machine_grid

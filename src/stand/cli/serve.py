@@ -30,7 +30,7 @@ def serve_cmd(
     max_live_rows: int = typer.Option(64, "--max-live-rows", help="Rows decoding at once; requests beyond wait in the queue"),
     max_live_tokens: Optional[int] = typer.Option(None, "--max-live-tokens", help="KV tokens running requests may reserve (prompts + n x max_tokens); default: the llama.cpp cache's size, unbounded on torch"),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="The largest request body (beyond: 413)"),
-    engine: str = typer.Option("stand", "--engine", help="stand | vllm: `vllm serve` with stand's proposer (scripts/setup-vllm.sh; README: Scale out)"),
+    engine: str = typer.Option("stand", "--engine", help="stand | vllm: `vllm serve` with stand's proposer (scripts/setup-vllm.sh; docs/vllm.md)"),
 ):
     if engine != "stand":  # this process becomes `vllm serve`
         from stand.integrations.vllm.launch import serve_vllm

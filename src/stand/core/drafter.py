@@ -99,7 +99,7 @@ class Drafter:
 
     def acceptance_curve(self) -> np.ndarray | None:
         """[M+1] expected tokens per step with m draft nodes (m = 0..M), if the drafter knows it; the engine
-        then sizes each row's tree by the cost of a pass (budget.py)."""
+        then sizes each row's tree by the cost of a pass (core/sizing.py)."""
         return None
 
     def observe(self, row: Row, tree: DraftTree, probs: torch.Tensor | None, verdict: Verdict) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from stand.errors import StandError
 from stand.drafters.ngram_table import NGramTable, TableMismatch, check_table_path, last_tail, tails_of
-from stand.core.budget import acceptance_curve
+from stand.core.sizing import acceptance_curve
 from stand.drafters.templates import (DEFAULT_PRIOR, TreeTemplate, check_vocab, fill, heuristic, most_valuable,
                                       shipped_tree_path)
 from stand.core.tree import DraftTree, SparseDist

@@ -43,7 +43,7 @@ def suffix_cache_class():
     try:
         from arctic_inference.suffix_decoding import SuffixDecodingCache
     except ImportError as e:
-        raise StandError("method 'suffix' needs arctic-inference: run `bash scripts/setup-vllm.sh` or "
+        raise StandError("method 'suffix' needs arctic-inference: run `bash scripts/setup.sh` or "
                          "`pip install arctic-inference`") from e
     return SuffixDecodingCache
 

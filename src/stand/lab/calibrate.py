@@ -10,7 +10,7 @@
 3. Step cost(M) = verify cost of M+1 tokens (the one-row curve of the cost grid, measured here or
    given) plus drafting time per node times M. M maximises expected tokens per second.
 4. The tree keeps its counts and the cost grid, so the engine can cut it to fewer nodes per row when
-   a batch makes wide passes dear (budget.py).
+   a batch makes wide passes dear (core/sizing.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import numpy as np
 
 from stand.backends.probe import GridConfig
 from stand.backends.protocol import pads
-from stand.core.budget import CostGrid, acceptance_curve, interpolate
+from stand.core.cost import CostGrid, interpolate
+from stand.core.sizing import acceptance_curve
 from stand.backends.machine import measure_here
 from stand.errors import StandError
 from stand.drafters.templates import TreeTemplate, large_template, most_valuable

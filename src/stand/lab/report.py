@@ -78,7 +78,7 @@ def rich_table(rows: list[dict]):
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as a GitHub markdown table (fastest first within each n), for the README."""
+    """The rows as a GitHub markdown table (fastest first within each n), for the docs."""
     lines = ["| " + " | ".join(h for _, h in MARKDOWN) + " |", "|" + "---|" * len(MARKDOWN)]
     for r in fastest_first(rows):
         lines.append("| " + " | ".join(_fmt(r, k) for k, _ in MARKDOWN) + " |")

@@ -4,7 +4,7 @@ over reasoning steps (beam search, DVTS: tts/search.py).
 `solve` runs the N samples of each question as one drafter group, batched (together, as rows of one
 batch), sequential (one after another: later samples draft from what earlier ones taught the
 drafter), or `auto` (k at a time, the k that this machine's cost grid and the drafter's acceptance
-curve say is fastest: Engine.best_live). A search runs its rounds one after another, the N candidates of a
+curve say is fastest: Sizer.best_live). A search runs its rounds one after another, the N candidates of a
 round batched, every round's rows in the question's one drafter group.
 """
 

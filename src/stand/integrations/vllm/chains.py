@@ -1,18 +1,17 @@
-"""How long each row's chain is: calibrated chances of acceptance against what a vLLM step costs, both learnt online.
+"""How long each row's chain is: calibrated chances of acceptance against what a vLLM step costs, both learnt online,
+weighed by stand's worth rule (core/sizing.py).
 
 A drafter's estimate for a draft token (STAND: the table's probability of the token, discounted for contexts seen
-few times; consensus: the DAG edge's weight) is not a probability of acceptance. `Calibration` maps it to one: per
+few times; consensus: the DAG edge's weight) is not a probability of acceptance. `ChanceBins` maps it to one: per
 bin of estimates, the share of the drafted tokens that vLLM accepted when it verified them (a token counts once the
 tokens before it in its chain were accepted). A chain's value at depth d is the product of the calibrated chances of
 its first d tokens: the chance that the row commits that token from the draft.
 
 `StepCost` learns the wall time of a vLLM step against its rows and its draft tokens, from the time between the end
 of one propose call and the start of the next, on steps that only decoded: seconds ~ a + c * rows + b * drafts. With
-it, `select` keeps draft tokens best first while the step's expected tokens per second rise: a token of value v
-joins when v > b * E / (a + c * R + b * D), with the denominator the step's cost so far and E its expected tokens
-(one per row plus the values kept). Without a fit yet (the first steps, or when
-every step had the same size) it keeps tokens of value >= a floor, which also keeps the cost model supplied with steps
-of several sizes.
+it, `select` keeps draft tokens best first by the worth rule (sizing.keep_best_first). Without a fit yet (the first
+steps, or when every step had the same size) it keeps tokens of value >= a floor, which also keeps the cost model
+supplied with steps of several sizes.
 """
 
 from __future__ import annotations
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stand.core.sizing import keep_best_first
+
 BINS = 10  # estimate bins over [0, 1]
 PRIOR = 8.0  # pseudo-trials per bin at the bin's centre scaled by the overall accepted/estimated ratio
 TIMES_PER_SIZE = 16  # step times kept per token count (the median is used)
@@ -30,7 +31,7 @@ REFIT = 8  # steps between two fits of the cost line
 
 
 @dataclass
-class Calibration:
+class ChanceBins:
     hits: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
     trials: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
 
@@ -97,18 +98,8 @@ class StepCost:
 
 def select(values: list[np.ndarray], cost: tuple[float, float] | None, floor: float) -> list[int]:
     """How many tokens of each row's chain to keep: values[i] [D_i] are the chain's cumulative values (never rising
-    along the chain). With a cost (the step's cost without drafts, one draft token's), best first while each raises
-    expected tokens per second; else those >= floor."""
+    along the chain). With a cost (the step's cost without drafts, one draft token's), best first by the worth rule;
+    else those >= floor."""
     if cost is None:
         return [int(np.sum(v >= floor)) for v in values]
-    base, b = cost
-    order = sorted(((float(x), i) for i, v in enumerate(values) for x in v), reverse=True)
-    keep = [0] * len(values)
-    drafts, expected = 0, float(len(values))
-    for v, i in order:
-        if v < floor or v <= b * expected / (base + b * drafts):
-            break
-        keep[i] += 1
-        drafts += 1
-        expected += v
-    return keep
+    return keep_best_first(values, *cost, floor)

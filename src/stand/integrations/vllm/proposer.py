@@ -11,7 +11,7 @@ num_tokens_no_spec: [>=B] the tokens each row holds, this step's included; token
 those tokens (prompt, then output). The answer is one draft chain per row (empty: no draft), at most
 num_speculative_tokens long. vLLM verifies chains with its rejection sampler and, given no draft probabilities,
 treats each draft token as deterministic (one-hot q): accept with the target's p(x), else resample from p with x
-removed, the rule stand's verifier applies to deterministic drafts (DESIGN.md section 2). Any chain is therefore
+removed, the rule stand's verifier applies to deterministic drafts (docs/design.md, "Lossless verification"). Any chain is therefore
 exact; a chain only has to be likely to be accepted to pay.
 
 propose() gets token ids only: no request ids, no logits. Rows are recognised by content (rows.py), and drafters
@@ -35,11 +35,11 @@ from stand.core.sequence import Row
 from stand.core.tree import DraftTree
 from stand.core.verify import Verdict
 from stand.errors import StandError
-from stand.integrations.vllm.chains import Calibration, StepCost, select
+from stand.core.sizing import ProbeSchedule
+from stand.integrations.vllm.chains import ChanceBins, StepCost, select
 from stand.integrations.vllm.rows import RowTracker, Step
 
 ENV_OPTIONS = "STAND_VLLM_OPTIONS"
-EXPLORE_EVERY = 16  # every 16th step proposes the chains above min_prob whole, whatever the cost line says
 LIVE: "weakref.WeakSet[ChainProposer]" = weakref.WeakSet()  # proposers of this process (worker.py reads their stats)
 
 
@@ -124,7 +124,8 @@ class ChainProposer:
         self.tracker = RowTracker()
         self.drafter = self.make_drafter()
         self.stats = ProposerStats()
-        self.calibration, self.cost = Calibration(), StepCost()
+        self.calibration, self.cost = ChanceBins(), StepCost()
+        self.probes = ProbeSchedule()  # steps that propose the chains above min_prob whole: fresh data for both
         self.pending: dict[int, Chain] = {}  # row uid -> the chain it was last given
         self.step_tokens: int | None = None  # draft tokens of the step the last call scheduled (None: not decode only)
         self.step_start = 0.0  # when that step began (the last call's end)
@@ -176,9 +177,12 @@ class ChainProposer:
     def _cut(self, steps: list[Step | None], chains: list[Chain | None]) -> list[list[int]]:
         """Each row's chain cut to the length select() keeps; remembered per row for the next step's calibration."""
         live = [c for c in chains if c is not None]
-        explore = self.stats.calls % EXPLORE_EVERY == EXPLORE_EVERY - 1  # every chain whole: fresh data for both
-        cost = self.cost.per_step(len(live)) if self.options.cost_aware and not explore else None
-        keep = iter(select([c.values for c in live], cost, self.options.min_prob))
+        values = [c.values for c in live]
+        cost = self.cost.per_step(len(live)) if self.options.cost_aware else None
+        kept = select(values, cost, self.options.min_prob)
+        if cost is not None and self.probes.explores(self.stats.calls, paying=sum(kept) > 0):
+            kept = select(values, None, self.options.min_prob)  # a probe: every chain whole above min_prob
+        keep = iter(kept)
         out = []
         for s, c in zip(steps, chains):
             if c is None:

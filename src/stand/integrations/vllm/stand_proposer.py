@@ -10,8 +10,8 @@ positions of a verification pass, and requested logprobs go to the client), but 
 model in load_model(), and with option target_dists a forward hook on the model's logits layer keeps each step's
 distributions (target_dists.py): each row's distributions after its last token and after every draft token
 (accepted or not: the contexts are real) go into the table instead, as STAND prescribes, where a step's logits can
-be matched to its rows. On this CPU that was slower (the per-step softmax over the vocabulary costs about 5% of a
-step with 8 rows, and the chains were not accepted more often), hence the default.
+be matched to its rows. That costs a softmax over the vocabulary for every row and draft position of every step,
+and is off by default because it did not pay where measured (docs/results.md#vllm-proposer-options).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class StandChainOptions(StandOptions, ChainOptions):
     max_n: int = 8  # longer contexts than in our engine's trees: a chain's later tokens lean on them
     share_across_prompts: bool = False  # one table for every request instead of one per prompt group
     table: str = ""  # a table file: loaded at start, saved when the last row using it leaves
-    target_dists: bool = False  # fill the table from the target's distributions instead (see above: slower here)
+    target_dists: bool = False  # fill the table from the target's distributions instead (see above)
     temperature: float = 1.0  # the requests' temperature: the table stores softmax(logits / T) (0: greedy, T=1)
 
     def __post_init__(self):

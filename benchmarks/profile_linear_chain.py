@@ -6,7 +6,7 @@ on random weights of the same shapes, M rows at a time, through three kernels: o
 weights (540 MB in all), so they stream from memory as in the model; a microbenchmark that reuses
 one matrix keeps it in cache and flatters wide products. Prints the median ms of the whole chain.
 
-    python benchmarks/profile/linear_chain.py [--threads 2] [--reps 7]
+    python benchmarks/profile_linear_chain.py [--threads 2] [--reps 7]
 """
 
 import argparse

@@ -1,13 +1,6 @@
-"""Cost-aware tree size: how many draft nodes each row of a pass gets, from what a pass costs on this
-machine and what the nodes are expected to earn.
-
-A verification pass over B rows of t tokens each costs grid(B, t) milliseconds (measured: `stand
-profile --grid`, or by `stand calibrate`, which stores it with the tree). A drafter that knows its
-acceptance curve acc[m] (expected tokens per step with its m best nodes, acc[0] = 1) gets, for B
-live rows, the m that maximises B * acc[m] / grid(B, m + 1). On a CPU where a wide forward costs
-much more than a narrow one, this shrinks the trees as the batch grows, down to plain decoding
-(m = 0) where drafting cannot pay. Costs are read as the engine runs a pass: on a backend that pads, a pass
-costs what the cheapest shape at least as wide costs (CostGrid), so the curve the budget sees never decreases.
+"""What a verification pass costs on this machine: a grid of milliseconds by rows and tokens per row, read as the
+engine runs a pass (padded to a cheaper, wider shape where the backend can). Measured per machine by
+backends/machine.py, or stored with a calibrated tree; core/sizing.py weighs it against what draft nodes earn.
 """
 
 from __future__ import annotations
@@ -55,7 +48,7 @@ class CostGrid:
     and the engine runs a pass at `pad_to(rows, tokens)` tokens per row. pads: whether the backend can widen a
     pass with padding positions whose logits are dropped (backends/protocol.py). With padding, a pass of t tokens
     costs the least measured cost of any width t' >= t and runs at that width: on some CPUs a wider pass is faster
-    (oneDNN picks its kernels by shape: measured 23 ms for one token, 17 ms for two). Without it, the measured
+    (the matrix-product library picks its kernels by shape; docs/results.md, pass shapes on torch). Without it, the measured
     curve is read non-decreasing (a dip is timing noise the engine cannot use).
     """
 
@@ -142,19 +135,6 @@ class CostGrid:
         write_json(path, self.to_dict())
 
 
-def acceptance_curve(node_p: np.ndarray) -> np.ndarray:
-    """[M+1] expected tokens per step with the m most likely of M nodes (m = 0..M; the bonus token included),
-    from each node's chance of lying on the accepted path."""
-    return 1.0 + np.concatenate([[0.0], np.cumsum(np.sort(np.asarray(node_p, dtype=np.float64))[::-1])])
-
-
-def nodes_per_row(acc: np.ndarray, rows: int, grid: CostGrid) -> int:
-    """acc [M+1] expected tokens per step with m nodes (acc[0] = 1): the m with most tokens per ms."""
-    m = np.arange(len(acc))
-    ms = np.array([grid(rows, k + 1) for k in m])
-    return int(np.argmax(rows * np.asarray(acc) / ms))
-
-
 def resolve_grid(path: str | None, drafter, measure=None) -> CostGrid | None:
     """The cost grid a run uses. path: "off" (none: fixed shares of a pass), "tree" (the grid stored with the
     drafter's calibrated tree: the machine it was calibrated on), a grid file, or None: this machine's grid,
@@ -167,52 +147,3 @@ def resolve_grid(path: str | None, drafter, measure=None) -> CostGrid | None:
         return measure()
     doc = getattr(getattr(drafter, "template", None), "meta", {}).get("cost_grid")
     return CostGrid.from_dict(doc, "the tree's cost grid") if isinstance(doc, dict) else None
-
-
-class OnlineAcceptance:
-    """For a drafter without a calibrated curve: how often its draft node i (in its own order) lay on the accepted
-    path, counted from the steps verified so far, with a prior of one hit in two offers (optimistic at first)."""
-
-    def __init__(self, size: int = 64, explore_every: int = 16, explore_max: int = 256):
-        self.offered = np.zeros(size)
-        self.hits = np.zeros(size)
-        self.steps = 0
-        self.explore_every, self.explore_max = explore_every, explore_max
-        self.interval = explore_every  # passes between probes
-        self.probe_pass, self.next_probe = -1, 0
-
-    def explores(self, now: int, paying: bool) -> bool:
-        """Whether engine pass `now` is a probe for this group (all its rows draft a probe then): every explore_every
-        passes while the curve says drafts pay, backing off (the interval doubles, up to explore_max) while it says
-        they do not, so a drafter that cannot win here costs ever less."""
-        if now == self.probe_pass:
-            return True
-        if now < self.next_probe:
-            return False
-        self.interval = self.explore_every if paying else min(2 * self.interval, self.explore_max)
-        self.probe_pass, self.next_probe = now, now + self.interval
-        return True
-
-    def record(self, nodes: int, accepted: list[int]) -> None:
-        """nodes: how many draft nodes the row was asked for (a drafter that delivers fewer, say no match, misses
-        the rest: a pass costs its width whatever each row drafted); accepted: the accepted nodes' indices (root-0
-        indexing, path order)."""
-        self.steps += 1
-        self.offered[: min(nodes, len(self.offered))] += 1
-        idx = np.asarray(accepted, dtype=np.int64) - 1
-        self.hits[idx[idx < len(self.hits)]] += 1
-
-    def curve(self) -> np.ndarray | None:
-        """[M+1] expected tokens per step with the first m nodes (1 + the chances of nodes 0..m-1), M the most
-        nodes ever offered; None before any tree was offered."""
-        seen = int(np.count_nonzero(self.offered))
-        if not seen:
-            return None
-        p = (self.hits[:seen] + 1.0) / (self.offered[:seen] + 2.0)
-        return 1.0 + np.concatenate([[0.0], np.cumsum(p)])
-
-
-def best_nodes(acc: np.ndarray, rows: int, costs: np.ndarray) -> int:
-    """nodes_per_row on precomputed costs [K] (ms of a pass of rows x (k + 1) tokens)."""
-    k = min(len(acc), len(costs))
-    return int(np.argmax(rows * np.asarray(acc[:k]) / costs[:k]))
