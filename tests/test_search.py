@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from extras import require_method
+from extras import require, require_method
 from typer.testing import CliRunner
 
-from lossless import PROMPT, TRUNCATED, V, exact_joint, pvalue, skewed, small_target
+from lossless import PROMPT, TRUNCATED, V, exact_joint, pvalue, skewed, small_gguf, small_target
 from stand.cli import app
 from stand.core.sequence import Row
 from stand.drafters.registry import make_drafter
@@ -343,22 +343,33 @@ def search_steps(target, drafter, params: SamplingParams, rounds: int = 8, child
     return steps, sum(len(s.tokens) for s in steps) / q.passes
 
 
-def letters_target():
-    target = small_target()
-    target.tokenizer = Letters()
-    return target
+def letters_target(backend: str = "hf", tmp_path=None):
+    """The 8-token model with Letters for text, on the Hugging Face forward, the lean one, or llama.cpp."""
+    if backend != "llama.cpp":
+        target = small_target(forward=backend)
+        target.tokenizer = Letters()
+        return target
+    require("llama_cpp")
+    import stand.backends.llamacpp as llamacpp
+
+    with pytest.MonkeyPatch.context() as mp:  # one thread: on a shared 2-core machine two threads spin-wait
+        mp.setattr(llamacpp, "threads", lambda: 1)
+        return llamacpp.LlamaCppModel(small_gguf(str(tmp_path / "small.gguf")), Letters())
 
 
-EXACT = [(m, None) for m in names()] + [("stand", skewed)]  # every drafter; and drafts often wrong
+# every drafter; drafts often wrong; and the other backends (llama.cpp holds 256 sequences a pass: 50 rows a round)
+EXACT = ([("hf", m, None) for m in names()] + [("hf", "stand", skewed)]
+         + [(b, "stand", w) for b in ("lean", "llama.cpp") for w in (None, skewed)])
 
 
-@pytest.mark.parametrize("method,wrap", EXACT, ids=[m + ("-skewed" if w else "") for m, w in EXACT])
-def test_every_step_follows_the_model_under_every_drafter(method, wrap):
+@pytest.mark.parametrize("backend,method,wrap", EXACT, ids=[f"{b}-{m}" + ("-skewed" if w else "") for b, m, w in EXACT])
+def test_every_step_follows_the_model_under_every_drafter(backend, method, wrap, tmp_path):
     require_method(method)
-    target, params = letters_target(), SamplingParams(TRUNCATED.temperature, TRUNCATED.top_p, TRUNCATED.top_k,
-                                                      max_new_tokens=100, seed=11)
+    target, params = letters_target(backend, tmp_path), SamplingParams(
+        TRUNCATED.temperature, TRUNCATED.top_p, TRUNCATED.top_k, max_new_tokens=100, seed=11)
     drafter = make_drafter(SpecConfig(method), target.vocab_size, target)
-    steps, per_pass = search_steps(target, wrap(drafter) if wrap else drafter, params)
+    rounds, children = (40, 50) if backend == "llama.cpp" else (8, 250)
+    steps, per_pass = search_steps(target, wrap(drafter) if wrap else drafter, params, rounds, children)
     assert all(s.end in ("delimiter", "eos", "step_tokens") for s in steps)
     probs = exact_steps(params)
     keys = sorted(probs)
@@ -368,3 +379,23 @@ def test_every_step_follows_the_model_under_every_drafter(method, wrap):
     assert p > 1e-4, (method, p)
     if method != "none":
         assert per_pass > 1.02, per_pass  # drafts were accepted: verification was exercised
+
+
+# ---- the benchmark -----------------------------------------------------------------------------------------------
+
+def test_search_bench_rows_and_ratios(tiny):
+    from stand.lab.search_bench import STRATEGIES, SearchBenchConfig, bench_search, summary, table
+    from stand.tts.problems import Problem
+
+    cfg = SearchBenchConfig(["none", "stand"], list(STRATEGIES), 4, SamplingParams(0.8, max_new_tokens=16, seed=0),
+                            SpecConfig(cost_grid="off"), SearchConfig(2, "a", 6, 4)).validate()
+    problems = [Problem("p0", "abcabc 12 12", answer="1"), Problem("p1", "hello hello", answer="2")]
+    results = bench_search(tiny, problems, cfg)
+    rows = {(r["strategy"], r["method"]): r for r in summary(results)}
+    assert set(rows) == {(s, m) for s in STRATEGIES for m in ("none", "stand")}
+    assert all(r["problems"] == 2 for r in rows.values())
+    for m in ("none", "stand"):  # best-of-N answers from the self-consistency samples
+        assert [s.new_tokens for s in results[("best-of-n", m)]] == [s.new_tokens for s in results[("self-consistency", m)]]
+        assert rows[("single", m)]["A_vs_single"] == 1.0 and rows[("dvts", "none")]["time_vs_none"] == 1.0
+    assert rows[("dvts", "none")]["A"] == 1.0 and rows[("beam", "stand")]["A"] > 1.0
+    assert "dvts" in table(summary(results)).splitlines()[-1]
