@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from stand.cli.common import (BackendOpt, CostOpt, DtypeOpt, JsonOpt, MaxNewOpt, ModelOpt, SeedOpt, TableOpt,
-                              TemperatureOpt, TopKOpt, TopPOpt, TreeOpt, app, int_list, load, names, out_file, sampling,
+from stand.cli.common import (BackendOpt, CostOpt, DtypeOpt, JsonOpt, MaxNewOpt, ModelOpt, RoundsOpt, SeedOpt,
+                              StepDelimiterOpt, StepTokensOpt, TableOpt, TemperatureOpt, TopKOpt, TopPOpt, TreeOpt,
+                              WidthOpt, app, int_list, load, names, out_file, sampling, search_config,
                               sigterm_interrupts, speculation, user_errors)
 from stand.errors import StandError
 
@@ -88,10 +89,10 @@ def search_bench_cmd(
     problems: int = typer.Option(40, "--problems"),
     first: int = typer.Option(0, "--first", help="Index of the first problem (CHAMP: 200 for the held-out problems)"),
     n: int = typer.Option(8, "--n", help="Samples per problem; a search's candidates per round"),
-    width: int = typer.Option(4, "--width", help="beam: live beams; dvts: steps per subtree and round"),
-    step_delimiter: str = typer.Option("\\n\\n", "--step-delimiter"),
-    step_tokens: int = typer.Option(128, "--step-tokens"),
-    rounds: int = typer.Option(32, "--rounds"),
+    width: WidthOpt = 4,
+    step_delimiter: StepDelimiterOpt = "\\n\\n",
+    step_tokens: StepTokensOpt = 128,
+    rounds: RoundsOpt = 32,
     schedule: str = typer.Option("batched", "--schedule", help="self-consistency / best-of-n samples: batched | sequential | auto"),
     temperature: TemperatureOpt = 0.6,
     top_p: TopPOpt = 1.0,
@@ -103,23 +104,23 @@ def search_bench_cmd(
     dtype: DtypeOpt = "auto",
     tree: TreeOpt = None,
     cost: CostOpt = None,
+    nodes: Optional[int] = typer.Option(None, "--nodes", help="Ask every row for this many draft nodes each pass (equal budgets at every n; no cost sizing)"),
     json_path: JsonOpt = None,
 ):
     """Beam search and DVTS beside self-consistency and best-of-N, per method, on the same problems: accuracy,
     tokens per problem, tok/s and tokens per pass (A), methods interleaved; a table and JSON."""
     import os
+    from dataclasses import replace
 
     from tqdm import tqdm
 
-    from stand.cli.run import unescape
     from stand.core.files import write_json
     from stand.lab.search_bench import SearchBenchConfig, as_json, bench_search, summary, table
     from stand.tts.problems import load_dataset
-    from stand.tts.search import SearchConfig
 
     cfg = SearchBenchConfig(names(methods), names(strategies), n, sampling(temperature, top_p, top_k, max_new_tokens, seed),
-                            speculation("none", tree, None, cost),
-                            SearchConfig(width, unescape(step_delimiter), step_tokens, rounds), schedule).validate()
+                            replace(speculation("none", tree, None, cost), nodes=nodes),
+                            search_config(width, step_delimiter, step_tokens, rounds), schedule).validate()
     json_path = out_file(json_path, "--json")
     items = load_dataset(dataset, first + problems)[first:]
     if not items:

@@ -8,10 +8,9 @@ from typing import Optional
 
 import typer
 
-from stand.errors import StandError
-
-from stand.cli.common import (BackendOpt, CostOpt, DtypeOpt, JsonOpt, MaxNewOpt, MethodOpt, ModelOpt, SeedOpt, TableOpt,
-                              TemperatureOpt, TopKOpt, TopPOpt, TreeOpt, app, load, out_file, sampling, sigterm_interrupts,
+from stand.cli.common import (BackendOpt, CostOpt, DtypeOpt, JsonOpt, MaxNewOpt, MethodOpt, ModelOpt, RoundsOpt,
+                              SeedOpt, StepDelimiterOpt, StepTokensOpt, TableOpt, TemperatureOpt, TopKOpt, TopPOpt,
+                              TreeOpt, WidthOpt, app, load, out_file, sampling, search_config, sigterm_interrupts,
                               speculation, user_errors)
 
 
@@ -66,10 +65,10 @@ def solve_cmd(
     instruction: Optional[str] = typer.Option(None, "--instruction", help="Put before each prompt (default per dataset)"),
     n: int = typer.Option(8, "--n", help="Samples per question (beam, dvts: candidates per round)"),
     strategy: str = typer.Option("self-consistency", "--strategy", help="self-consistency | best-of-n | beam | dvts"),
-    width: int = typer.Option(4, "--width", help="beam: live beams kept; dvts: steps per subtree and round (n/width subtrees); must divide n"),
-    step_delimiter: str = typer.Option("\\n\\n", "--step-delimiter", help="beam, dvts: a step ends with this text (backslash escapes read)"),
-    step_tokens: int = typer.Option(128, "--step-tokens", help="beam, dvts: most tokens per step"),
-    rounds: int = typer.Option(32, "--rounds", help="beam, dvts: most steps per beam"),
+    width: WidthOpt = 4,
+    step_delimiter: StepDelimiterOpt = "\\n\\n",
+    step_tokens: StepTokensOpt = 128,
+    rounds: RoundsOpt = 32,
     scorer: Optional[str] = typer.Option(None, "--scorer", help="beam, dvts: a Hugging Face sequence-classification (reward) model directory that scores steps (default: the step's mean token log-probability)"),
     answer_by: str = typer.Option("vote", "--answer-by", help="beam, dvts: vote (weighted by score) | best"),
     schedule: str = typer.Option("auto", "--schedule", help="batched | sequential | auto (k samples at a time, k from this machine's cost grid)"),
@@ -91,11 +90,10 @@ def solve_cmd(
     A Ctrl-C or SIGTERM keeps the questions finished: their lines, the summary and --json, then exit 130."""
     from stand.tts.problems import choose
     from stand.tts.report import TokenBar, solution_line, summary_lines, write_json
-    from stand.tts.search import SearchConfig
     from stand.tts.solve import SolveConfig, iter_solve
 
     items = choose(question, dataset, jsonl, problems, answer, instruction)
-    search = SearchConfig(width, unescape(step_delimiter), step_tokens, rounds, answer_by)
+    search = search_config(width, step_delimiter, step_tokens, rounds, answer_by)
     config = SolveConfig(n, strategy, schedule, scorer=scorer, search=search).with_scorer()  # a reward model loads now
     json_path = out_file(json_path, "--json")
     params, spec = sampling(temperature, top_p, top_k, max_new_tokens, seed), speculation(method, tree, table, cost)
@@ -121,10 +119,3 @@ def solve_cmd(
         typer.echo(f"interrupted: {len(done)} of {len(items)} questions finished", err=True)
         raise typer.Exit(130)
 
-
-def unescape(text: str) -> str:
-    """Backslash escapes typed on a command line (\\n, \\t, \\\\) read as the characters they stand for."""
-    try:
-        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
-    except UnicodeDecodeError as e:
-        raise StandError(f"--step-delimiter {text!r} has a broken backslash escape ({e.reason})") from None

@@ -46,6 +46,7 @@ class SearchBenchConfig:
         for s in set(self.strategies) - {"single"}:
             self.solve_config(s).validate()
         self.params.validate()
+        self.spec.validate()
         return self
 
     def solve_config(self, strategy: str) -> SolveConfig:
