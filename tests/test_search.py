@@ -306,6 +306,37 @@ def test_cli_scorer_directory_that_is_not_a_model(tmp_path):
     assert result.exit_code == 2 and result.output.startswith("error: scorer") and result.output.count("\n") == 1
 
 
+# ---- rows that continue an ended row's cached tokens ------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["hf", "lean", "llama.cpp"])
+@pytest.mark.parametrize("method", ["none", "stand"])
+def test_a_continued_row_decodes_as_if_its_prompt_were_prefilled(backend, method, tmp_path, monkeypatch):
+    target = letters_target(backend, tmp_path)
+    cache_class = type(target.new_cache())
+    copied = []
+    real_prefill = cache_class.prefill
+
+    def spy(self, prefixes, on_logits=None, reuse=None):
+        copied.extend(k for _, k in filter(None, reuse or []))
+        return real_prefill(self, prefixes, on_logits, reuse)
+
+    monkeypatch.setattr(cache_class, "prefill", spy)
+    params = SamplingParams(0.0, max_new_tokens=6, ignore_eos=True)
+    engine = Engine(target, make_drafter(SpecConfig(method), V))
+    engine.hold(0)
+    parent = engine.run([Row(PROMPT, SamplingParams(max_new_tokens=5, ignore_eos=True), group=0)])[0]
+    prompt = parent.tokens + [3, 1]
+    children = engine.run([Row(prompt, params, group=0, index=i, logprobs=[], question_len=len(PROMPT),
+                               continues=parent.uid) for i in (1, 2)])
+    assert copied == [len(parent.tokens) - 1] * 2  # every cell of the parent's is copied, none computed
+    engine.release(0)
+    assert not engine.parked
+    alone = Engine(target, make_drafter(SpecConfig(method), V)).run([Row(prompt, params, logprobs=[])])[0]
+    for child in children:
+        assert child.generated == alone.generated
+        assert np.allclose(child.logprobs, alone.logprobs, atol=1e-4)
+
+
 # ---- every step drawn from the model, under every drafter ----------------------------------------------------
 
 class Letters:
@@ -336,10 +367,13 @@ def search_steps(target, drafter, params: SamplingParams, rounds: int = 8, child
     held group (later rounds draft from everything earlier ones wrote); tokens per pass."""
     engine = Engine(target, drafter)
     q = Question(engine, "q", PROMPT[:8], 0, params, SearchConfig(1, delimiter, step_tokens))
-    beam = Beam(0, None, 0, [Step("", PROMPT[8:], [], "delimiter", 0)])
     engine.hold(0)
+    parent = engine.run([Row(PROMPT, SamplingParams(max_new_tokens=1), group=0, index=10**6)])[0]
+    beam = Beam(0, None, 0, [Step("", PROMPT[8:], [], "delimiter", 0, row=parent.uid)])  # its cells hold PROMPT
     steps = [s for _ in range(rounds) for s in draw_steps(q, [beam], children)[0]]
+    assert parent.uid in engine.parked  # every round continued its cached tokens
     engine.release(0)
+    assert not engine.parked
     return steps, sum(len(s.tokens) for s in steps) / q.passes
 
 

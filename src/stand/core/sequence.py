@@ -62,6 +62,8 @@ class Row:
     # a row that resumes its group's text (a tree-search beam): the prompt's first question_len tokens are the
     # group's question and the rest is text rows of the group generated before (None: the whole prompt is new)
     question_len: int | None = None
+    continues: int | None = None  # uid of an ended row (of a held group) whose text this prompt extends: the engine
+    # copies the cached tokens they share instead of computing them again
 
     def __post_init__(self):
         self.tokens = list(self.prompt)

@@ -88,6 +88,7 @@ class Step:
     end: str  # "delimiter", "step_tokens", "eos", "stop" (another stop string), "length" (no room left)
     passes: int  # verification passes of the row that drew it
     score: float = 0.0
+    row: int | None = None  # the uid of the row that drew it (the next round's rows continue its cached tokens)
 
 
 @dataclass
@@ -133,6 +134,7 @@ class Question:
     on_tokens: Tokens | None = None
     rows: int = 0  # rows made so far (each row's index, hence its random stream, is its own)
     passes: int = 0  # verification passes of those rows
+    last: list[int] = field(default_factory=list)  # uids of the last round's rows (the engine keeps their cache)
     beams: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def step_params(self, beam: Beam) -> SamplingParams:
@@ -148,10 +150,13 @@ def draw_steps(q: Question, beams: list[Beam], children: int) -> list[list[Step]
         tokens, params = beam.tokens, q.step_params(beam)
         for _ in range(children):
             rows.append(Row(q.ids + tokens, params, group=q.group, index=q.rows, logprobs=[],
-                            question_len=len(q.ids) if tokens else None))
+                            question_len=len(q.ids) if tokens else None,
+                            continues=beam.steps[-1].row if beam.steps else None))
             q.rows += 1
     on_commit = (lambda r, new: q.on_tokens(q.group, len(new))) if q.on_tokens else None
     q.engine.run(rows, on_commit)
+    q.engine.forget(q.last)  # the rows this round continued: no later round continues them
+    q.last = [r.uid for r in rows]
     q.passes += sum(r.stats.steps for r in rows)
     steps = [cut_step(r, q.engine.target, q.config.delimiter) for r in rows]
     return [steps[i * children:(i + 1) * children] for i in range(len(beams))]
@@ -170,7 +175,7 @@ def cut_step(row: Row, target, delimiter: str) -> Step:
     if hit is not None:
         cut, text = hit, target.decode(gen[:hit])
         end = "delimiter" if text.find(delimiter) == stop_index(text, params.stop) else "stop"
-    return Step(target.decode(gen[:cut]), gen[:cut], list(row.logprobs or [])[:cut], end, row.stats.steps)
+    return Step(target.decode(gen[:cut]), gen[:cut], list(row.logprobs or [])[:cut], end, row.stats.steps, row=row.uid)
 
 
 def score(q: Question, parent: Beam, step: Step) -> float:
