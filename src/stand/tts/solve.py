@@ -61,8 +61,8 @@ class SolveConfig:
         for name in ("extractor", "normalizer"):
             if not callable(getattr(self, name)):
                 raise StandError(f"{name} must be a callable")
-        if self.scorer not in (None, MEAN_LOGPROB) and not callable(self.scorer) and not (
-                self.searches and isinstance(self.scorer, str)):
+        search_only = self.scorer is MEAN_LOGPROB or isinstance(self.scorer, str)
+        if not (self.scorer is None or callable(self.scorer) or (self.searches and search_only)):
             raise StandError("scorer must be a callable" + (" or a reward model directory" if self.searches else ""))
         return self
 
