@@ -27,6 +27,11 @@ TRUNCATED=("$E::test_engine_distribution_is_exact[hf-pld-T0.7-k5-p0.9]"
            "$E::test_wrong_drafts_stay_exact[hf-consensus-1-6-1-perturbed-T0.7-k5-p0.9]"
            "$E::test_engine_distribution_is_exact[hf-stand-T0.7-k5-p0.9]")
 GREEDY=("tests/test_stand.py::test_greedy_equals_plain" "tests/test_engine.py::test_greedy_pld_equals_none_and_hf_batched")
+S=tests/test_search.py
+SEARCH=("$S::test_every_step_follows_the_model_under_every_drafter[hf-none]"
+        "$S::test_every_step_follows_the_model_under_every_drafter[hf-stand-skewed]")
+CONTINUED=("$S::test_a_continued_row_decodes_as_if_its_prompt_were_prefilled[none-hf]"
+           "$S::test_a_continued_row_decodes_as_if_its_prompt_were_prefilled[stand-hf]")
 
 # name | file under src/stand | text | replacement | selection (an array above)
 MUTANTS=$(cat <<'EOF'
@@ -43,6 +48,9 @@ gumbel-noise-reused|drafters/stand.py|self.pos += n|self.pos += 0|STAND
 noise-seed-shared|drafters/stand.py|seed = int(row.rng.integers(2**63))|seed = 0|STAND
 draft-from-q-squared|drafters/stand.py|keys = -q if deterministic else -(np.log(q) + noise.take(len(q)))|keys = -q if deterministic else -(2 * np.log(q) + noise.take(len(q)))|STAND
 verify-against-row-0|engine.py|self._verify(r, t, logits[b], learns)|self._verify(r, t, logits[0], learns)|ONE_HOT
+step-cut-late|tts/search.py|cut, text = hit, target.decode(gen[:hit])|cut, text = min(hit + 1, cut), target.decode(gen[:hit])|SEARCH
+rows-share-a-stream|tts/search.py|index=q.rows, logprobs=[]|index=q.rows % 3, logprobs=[]|SEARCH
+reuse-one-cell-more|engine.py|return (parked.handle, k) if k else None|return (parked.handle, k + 1) if k else None|CONTINUED
 commit-first-nodes|engine.py|cache.commit([[0] + v.accepted for v in verdicts])|cache.commit([[0] + list(range(1, len(v.accepted) + 1)) for v in verdicts])|GREEDY
 EOF
 )
