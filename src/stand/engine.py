@@ -156,8 +156,8 @@ class Engine:
                 dists[b].fill(start, probs[key], rows[b].prompt[start + 1:start + 1 + len(logits)])
 
         wants = any(d is not None for d in dists)
-        reuse = None if wants else [self._reuse(r) for r in rows]  # no logits are computed for copied positions
-        self.cache.prefill([r.prompt[:-1] for r in rows], fill if wants else None, reuse)
+        reuse = [] if wants or not self.parked else [self._reuse(r) for r in rows]  # copied positions: no logits
+        self.cache.prefill([r.prompt[:-1] for r in rows], fill if wants else None, **({"reuse": reuse} if any(reuse) else {}))
         t = time.perf_counter()
         for b, r in enumerate(rows):
             r.started = t
