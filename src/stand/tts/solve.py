@@ -214,9 +214,12 @@ def score_sample(question: str, row: Row, config: SolveConfig) -> ScoredSample:
 
 
 def decide(problem: Problem, samples: list[ScoredSample], config: SolveConfig, schedule: str, seconds: float,
-           passes: int, searched: SearchResult | None = None) -> Solution:
+           passes: int | None = None, searched: SearchResult | None = None) -> Solution:
     """The answer: best-of-n (or a search's answer_by "best") takes the best-scored sample's; otherwise the vote,
-    weighted by score (exp(score - best)) in a search."""
+    weighted by score (exp(score - best)) in a search. passes: verification passes behind the tokens (None: the
+    samples')."""
+    if passes is None:
+        passes = sum(s.stats["steps"] for s in samples)
     scores = [s.score for s in samples]
     weights = score_weights(scores) if searched is not None else None
     vote = majority_vote([s.answer for s in samples], config.normalizer, weights)
