@@ -115,6 +115,24 @@ run_arithmetic() {  # stand solve on generated arithmetic (llama.cpp): single-sa
   done
 }
 
+run_search() {  # beam search and DVTS beside self-consistency and best-of-N (the default backend, llama.cpp here)
+  # arithmetic levels 1 and 2: accuracy, tokens per problem, tok/s and A of every strategy, none against stand, n=8,
+  # width 4 (DVTS: 2 subtrees), T=0.6; then A alone with equal budgets (7 nodes a row at every n: what sharing one
+  # table buys, independent of load); then held-out CHAMP end to end
+  local problems=${PROBLEMS:-40} tokens=${TOKENS:-256} methods=${METHODS:-none,stand,consensus,suffix}
+  for level in 1 2; do
+    stand search-bench --dataset "arithmetic:$level" --problems "$problems" --n 8 --width 4 --methods "$methods" \
+      --strategies single,self-consistency,best-of-n,beam,dvts --temperature 0.6 --max-new-tokens "$tokens" --seed 0 \
+      --json "$RESULTS/arithmetic$level.json" | tee -i "$RESULTS/arithmetic$level.txt"
+    stand search-bench --dataset "arithmetic:$level" --problems "$problems" --n 8 --width 4 --methods stand \
+      --strategies single,self-consistency,beam,dvts --nodes 7 --temperature 0.6 --max-new-tokens "$tokens" --seed 0 \
+      --json "$RESULTS/arithmetic${level}_nodes7.json" | tee -i "$RESULTS/arithmetic${level}_nodes7.txt"
+  done
+  stand search-bench --dataset champ --first "${FIRST:-200}" --problems "${PROBLEMS_CHAMP:-4}" --n 8 --width 4 \
+    --methods none,stand --strategies beam,dvts --temperature 0.6 --max-new-tokens "${TOKENS_CHAMP:-512}" --seed 0 \
+    --json "$RESULTS/champ.json" | tee -i "$RESULTS/champ.txt"
+}
+
 run_vllm() {  # stand's proposers inside vLLM beside vLLM's own (needs scripts/setup-vllm.sh); held-out CHAMP
   "$(python3 -c 'from stand.integrations.vllm.launch import vllm_python; print(vllm_python())')" -c \
     'import vllm; print("vllm", vllm.__version__, "k", __import__("os").environ.get("STAND_VLLM_K", 5))' >> "$RESULTS/machine.txt"

@@ -33,6 +33,11 @@ EDGES=(tests/test_truncations.py)
 STOPS=(tests/test_stop_in_draft.py)
 BEST=("tests/test_stand.py::test_best_first_draft_follows_worth")
 FAULTS=("tests/test_server_faults.py::test_one_failing_step_engine_run_still_raises")
+S=tests/test_search.py
+SEARCH=("$S::test_every_step_follows_the_model_under_every_drafter[hf-none]"
+        "$S::test_every_step_follows_the_model_under_every_drafter[hf-stand-skewed]")
+CONTINUED=("$S::test_a_continued_row_decodes_as_if_its_prompt_were_prefilled[none-hf]"
+           "$S::test_a_continued_row_decodes_as_if_its_prompt_were_prefilled[stand-hf]")
 
 # name | file under src/stand | text | replacement | selection (an array above)
 MUTANTS=$(cat <<'EOF'
@@ -72,6 +77,9 @@ best-first-floor-ignored|drafters/stand.py|if -neg < floor:|if -neg < 0.0:|BEST
 residual-fallback-keeps-rejected|core/verify.py|kids[node][: kids[node].index(c) + 1]]] = 0.0|kids[node][: kids[node].index(c)]]] = 0.0|EDGES
 draw-past-the-end|core/verify.py|return int(np.flatnonzero(np.diff(c, prepend=0.0) > 0)[-1])|return len(c) - 1|EDGES
 isolation-fails-everyone|engine.py|                    self._pass(part, self._rebuilt(part), on_commit)|                    raise error|FAULTS
+step-cut-late|tts/search.py|cut, text = hit, target.decode(gen[:hit])|cut, text = min(hit + 1, cut), target.decode(gen[:hit])|SEARCH
+rows-share-a-stream|tts/search.py|index=q.rows, logprobs=[]|index=q.rows % 3, logprobs=[]|SEARCH
+reuse-one-cell-more|engine.py|return (parked.handle, k) if k else None|return (parked.handle, k + 1) if k else None|CONTINUED
 EOF
 )
 

@@ -232,7 +232,8 @@ def test_default_model_int4_logits_match_a_float64_reference():
     """The shipped Q4_1 file on int4 against its de-quantised weights in float64 (transformers' load), over a
     prefill, a tree step and compaction: with float32 compute within 1e-2 (measured 1e-3, logits up to ~38); with
     bfloat16 compute (the default) no farther on average than the bfloat16 model itself is (measured: mean
-    |difference| 0.26 against 0.30, max 5.1 against 7.6 at the prompt's first positions), argmax the same."""
+    |difference| 0.26 against 0.30, max 5.1 against 7.6 at the prompt's first positions), argmax the same
+    wherever the reference's best logit leads the next by more than 0.5."""
     import os
 
     from transformers import AutoModelForCausalLM
@@ -254,7 +255,9 @@ def test_default_model_int4_logits_match_a_float64_reference():
     fast, bf16 = diff(int4), diff(open_torch(path, "bfloat16", "auto"))
     for f, b, w, g in zip(fast, bf16, want, drive(int4, prompts, steps)):
         assert f.mean() <= 1.25 * b.mean(), (f.mean(), b.mean())
-        assert (w.argmax(-1) == g.argmax(-1)).float().mean() > 0.95
+        top2 = w.double().topk(2, -1).values
+        clear = top2[..., 0] - top2[..., 1] > 0.5  # a near-tie may round either way, as it does for bfloat16
+        assert (w.argmax(-1) == g.argmax(-1))[clear].all(), (top2[..., 0] - top2[..., 1])
 
 
 def test_profile_splits_a_pass_and_bench_refuses_transformers_anchors_on_int4(q4_file):

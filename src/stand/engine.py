@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +32,20 @@ def token_logprobs(logits: torch.Tensor, nodes: list[int], tokens: list[int]) ->
     """logits [T, V] of one row; log-probability at T=1 of tokens[i] after node nodes[i]."""
     lp = torch.log_softmax(logits[nodes[: len(tokens)]].float(), dim=-1)  # [K, V]
     return lp.gather(-1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many first tokens a and b share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@dataclass
+class Parked:
+    """An ended row's cached tokens, kept in the backend's cache for rows that continue its text."""
+
+    group: int
+    handle: object  # the backend cache's (Cache.park)
+    tokens: list[int]  # the tokens its cells hold
 
 
 class Timer:
@@ -62,6 +77,8 @@ class Engine:
         self.live: list[Row] = []  # rows in the cache, decoding
         self.waiting: list[Row] = []  # added, not admitted yet
         self.retiring: list[Row] = []  # ended; the drafter hears of it once the rows waiting behind them joined
+        self.held: dict[int, list[Row]] = {}  # group -> its ended rows, kept in the drafter until release(group)
+        self.parked: dict[int, Parked] = {}  # uid of an ended row of a held group -> its cached tokens, kept
         self.cache = None
         self.passes = 0  # verification passes run
 
@@ -72,6 +89,26 @@ class Engine:
     def add(self, rows: list[Row]) -> None:
         """Rows join at the next step (their prompts are prefilled then)."""
         self.waiting += rows
+
+    def hold(self, group: int) -> None:
+        """Rows of `group` that end stay in the drafter (its shared table, their text) until release(group): the
+        rounds of a tree search run one after another, every round's rows drafting from what all earlier ones wrote."""
+        self.held.setdefault(group, [])
+
+    def release(self, group: int) -> None:
+        """The drafter hears of the group's held rows ending (and may drop what the group shared); their cached
+        tokens are freed."""
+        self.forget([uid for uid, p in self.parked.items() if p.group == group])
+        self.retiring += self.held.pop(group, [])
+        if not self.live and not self.waiting:
+            self._retire()
+
+    def forget(self, uids: list[int]) -> None:
+        """The cached tokens kept for these ended rows (by uid) are freed: no later row continues them."""
+        for uid in uids:
+            parked = self.parked.pop(uid, None)
+            if parked is not None:
+                self.cache.unpark(parked.handle)
 
     @torch.inference_mode()
     def run(self, rows: list[Row], on_commit: OnCommit | None = None, max_live: int | None = None) -> list[Row]:
@@ -104,6 +141,7 @@ class Engine:
         for r in ended:
             self._end(r)
         if ended:
+            self._park([i for i, r in enumerate(self.live) if r.done and r.group in self.held])
             keep = [i for i, r in enumerate(self.live) if not r.done]
             self.live = [self.live[i] for i in keep]
             if not rebuild:
@@ -172,32 +210,40 @@ class Engine:
     def _enter(self, rows: list[Row]) -> None:
         if not rows:
             return
-        if not self.live:
+        if not self.live and not self.parked:
             self.cache = self.target.new_cache()
         k = 0 if self.sizer.idle else min(self.drafter.prompt_topk(), self.target.vocab_size)
-        dists = [PromptDists.empty(len(r.prompt) - 1, k) for r in rows] if k else None
+        # a resuming row's prompt went through the drafter before: no distributions for it
+        dists = [PromptDists.empty(len(r.prompt) - 1, k) if k and not r.resumes else None for r in rows]
 
         def fill(members: list[int], start: int, logits: torch.Tensor) -> None:  # logits [C, V]
             probs = {}  # rows sharing a prefix mostly share their sampling too
             for b in members:
+                if dists[b] is None:
+                    continue
                 key = repr(rows[b].params)
                 if key not in probs:
                     probs[key] = sampler_probs(logits, rows[b].params)  # [C, V]
                 dists[b].fill(start, probs[key], rows[b].prompt[start + 1:start + 1 + len(logits)])
 
-        self.cache.prefill([r.prompt[:-1] for r in rows], fill if k else None)
+        wants = any(d is not None for d in dists)
+        reuse = [] if wants or not self.parked else [self._reuse(r) for r in rows]  # copied positions: no logits
+        self.cache.prefill([r.prompt[:-1] for r in rows], fill if wants else None, **({"reuse": reuse} if any(reuse) else {}))
         t = time.perf_counter()
         for b, r in enumerate(rows):
             r.started = t
             with Timer(r):
-                self.drafter.start(r, dists[b] if k else None)
+                self.drafter.start(r, dists[b])
             r.check_room(self.target.max_len)
         self.live += rows
 
     def _retire(self) -> None:
         for r in self.retiring:
-            self.drafter.finish(r)
-        self.sizer.forget({r.group for r in self.retiring} - {r.group for r in self.live + self.waiting})
+            if r.group in self.held:
+                self.held[r.group].append(r)
+            else:
+                self.drafter.finish(r)
+        self.sizer.forget({r.group for r in self.retiring} - {r.group for r in self.live + self.waiting} - set(self.held))
         self.retiring = []
 
     def _pass(self, live: list[Row], cache, on_commit: OnCommit | None) -> None:
@@ -230,6 +276,23 @@ class Engine:
         p = sampler_probs(lg, r.params) if not r.params.greedy or (self.drafter.wants_probs and learns) else None
         return verify(tree, lg, r.params, r.rng, probs=p), p
 
+    def _park(self, rows: list[int]) -> None:
+        """Live rows (indices) that ended keep their cached tokens for rows that continue them (Row.continues). The
+        cells hold the row's tokens up to the last but one (the last is never in the cache), or fewer: a row cut
+        short inside a pass (end of sequence, its token limit) may hold cells past its tokens, which are not kept."""
+        for i in rows:
+            r = self.live[i]
+            handle, cached = self.cache.park(i)
+            self.parked[r.uid] = Parked(r.group, handle, r.tokens[:min(cached, len(r.tokens) - 1)])
+
+    def _reuse(self, r: Row) -> tuple[object, int] | None:
+        """(handle, k): the first k tokens of the row's prefill copied from the row it continues (what they share)."""
+        parked = self.parked.get(r.continues) if r.continues is not None else None
+        if parked is None:
+            return None
+        k = shared_prefix(parked.tokens, r.prompt[:-1])
+        return (parked.handle, k) if k else None
+
     def _end(self, r: Row) -> None:
         r.stats.seconds = time.perf_counter() - r.started
         r.text = r.final_text(self.target.decode)
@@ -261,10 +324,10 @@ class Engine:
 
     def _fit(self, trees: list[DraftTree]) -> list[DraftTree]:
         """Trees cut to what one pass of the backend holds: its sequences (a row, plus one per leaf beyond the
-        row's first) and its tokens, shared equally by the rows."""
+        row's first; parked rows keep theirs) and its tokens, shared equally by the rows."""
         rows, seqs, tokens = len(trees), self.target.max_sequences, self.target.max_pass_tokens
         if seqs is not None:
-            trees = [t.max_leaves(max((seqs - rows) // rows, 0) + 1) for t in trees]
+            trees = [t.max_leaves(max((seqs - len(self.parked) - rows) // rows, 0) + 1) for t in trees]
         if tokens is not None:
             trees = [t.prefix(max(tokens // rows - 1, 0)) for t in trees]
         return trees

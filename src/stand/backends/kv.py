@@ -132,6 +132,13 @@ class HFCache:
             layer.keys = layer.keys[idx, :, :new_len]
             layer.values = layer.values[idx, :, :new_len]
 
+    def take(self, row: int, length: int) -> "HFCache":
+        """A cache of its own holding a copy of row `row`'s first `length` slots."""
+        out = HFCache()
+        for i, layer in enumerate(self._tensors()):
+            out.cache.update(layer.keys[row:row + 1, :, :length].clone(), layer.values[row:row + 1, :, :length].clone(), i)
+        return out
+
     def extend(self, other: "HFCache", rows: tuple[int, int]) -> None:
         """other's rows after ours (rows: how many each holds); slots padded to the longer."""
         mine, theirs = list(self._tensors()), list(other._tensors())

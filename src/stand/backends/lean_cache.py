@@ -77,6 +77,15 @@ class LeanCache:
         self.kv[..., : self.length, :] = both
 
     @torch.inference_mode()
+    def take(self, row: int, length: int) -> "LeanCache":
+        """A cache of its own holding a copy of row `row`'s first `length` slots."""
+        out = LeanCache(self.shape[0], self.shape[2], self.shape[3], self.dtype, self.device)
+        out.kv = out._alloc(1, CACHE_CHUNK * math.ceil(max(length, 1) / CACHE_CHUNK))
+        out.kv[..., :length, :] = self.kv[:, :, row:row + 1, :, :length]
+        out.length = length
+        return out
+
+    @torch.inference_mode()
     def keep_rows(self, keep: list[int], new_len: int) -> None:
         """Rows `keep` (repeats allowed) of the first new_len slots; the rest is dropped."""
         if self.kv is None:

@@ -233,17 +233,19 @@ class LlamaCache:
         self.free = list(range(MAX_SEQUENCES - 1, -1, -1))  # sequence ids not in use (pop from the end)
         self.borrowed: list[int] = []  # leaf sequences of the last step
         self.leaf_of: list[list[int]] = []  # [B][node] a sequence id of a leaf below each node of the last step
+        self.parked: set[int] = set()  # sequences of ended rows whose cells later rows may share (park)
 
     def _check(self) -> None:
         if self.generation != self.llm.generation:
             raise RuntimeError("this llama.cpp cache was invalidated: the model ran another cache since")
 
     @torch.inference_mode()
-    def prefill(self, prefixes: list[list[int]], on_logits: OnLogits | None = None) -> None:
+    def prefill(self, prefixes: list[list[int]], on_logits: OnLogits | None = None,
+                reuse: list[tuple[int, int] | None] | None = None) -> None:
         self._check()
-        if len(self.seqs) + len(prefixes) > MAX_SEQUENCES:
+        if len(self.seqs) + len(self.parked) + len(prefixes) > MAX_SEQUENCES:
             raise StandError(f"llama.cpp holds at most {MAX_SEQUENCES} sequences; the batch would have "
-                             f"{len(self.seqs) + len(prefixes)} rows")
+                             f"{len(self.seqs) + len(self.parked) + len(prefixes)} rows and kept prefixes")
         base = len(self.seqs)
         first: dict[tuple, int] = {}  # prefix -> the row that decodes it
         for row, p in enumerate(prefixes):
@@ -252,19 +254,36 @@ class LlamaCache:
             first.setdefault(tuple(p), row)
         for key, row in first.items():
             members = [r for r, p in enumerate(prefixes) if first[tuple(p)] == row]
-            self._decode_prompt(list(key), self.seqs[base + row], members, on_logits)
+            seq, start = self.seqs[base + row], 0
+            if reuse and reuse[row]:  # its first cells shared with a parked sequence: no prefill for them
+                parked, start = reuse[row]
+                self.llm.seq_cp(parked, seq, 0, start)
+            self._decode_prompt(list(key), seq, members, on_logits, start)
             for r in members[1:]:
-                self.llm.seq_cp(self.seqs[base + row], self.seqs[base + r])  # shares the cells: no second prefill
+                self.llm.seq_cp(seq, self.seqs[base + r])  # shares the cells: no second prefill
 
-    def _decode_prompt(self, prompt: list[int], seq: int, members: list[int], on_logits: OnLogits | None) -> None:
-        """Decodes one prompt into sequence `seq` in chunks (PREFILL_CHUNK tokens when its logits are wanted)."""
+    def _decode_prompt(self, prompt: list[int], seq: int, members: list[int], on_logits: OnLogits | None,
+                       start: int = 0) -> None:
+        """Decodes prompt[start:] into sequence `seq` in chunks (PREFILL_CHUNK tokens when its logits are wanted)."""
         chunk = N_BATCH if on_logits is None else PREFILL_CHUNK
-        for lo in range(0, len(prompt), chunk):
+        for lo in range(start, len(prompt), chunk):
             part = prompt[lo:lo + chunk]
             n = self.llm.batch.fill_chain(part, lo, seq, on_logits is not None)
             self.llm.decode_batch(n)
             if on_logits is not None:
                 on_logits(members, lo, self.llm.logits(n))
+
+    def park(self, row: int) -> tuple[int, int]:
+        """Row `row`'s cells outlive it (keep() leaves its sequence alone): (its sequence, cached positions)."""
+        self.parked.add(self.seqs[row])
+        return self.seqs[row], self.lengths[row]
+
+    def unpark(self, handle: int) -> None:
+        self._check()
+        if handle in self.parked:
+            self.parked.discard(handle)
+            self.llm.seq_rm(handle)
+            self.free.append(handle)
 
     @torch.inference_mode()
     def step(self, trees: list[DraftTree], roots: list[int], width: int | None = None) -> list[torch.Tensor]:
@@ -344,8 +363,9 @@ class LlamaCache:
     def keep(self, rows: list[int]) -> None:
         self._check()
         for row in sorted(set(range(len(self.seqs))) - set(rows)):
-            self.llm.seq_rm(self.seqs[row])
-            self.free.append(self.seqs[row])
+            if self.seqs[row] not in self.parked:
+                self.llm.seq_rm(self.seqs[row])
+                self.free.append(self.seqs[row])
         self.seqs = [self.seqs[i] for i in rows]
         self.lengths = [self.lengths[i] for i in rows]
 

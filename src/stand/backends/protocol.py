@@ -21,10 +21,20 @@ OnLogits = Callable[[list[int], int, torch.Tensor], None]
 
 
 class Cache(Protocol):
-    def prefill(self, prefixes: list[list[int]], on_logits: OnLogits | None = None) -> None:
+    def prefill(self, prefixes: list[list[int]], on_logits: OnLogits | None = None,
+                reuse: list[tuple[object, int] | None] | None = None) -> None:
         """Adds one row per prefix (a prompt less its last token) after the rows already here; equal prefixes are
         computed once. on_logits(rows, start, logits [C, V]): the logits after prefix tokens start..start+C-1 of
-        the new rows `rows` (indices into prefixes: those sharing that prefix), chunk by chunk (C <= PREFILL_CHUNK): never all at once."""
+        the new rows `rows` (indices into prefixes: those sharing that prefix), chunk by chunk (C <= PREFILL_CHUNK): never all at once.
+        reuse[b] = (handle, k) (only without on_logits): prefix b's first k tokens are those a parked row's cells
+        hold (park), so they are copied, not computed."""
+
+    def park(self, row: int) -> tuple[object, int]:
+        """Row `row`'s cached tokens outlive it (keep() drops the row, not them) until unpark: (handle, how many
+        positions they are). A row ended mid-tree may hold cells beyond its tokens: reuse only the shared prefix."""
+
+    def unpark(self, handle: object) -> None:
+        """Frees what park kept."""
 
     def step(self, trees: list[DraftTree], roots: list[int], width: int | None = None) -> Sequence[torch.Tensor]:
         """One verification pass. roots[b]: row b's last committed token, not yet in the cache; its tree hangs

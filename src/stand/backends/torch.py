@@ -124,9 +124,11 @@ class TorchCache:
         self.target, self.inner, self.lengths = target, target.inner_cache(), []
 
     @torch.inference_mode()
-    def prefill(self, prefixes: list[list[int]], on_logits: OnLogits | None = None) -> None:
-        """Each distinct prefix runs alone, PREFILL_CHUNK tokens per forward; its rows are copies of it, appended
-        after the rows already here (slots padded to the longest)."""
+    def prefill(self, prefixes: list[list[int]], on_logits: OnLogits | None = None,
+                reuse: list[tuple[object, int] | None] | None = None) -> None:
+        """Each distinct prefix runs alone, PREFILL_CHUNK tokens per forward (after the slots it copies from a
+        parked row: reuse); its rows are copies of it, appended after the rows already here (slots padded to the
+        longest)."""
         uniq: dict[tuple, list[int]] = {}
         for b, p in enumerate(prefixes):
             uniq.setdefault(tuple(p), []).append(b)
@@ -134,7 +136,10 @@ class TorchCache:
         for prefix, members in uniq.items():
             part = TorchCache(self.target)
             part.lengths = [0]
-            for start in range(0, len(prefix), PREFILL_CHUNK):
+            if reuse and reuse[members[0]]:
+                handle, k = reuse[members[0]]
+                part.inner, part.lengths = handle.take(0, k), [k]
+            for start in range(part.lengths[0], len(prefix), PREFILL_CHUNK):
                 logits = part._chunk(list(prefix[start:start + PREFILL_CHUNK]), on_logits is not None)
                 if on_logits is not None:
                     on_logits(members, start, logits)
@@ -173,6 +178,15 @@ class TorchCache:
         self.lengths = [self.lengths[i] for i in rows]
         if rows:
             self.inner.keep_rows(rows, max(self.lengths))
+        else:  # empty: the next prefill starts afresh
+            self.inner = self.target.inner_cache()
+
+    def park(self, row: int) -> tuple[object, int]:
+        """A copy of the row's cached slots, kept apart from the batch (keep() does not touch it)."""
+        return self.inner.take(row, self.lengths[row]), self.lengths[row]
+
+    def unpark(self, handle: object) -> None:
+        """Nothing to free but the copy itself."""
 
 
 def _check_arch(model) -> None:

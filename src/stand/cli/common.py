@@ -33,6 +33,10 @@ TableOpt = Annotated[Optional[str], typer.Option("--table", help="STAND: n-gram 
 CostOpt = Annotated[Optional[str], typer.Option("--cost", help="What a pass costs, which sizes each row's tree: default this machine's grid (measured once, cached); a grid JSON (`stand profile --grid`); tree: the calibrated tree's; off: a fixed share of each pass")]
 NodesOpt = Annotated[Optional[int], typer.Option("--nodes", help="Ask every row for exactly this many draft nodes each step (an equal budget for comparing methods: no cost sizing, no cap per pass; chains draft up to this many tokens)")]
 JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write the results to this JSON file")]
+WidthOpt = Annotated[int, typer.Option("--width", help="beam: live beams kept; dvts: steps per subtree and round (n/width subtrees); must divide n")]
+StepDelimiterOpt = Annotated[str, typer.Option("--step-delimiter", help="beam, dvts: a step ends with this text (backslash escapes read)")]
+StepTokensOpt = Annotated[int, typer.Option("--step-tokens", help="beam, dvts: most tokens per step")]
+RoundsOpt = Annotated[int, typer.Option("--rounds", help="beam, dvts: most steps per beam")]
 
 
 def sampling(temperature: float, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
@@ -63,6 +67,21 @@ def speculation(method: str = "none", tree: str | None = None, table: str | None
     if nodes is not None:
         spec.step_tokens = None
     return spec.validate()
+
+
+def search_config(width: int, step_delimiter: str, step_tokens: int, rounds: int, answer_by: str = "vote"):
+    """The tree-search flags as a SearchConfig (checked against n when the strategy is known)."""
+    from stand.tts.search import SearchConfig
+
+    return SearchConfig(width, unescape(step_delimiter), step_tokens, rounds, answer_by)
+
+
+def unescape(text: str) -> str:
+    """Backslash escapes typed on a command line (\\n, \\t, \\\\) read as the characters they stand for."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise StandError(f"--step-delimiter {text!r} has a broken backslash escape ({e.reason})") from None
 
 
 def out_file(path: str | None, flag: str) -> str | None:

@@ -7,9 +7,10 @@ from typing import Optional
 
 import typer
 
-from stand.cli.common import (BackendOpt, CostOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewOpt, ModelOpt, NodesOpt, SeedOpt,
-                              TableOpt, TemperatureOpt, TopKOpt, TopPOpt, TreeOpt, app, int_list, load, names, out_file,
-                              sampling, sigterm_interrupts, speculation, user_errors)
+from stand.cli.common import (BackendOpt, CostOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewOpt, ModelOpt, NodesOpt, RoundsOpt,
+                              SeedOpt, StepDelimiterOpt, StepTokensOpt, TableOpt, TemperatureOpt, TopKOpt, TopPOpt,
+                              TreeOpt, WidthOpt, app, int_list, load, names, out_file, sampling, search_config,
+                              sigterm_interrupts, speculation, user_errors)
 from stand.errors import StandError
 
 
@@ -79,6 +80,71 @@ def _bench_with_bar(target, cfg) -> list[dict]:
 
         return bench(target, cfg, progress=progress)
 
+
+
+@app.command("search-bench")
+@user_errors
+def search_bench_cmd(
+    methods: str = typer.Option("none,stand", "--methods", help="Comma-separated methods of our engine"),
+    strategies: str = typer.Option("single,self-consistency,best-of-n,beam,dvts", "--strategies", help="Comma-separated: single (n=1), self-consistency, best-of-n, beam, dvts"),
+    dataset: str = typer.Option("arithmetic:1", "--dataset", help="champ | arithmetic[:LEVEL[:SEED]] | humaneval"),
+    problems: int = typer.Option(40, "--problems"),
+    first: int = typer.Option(0, "--first", help="Index of the first problem (CHAMP: 200 for the held-out problems)"),
+    n: int = typer.Option(8, "--n", help="Samples per problem; a search's candidates per round"),
+    width: WidthOpt = 4,
+    step_delimiter: StepDelimiterOpt = "\\n\\n",
+    step_tokens: StepTokensOpt = 128,
+    rounds: RoundsOpt = 32,
+    schedule: str = typer.Option("batched", "--schedule", help="self-consistency / best-of-n samples: batched | sequential | auto"),
+    temperature: TemperatureOpt = 0.6,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    max_new_tokens: MaxNewOpt = 512,
+    seed: SeedOpt = 0,
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    tree: TreeOpt = None,
+    cost: CostOpt = None,
+    nodes: Optional[int] = typer.Option(None, "--nodes", help="Ask every row for this many draft nodes each pass (equal budgets at every n; no cost sizing)"),
+    json_path: JsonOpt = None,
+):
+    """Beam search and DVTS beside self-consistency and best-of-N, per method, on the same problems: accuracy,
+    tokens per problem, tok/s and tokens per pass (A), methods interleaved; a table and JSON."""
+    import os
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from stand.core.files import write_json
+    from stand.lab.search_bench import SearchBenchConfig, as_json, bench_search, summary, table
+    from stand.tts.problems import load_dataset
+
+    cfg = SearchBenchConfig(names(methods), names(strategies), n, sampling(temperature, top_p, top_k, max_new_tokens, seed),
+                            replace(speculation("none", tree, None, cost), nodes=nodes),
+                            search_config(width, step_delimiter, step_tokens, rounds), schedule).validate()
+    json_path = out_file(json_path, "--json")
+    items = load_dataset(dataset, first + problems)[first:]
+    if not items:
+        raise StandError(f"dataset {dataset} has no problems from index {first}")
+    target = load(model, backend, dtype)
+    with sigterm_interrupts(), tqdm(total=len(items), desc="search-bench", unit="problem", file=sys.stderr) as bar:
+        def progress(label: str) -> None:
+            bar.n = int(label.split("/")[0]) - 1
+            bar.set_postfix_str(label)
+
+        results = bench_search(target, items, cfg, progress)
+    machine = {"backend": target.kind, "model": target.name, "dtype": str(target.dtype),
+               "load_average_at_end": os.getloadavg(), "dataset": dataset, "first": first}
+    if json_path:
+        write_json(json_path, as_json(results, cfg, machine), indent=2)
+    typer.echo(f"{dataset}, problems {first + 1}-{first + len(items)}, n={n}, width {width}, T={temperature}, "
+               f"{target.name} on {target.kind}")
+    typer.echo(table(summary(results)))
+    finished = min(len(sols) for sols in results.values())
+    if finished < len(items):
+        typer.echo(f"interrupted: the rows cover the {finished} problems every strategy and method finished", err=True)
+        raise typer.Exit(130)
 
 
 @app.command("profile")

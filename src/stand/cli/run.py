@@ -8,8 +8,9 @@ from typing import Optional
 
 import typer
 
-from stand.cli.common import (BackendOpt, CostOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewOpt, MethodOpt, ModelOpt, SeedOpt, TableOpt,
-                              TemperatureOpt, TopKOpt, TopPOpt, TreeOpt, app, load, out_file, sampling, sigterm_interrupts,
+from stand.cli.common import (BackendOpt, CostOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewOpt, MethodOpt, ModelOpt,
+                              RoundsOpt, SeedOpt, StepDelimiterOpt, StepTokensOpt, TableOpt, TemperatureOpt, TopKOpt,
+                              TopPOpt, TreeOpt, WidthOpt, app, load, out_file, sampling, search_config, sigterm_interrupts,
                               speculation, user_errors)
 
 
@@ -63,8 +64,14 @@ def solve_cmd(
     problems: Optional[int] = typer.Option(None, "--problems", help="How many problems (default: all)"),
     answer: Optional[str] = typer.Option(None, "--answer", help="Reference answer of the single question"),
     instruction: Optional[str] = typer.Option(None, "--instruction", help="Put before each prompt (default per dataset)"),
-    n: int = typer.Option(8, "--n", help="Samples per question"),
-    strategy: str = typer.Option("self-consistency", "--strategy", help="self-consistency | best-of-n"),
+    n: int = typer.Option(8, "--n", help="Samples per question (beam, dvts: candidates per round)"),
+    strategy: str = typer.Option("self-consistency", "--strategy", help="self-consistency | best-of-n | beam | dvts"),
+    width: WidthOpt = 4,
+    step_delimiter: StepDelimiterOpt = "\\n\\n",
+    step_tokens: StepTokensOpt = 128,
+    rounds: RoundsOpt = 32,
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="beam, dvts: a Hugging Face sequence-classification (reward) model directory that scores steps (default: the step's mean token log-probability)"),
+    answer_by: str = typer.Option("vote", "--answer-by", help="beam, dvts: vote (weighted by score) | best"),
     schedule: str = typer.Option("auto", "--schedule", help="batched | sequential | auto (k samples at a time, k from this machine's cost grid)"),
     method: MethodOpt = "none",
     temperature: TemperatureOpt = 0.6,
@@ -88,25 +95,30 @@ def solve_cmd(
     from stand.tts.solve import SolveConfig, iter_solve
 
     items = choose(question, dataset, jsonl, problems, answer, instruction)
-    config, json_path = SolveConfig(n, strategy, schedule).validate(), out_file(json_path, "--json")
+    search = search_config(width, step_delimiter, step_tokens, rounds, answer_by)
+    config = SolveConfig(n, strategy, schedule, scorer=scorer, search=search).with_scorer()  # a reward model loads now
+    json_path = out_file(json_path, "--json")
     params, spec = sampling(temperature, top_p, top_k, max_new_tokens, seed), speculation(method, tree, table, cost)
     done, interrupted = [], False
     target = load(model, backend, dtype, device=device, method=spec.method)
     try:
         with sigterm_interrupts(), contextlib.closing(TokenBar(len(items), n * max_new_tokens)) as bar:
             for i, sol in enumerate(iter_solve(items, target, params=params, spec=spec, config=config,
-                                               progress=bar.update)):
+                                               progress=bar.update, on_round=bar.round)):
                 bar.close()
                 done.append(sol)
                 typer.echo(solution_line(i, len(items), sol))
     except KeyboardInterrupt:
         interrupted = True
     if json_path:  # files first: a Ctrl-C may also have closed the pipe behind stdout
+        searched = {"width": width, "step_delimiter": search.delimiter, "step_tokens": step_tokens, "rounds": rounds,
+                    "scorer": scorer or "mean-logprob", "answer_by": answer_by} if config.searches else {}
         write_json(done, json_path, {"method": method, "n": n, "strategy": strategy, "temperature": temperature,
                                      "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed,
-                                     "questions": len(items), "interrupted": interrupted})
+                                     "questions": len(items), "interrupted": interrupted} | searched)
     for line in summary_lines(done, method):
         typer.echo(line)
     if interrupted:
         typer.echo(f"interrupted: {len(done)} of {len(items)} questions finished", err=True)
         raise typer.Exit(130)
+

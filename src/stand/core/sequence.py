@@ -66,6 +66,11 @@ class Row:
     logprobs: list[float] | None = None  # set to [] to record each generated token's log-prob under the model (T=1)
     started: float = 0.0  # perf_counter() when the row joined the batch
     error: str | None = None
+    # a row that resumes its group's text (a tree-search beam): the prompt's first question_len tokens are the
+    # group's question and the rest is text rows of the group generated before (None: the whole prompt is new)
+    question_len: int | None = None
+    continues: int | None = None  # uid of an ended row (of a held group) whose text this prompt extends: the engine
+    # copies the cached tokens they share instead of computing them again
 
     def __post_init__(self):
         self.tokens = list(self.prompt)
@@ -75,6 +80,15 @@ class Row:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt)
+
+    @property
+    def resumes(self) -> bool:
+        """The prompt continues text its group's drafter has seen (see question_len)."""
+        return self.question_len is not None
+
+    def group_key(self) -> tuple[int, int]:
+        """(group, hash of the question): the rows of a group asking one question draft from each other."""
+        return self.group, hash(tuple(self.prompt[: self.question_len]))
 
     @property
     def generated(self) -> list[int]:

@@ -276,11 +276,6 @@ def best_tree(dag: ConsensusDAG, alpha: float, budget: int) -> DraftTree:
 # The drafter
 
 
-def group_key(row) -> tuple[int, int]:
-    """Rows of one group that share a prompt are the N samples of one question."""
-    return row.group, hash(tuple(row.prompt))
-
-
 def committed_probs(tree: DraftTree, probs, verdict) -> list[float]:
     """The sampler's probability of each committed token (accepted path, then the bonus)."""
     path = [0] + verdict.accepted
@@ -310,16 +305,17 @@ class ConsensusDrafter(Drafter):
         return 1  # the prompt's continuations are weighted by the target's probabilities of its tokens
 
     def start(self, row, prompt=None) -> None:
-        key = group_key(row)
+        key = row.group_key()
         if key not in self.groups:
             self.groups[key] = GroupIndex(self.k)
-            self.groups[key].add_prompt(list(row.prompt), prompt_token_probs(row.prompt, prompt))
+            question = list(row.prompt[: row.question_len])
+            self.groups[key].add_prompt(question, prompt_token_probs(question, prompt))
         self.groups[key].add_row(row.uid, list(row.tokens))
 
     def _group(self, row) -> GroupIndex:
-        if row.uid not in self.groups.get(group_key(row), GroupIndex(self.k)).tracks:
+        if row.uid not in self.groups.get(row.group_key(), GroupIndex(self.k)).tracks:
             self.start(row)  # a row the engine did not start: index it now
-        return self.groups[group_key(row)]
+        return self.groups[row.group_key()]
 
     def continuations(self, row, length: int) -> list[tuple[np.ndarray, np.ndarray]]:
         group = self._group(row)
@@ -350,7 +346,7 @@ class ConsensusDrafter(Drafter):
         group.append(row.uid, toks, p)
 
     def finish(self, row) -> None:
-        key = group_key(row)
+        key = row.group_key()
         group = self.groups.get(key)
         if group is None or row.uid not in group.tracks:
             return

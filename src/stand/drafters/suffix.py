@@ -74,7 +74,7 @@ class SuffixDrafter(Drafter):
         self.keys: dict[int, object] = {}  # row uid -> its group key
 
     def _key(self, row) -> object:
-        return "shared" if self.config.share_across_prompts else (row.group, hash(tuple(row.prompt)))
+        return "shared" if self.config.share_across_prompts else row.group_key()
 
     def start(self, row, prompt=None) -> None:
         key = self._key(row)

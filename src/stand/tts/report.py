@@ -17,6 +17,8 @@ def verdict(sol: Solution) -> str:
 
 def solution_line(i: int, total: int, sol: Solution) -> str:
     share = f"{round(sol.vote_share * len(sol.samples))}/{len(sol.samples)} votes"
+    if sol.rounds is not None:
+        share = f"{len(sol.samples)} beams, {len(sol.rounds)} rounds, {sol.vote_share:.0%} of the weight"
     ref = f" (reference: {sol.reference})" if sol.reference is not None else ""
     return (f"[{i + 1}/{total}] {sol.id}: {sol.answer if sol.answer is not None else '-'} [{share}] "
             f"{verdict(sol)}{ref} | {sol.new_tokens} tokens in {sol.seconds:.1f}s, {sol.tok_per_s:.1f} tok/s, "
@@ -37,9 +39,10 @@ def accuracy_line(solutions: list[Solution]) -> str | None:
     acc, one = accuracy(solutions), sample_accuracy(solutions)
     if not acc["judged"]:
         return None
-    n = max(len(s.samples) for s in solutions)
+    n = max(s.n or len(s.samples) for s in solutions)
+    each = "finished beam" if solutions[0].rounds is not None else "single sample"
     return (f"accuracy {solutions[0].strategy}@{n} {acc['correct']}/{acc['judged']} = {acc['accuracy']:.3f} "
-            f"({acc['no_answer']} without an answer) | single sample {one['correct']}/{one['samples']} = "
+            f"({acc['no_answer']} without an answer) | {each} {one['correct']}/{one['samples']} = "
             f"{one['accuracy']:.3f} ({one['no_answer']} without an answer)")
 
 
@@ -72,6 +75,11 @@ class TokenBar:
         if self.bar is None:
             self.bar = tqdm(total=self.tokens, desc=f"{i + 1}/{self.questions}", unit="tok", file=sys.stderr, leave=False)
         self.bar.update(k)
+
+    def round(self, i: int, r: int) -> None:
+        """A search's round r of question i starts: the bar says so."""
+        self.update(i, 0)
+        self.bar.set_description(f"{i + 1}/{self.questions} round {r + 1}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -13,32 +14,35 @@ from stand.tts.answers import answer_key
 class Vote:
     answer: str | None  # the winning answer, as the first sample that gave it wrote it; None: no sample answered
     key: str | None  # its normalised key
-    votes: int
-    share: float  # votes / number of samples (samples without an answer count in the denominator)
-    counts: dict[str, int]  # key -> votes
+    votes: float  # an int when unweighted
+    share: float  # votes / number of samples, or / total weight (samples without an answer count in the denominator)
+    counts: dict[str, float]  # key -> votes
     first: int | None  # index of the first sample that gave the winning answer
 
 
-def majority_vote(answers: list[str | None], key: Callable[[str], str] | None = None) -> Vote:
+def majority_vote(answers: list[str | None], key: Callable[[str], str] | None = None,
+                  weights: list[float] | None = None) -> Vote:
     """The most frequent answer key (key: the normaliser, default answer_key). Samples without an answer do not vote.
+    weights: each sample's vote (default 1 each); votes, share and counts are then sums of weights.
 
     Tie-break (deterministic): among the keys with the most votes, the one given first, i.e. by the
     sample with the lowest index.
     """
-    counts: dict[str, int] = {}
+    counts: dict[str, float] = {}
     first: dict[str, int] = {}
     raw: dict[str, str] = {}
     for i, a in enumerate(answers):
         if a is None:
             continue
         k = (key or answer_key)(a)
-        counts[k] = counts.get(k, 0) + 1
+        counts[k] = counts.get(k, 0) + (1 if weights is None else weights[i])
         first.setdefault(k, i)
         raw.setdefault(k, a)
     if not counts:
         return Vote(None, None, 0, 0.0, {}, None)
     best = min(counts, key=lambda k: (-counts[k], first[k]))
-    return Vote(raw[best], best, counts[best], counts[best] / max(len(answers), 1), counts, first[best])
+    total = len(answers) if weights is None else sum(weights)
+    return Vote(raw[best], best, counts[best], counts[best] / total if total > 0 else 0.0, counts, first[best])
 
 
 @dataclass
@@ -60,3 +64,12 @@ def mean_logprob(question: str, sample: ScoredSample) -> float:
 def best_of_n(scores: list[float]) -> int:
     """Index of the highest score; ties go to the lowest index."""
     return min(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def score_weights(scores: list[float]) -> list[float]:
+    """Votes weighted by score: exp(score - best score), so a score read as a log-probability (or log-odds) weighs
+    as that probability relative to the best; a -inf score weighs 0 (every score -inf: 1 each)."""
+    top = max(scores, default=float("-inf"))
+    if top == float("-inf"):
+        return [1.0] * len(scores)
+    return [math.exp(s - top) for s in scores]
