@@ -9,7 +9,8 @@
 #
 # Knobs (environment): RUN (the results folder's name, default NAME: give another to keep an earlier run's files),
 # DTYPE (torch: auto = the faster of bfloat16 and float32 here, measured once), REPEATS, FIRST (index of the first
-# CHAMP problem), PROBLEMS, PROBLEMS8 (problems at n=8), TOKENS (new tokens per sample). machine.txt records them.
+# CHAMP problem), PROBLEMS, PROBLEMS8 (problems at n=8), TOKENS (new tokens per sample), TEMPS and BUDGETS (acceptance:
+# the temperatures and node budgets). machine.txt records them.
 # A Ctrl-C still writes the rows of the problems that every method finished.
 #
 # Adding a run: a function run_NAME (dashes in NAME become underscores) that writes its files into "$RESULTS".
@@ -29,7 +30,7 @@ machine() {  # what the numbers were measured on, beside them
   echo "avx512_bf16: $(grep -q avx512_bf16 /proc/cpuinfo && echo yes || echo no)"
   echo "cores: $(nproc)  memory: $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "knobs: DTYPE=$DTYPE REPEATS=$REPEATS FIRST=${FIRST:-} PROBLEMS=${PROBLEMS:-} PROBLEMS8=${PROBLEMS8:-} TOKENS=${TOKENS:-}"
+  echo "knobs: DTYPE=$DTYPE REPEATS=$REPEATS FIRST=${FIRST:-} PROBLEMS=${PROBLEMS:-} PROBLEMS8=${PROBLEMS8:-} TOKENS=${TOKENS:-} TEMPS=${TEMPS:-} BUDGETS=${BUDGETS:-}"
   python3 -c 'import sys, torch, transformers; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")'
 }
 
@@ -189,8 +190,8 @@ run_acceptance() {  # tokens accepted per step (A) at equal node budgets (--cost
   # by it), the same problems at T=0.6
   local first=${FIRST:-240} problems=${PROBLEMS:-8} problems8=${PROBLEMS8:-4} tokens=${TOKENS:-768}
   local common=(--backend torch --dtype "$DTYPE" --dataset champ --first "$first" --max-new-tokens "$tokens" --seed 0)
-  for t in 0.6 0; do
-    for k in 24 64; do
+  for t in ${TEMPS:-0.6 0}; do
+    for k in ${BUDGETS:-24 64}; do
       stand bench "${common[@]}" --methods "$ACCEPT_METHODS" --problems "$problems" --n 1 --temperature "$t" \
         --cost off --nodes "$k" --json "$RESULTS/n1_t${t}_k$k.json" | tee -i "$RESULTS/n1_t${t}_k$k.txt"
       table "$RESULTS/n1_t${t}_k$k"
@@ -205,6 +206,27 @@ run_acceptance() {  # tokens accepted per step (A) at equal node budgets (--cost
   stand bench "${common[@]}" --methods "none,$ACCEPT_METHODS,consensus" --problems "$problems8" --n 8 \
     --temperature 0.6 --repeats "$REPEATS" --json "$RESULTS/speed_n8.json" | tee -i "$RESULTS/speed_n8.txt"
   table "$RESULTS/speed_n8"
+}
+
+run_ablation() {  # STAND's parts, one at a time, by A at an equal budget (--cost off --nodes 24), tuning problems
+  # CHAMP 100+ (never the held-out ones), T=0.6: n=1, then n=8 with the table shared by the samples or not
+  local first=${FIRST:-100} problems=${PROBLEMS:-3} problems8=${PROBLEMS8:-2} tokens=${TOKENS:-384} k=${BUDGET:-24}
+  local common=(--backend torch --dtype "$DTYPE" --dataset champ --first "$first" --max-new-tokens "$tokens" --seed 0
+                --temperature 0.6 --cost off --nodes "$k")
+  stand bench "${common[@]}" --problems "$problems" --n 1 --methods \
+    "stand,stand[stochastic=false],stand[recency=1],stand[learn_drafts=false],stand[prompt=false],stand[max_n=2],stand-heuristic,recycle,pld" \
+    --json "$RESULTS/n1.json" | tee -i "$RESULTS/n1.txt"
+  table "$RESULTS/n1"
+  stand bench "${common[@]}" --problems "$problems8" --n 8 --methods "stand,stand[shared=false]" \
+    --json "$RESULTS/n8.json" | tee -i "$RESULTS/n8.txt"
+  table "$RESULTS/n8"
+}
+
+run_calibrate() {  # the shipped STAND tree: a 600-node template counted over long traces of tuning problems (CHAMP
+  # 100+, n=1, T=0.6), the 80 most accepted nodes kept; copy tree_n1.json to src/stand/data/ to ship it
+  stand calibrate --backend torch --dtype "${DTYPE/auto/bfloat16}" --dataset champ --first "${FIRST:-100}" \
+    --problems "${PROBLEMS:-4}" --max-new-tokens "${TOKENS:-768}" --template-size 600 --keep 80 --temperature 0.6 \
+    --out "$RESULTS/tree_n1.json" --plot "$RESULTS/tree_n1.png" 2>&1 | tail -n 3 | tee -i "$RESULTS/calibrate.txt"
 }
 
 run_smoke() {  # one problem, 32 tokens, every main method: checks the pipeline in a few minutes (into /tmp)
