@@ -9,8 +9,8 @@
 #
 # Knobs (environment): RUN (the results folder's name, default NAME: give another to keep an earlier run's files),
 # DTYPE (torch: auto = the faster of bfloat16 and float32 here, measured once), REPEATS, FIRST (index of the first
-# CHAMP problem), PROBLEMS, PROBLEMS8 (problems at n=8), TOKENS (new tokens per sample), TEMPS and BUDGETS (acceptance:
-# the temperatures and node budgets). machine.txt records them.
+# CHAMP problem), PROBLEMS, PROBLEMS8 (problems at n=8), TOKENS (new tokens per sample), TEMPS, BUDGETS and SPEED
+# (acceptance: the temperatures, node budgets, and SPEED=0 for A alone). machine.txt records them.
 # A Ctrl-C still writes the rows of the problems that every method finished.
 #
 # Adding a run: a function run_NAME (dashes in NAME become underscores) that writes its files into "$RESULTS".
@@ -200,6 +200,7 @@ run_acceptance() {  # tokens accepted per step (A) at equal node budgets (--cost
       table "$RESULTS/n8_t${t}_k$k"
     done
   done
+  [ "${SPEED:-1}" = 1 ] || return 0  # SPEED=0: A only
   stand bench "${common[@]}" --methods "none,$ACCEPT_METHODS" --problems "$problems" --n 1 --temperature 0.6 \
     --repeats "$REPEATS" --json "$RESULTS/speed_n1.json" | tee -i "$RESULTS/speed_n1.txt"
   table "$RESULTS/speed_n1"
