@@ -130,7 +130,7 @@ start=$SECONDS
 if [[ "${MUTANTS_BASELINE:-1}" != 0 ]]; then
     copy=$(fresh_copy baseline)
     if ! run_tests "$copy" "${STAND[@]}" "${ONE_HOT[@]:0:2}" "${TRUNCATED[@]}" "${GREEDY[@]}" "${EDGES[@]}" "${STOPS[@]}" \
-            "${BEST[@]}" "${FAULTS[@]}"; then
+            "${BEST[@]}" "${FAULTS[@]}" "${SEARCH[@]}" "${CONTINUED[@]}"; then
         echo "baseline: the chosen tests fail on unmutated src: $(first_failure "$copy")"
         exit 1
     fi

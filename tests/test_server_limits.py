@@ -302,8 +302,12 @@ def test_table_bytes_bounds_a_full_table():
 
 @pytest.mark.slow
 def test_default_shape_is_the_default_model():
+    from extras import require
+
     from stand.backends.load import load_model
 
-    target = load_model(None)
+    require("llama_cpp")
+
+    target = load_model(None, backend="llama.cpp")  # the shape DEFAULT_SHAPE describes
     drafter = make_drafter(SpecConfig(method="stand"), target.vocab_size, target)
     assert dataclasses.replace(shape_of(target, drafter, ServerConfig()), name=DEFAULT_SHAPE.name) == DEFAULT_SHAPE

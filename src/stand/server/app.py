@@ -73,6 +73,11 @@ class State:
     def _load(self) -> None:
         try:
             target = self.loader()
+            bound = target.max_sequences  # llama.cpp chosen by --backend auto: its sequences bound the live rows
+            if bound and self.config.max_live_rows > bound:
+                log.warning("max_live_rows %d lowered to %d: %s holds no more sequences", self.config.max_live_rows,
+                            bound, target.kind)
+                self.config.max_live_rows = bound
             spec = self.config.spec()
             self.drafter = make_drafter(spec, target.vocab_size, target)
             if self.config.table and not hasattr(self.drafter, "save_table"):

@@ -79,16 +79,17 @@ class ServerConfig:
         """What can be told of the model before loading it: a .gguf file that is not one, and the rows llama.cpp
         can hold at once."""
         from stand.backends.llamacpp import MAX_SEQUENCES
-        from stand.backends.load import check_path, choose_backend, default_model_path
+        from stand.backends.load import backend_candidates, check_path, default_model_path, resolve_device
 
         path = check_path(self.model or default_model_path())
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 if f.read(4) != b"GGUF":
                     raise StandError(f"{path} is not a GGUF file (it does not start with GGUF)")
-        if choose_backend(path, self.backend) == "llama.cpp" and self.max_live_rows > MAX_SEQUENCES:
+        only = backend_candidates(path, self.backend, resolve_device(self.device))
+        if only == ["llama.cpp"] and self.max_live_rows > MAX_SEQUENCES:
             raise StandError(f"max_live_rows ({self.max_live_rows}) is over what llama.cpp holds at most "
-                             f"({MAX_SEQUENCES} sequences)")
+                             f"({MAX_SEQUENCES} sequences): give --backend torch")
 
     @property
     def model_id(self) -> str:
