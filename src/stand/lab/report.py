@@ -67,13 +67,14 @@ def title(rows: list[dict]) -> str:
 
 def rich_table(rows: list[dict]):
     """The rows as a rich Table (fastest first within each n)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title(rows))
+    table = Table(title=escape(title(rows)))
     for key, head in SCREEN:
         table.add_column(head, justify="left" if key == "method" else "right")
     for r in fastest_first(rows):
-        table.add_row(*[_fmt(r, key) for key, _ in SCREEN])
+        table.add_row(*[escape(_fmt(r, key)) for key, _ in SCREEN])  # a method's options are in [brackets]
     return table
 
 
