@@ -226,7 +226,7 @@ run_ablation() {  # STAND's parts, one at a time, by A at an equal budget (--cos
 run_calibrate() {  # the shipped STAND tree: a 600-node template counted over long traces of tuning problems (CHAMP
   # 100+, n=1, T=0.6), the 80 most accepted nodes kept; copy tree_n1.json to src/stand/data/ to ship it
   stand calibrate --backend torch --dtype "${DTYPE/auto/bfloat16}" --dataset champ --first "${FIRST:-100}" \
-    --problems "${PROBLEMS:-4}" --max-new-tokens "${TOKENS:-768}" --template-size 600 --keep 80 --temperature 0.6 \
+    --problems "${PROBLEMS:-12}" --max-new-tokens "${TOKENS:-768}" --template-size 600 --keep 80 --temperature 0.6 \
     --out "$RESULTS/tree_n1.json" --plot "$RESULTS/tree_n1.png" 2>&1 | tail -n 3 | tee -i "$RESULTS/calibrate.txt"
 }
 
