@@ -224,10 +224,16 @@ run_ablation() {  # STAND's parts, one at a time, by A at an equal budget (--cos
 }
 
 run_calibrate() {  # the shipped STAND tree: a 600-node template counted over long traces of tuning problems (CHAMP
-  # 100+, n=1, T=0.6), the 80 most accepted nodes kept; copy tree_n1.json to src/stand/data/ to ship it
+  # 100+, n=1, T=0.6), the 80 most accepted nodes kept; GRID=file: M chosen again with that cost grid (tree.json);
+  # copy the tree to src/stand/data/ to ship it
   stand calibrate --backend torch --dtype "${DTYPE/auto/bfloat16}" --dataset champ --first "${FIRST:-100}" \
     --problems "${PROBLEMS:-12}" --max-new-tokens "${TOKENS:-768}" --template-size 600 --keep 80 --temperature 0.6 \
     --out "$RESULTS/tree_n1.json" --plot "$RESULTS/tree_n1.png" 2>&1 | tail -n 3 | tee -i "$RESULTS/calibrate.txt"
+  if [ -n "${GRID:-}" ]; then  # M chosen again from the same counts with a grid measured on an idle machine
+    cp "$GRID" "$RESULTS/grid.json"
+    stand calibrate --backend torch --dtype int4 --counts "$RESULTS/tree_n1.json" --cost "$RESULTS/grid.json" \
+      --out "$RESULTS/tree.json" --plot "$RESULTS/tree.png" 2>&1 | tail -n 1 | tee -a "$RESULTS/calibrate.txt"
+  fi
 }
 
 run_smoke() {  # one problem, 32 tokens, every main method: checks the pipeline in a few minutes (into /tmp)
