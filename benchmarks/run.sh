@@ -150,8 +150,9 @@ run_vllm() {  # stand's proposers inside vLLM beside vLLM's own (needs scripts/s
 run_int4() {  # int4 and bfloat16 on torch, the llama.cpp anchor in each run; held-out CHAMP 241+, n=1 and n=8
   local first=${FIRST:-240} problems=${PROBLEMS:-4} tokens=${TOKENS:-256} ours=none,pld,recycle,stand,stand-dynamic,suffix
   for t in 0.6 0; do
-    for d in int4 bfloat16; do
-      stand bench --backend torch --dtype "$d" --methods "$ours,llama.cpp" --dataset champ --first "$first" \
+    for d in int4 bfloat16; do  # the llama.cpp anchor reads the GGUF file beside the int4 rows
+      local anchor=""; [ "$d" = int4 ] && anchor=,llama.cpp
+      stand bench --backend torch --dtype "$d" --methods "$ours$anchor" --dataset champ --first "$first" \
         --problems "$problems" --n 1 --temperature "$t" --max-new-tokens "$tokens" --seed 0 --repeats "$REPEATS" \
         --json "$RESULTS/${d}_n1_t$t.json" | tee -i "$RESULTS/${d}_n1_t$t.txt"
       table "$RESULTS/${d}_n1_t$t"
