@@ -10,7 +10,7 @@
 # Knobs (environment): RUN (the results folder's name, default NAME: give another to keep an earlier run's files),
 # DTYPE (torch: auto = the faster of bfloat16 and float32 here, measured once), REPEATS, FIRST (index of the first
 # CHAMP problem), PROBLEMS, PROBLEMS8 (problems at n=8), TOKENS (new tokens per sample), TEMPS, BUDGETS and SPEED
-# (acceptance: the temperatures, node budgets, and SPEED=0 for A alone). machine.txt records them.
+# (acceptance: the temperatures, node budgets, and SPEED=0 for A alone), LEVELS, EQUAL, CHAMP (search). machine.txt records them.
 # A Ctrl-C still writes the rows of the problems that every method finished.
 #
 # Adding a run: a function run_NAME (dashes in NAME become underscores) that writes its files into "$RESULTS".
@@ -116,19 +116,21 @@ run_arithmetic() {  # stand solve on generated arithmetic (llama.cpp): single-sa
   done
 }
 
-run_search() {  # beam search and DVTS beside self-consistency and best-of-N (the default backend, llama.cpp here)
-  # arithmetic levels 1 and 2: accuracy, tokens per problem, tok/s and A of every strategy, none against stand, n=8,
-  # width 4 (DVTS: 2 subtrees), T=0.6; then A alone with equal budgets (7 nodes a row at every n: what sharing one
-  # table buys, independent of load); then held-out CHAMP end to end
+run_search() {  # beam search and DVTS beside self-consistency and best-of-N (the default backend)
+  # arithmetic levels LEVELS: accuracy, tokens per problem, tok/s and A of every strategy, none against stand, n=8,
+  # width 4 (DVTS: 2 subtrees), T=0.6; then (EQUAL=1) A alone with equal budgets (7 nodes a row at every n: what
+  # sharing one table buys, independent of load); then (CHAMP=1) held-out CHAMP end to end
   local problems=${PROBLEMS:-40} tokens=${TOKENS:-256} methods=${METHODS:-none,stand,consensus,suffix}
-  for level in 1 2; do
+  for level in ${LEVELS:-1 2}; do
     stand search-bench --dataset "arithmetic:$level" --problems "$problems" --n 8 --width 4 --methods "$methods" \
       --strategies single,self-consistency,best-of-n,beam,dvts --temperature 0.6 --max-new-tokens "$tokens" --seed 0 \
       --json "$RESULTS/arithmetic$level.json" | tee -i "$RESULTS/arithmetic$level.txt"
+    [ "${EQUAL:-1}" = 1 ] || continue
     stand search-bench --dataset "arithmetic:$level" --problems "$problems" --n 8 --width 4 --methods stand \
       --strategies single,self-consistency,beam,dvts --nodes 7 --temperature 0.6 --max-new-tokens "$tokens" --seed 0 \
       --json "$RESULTS/arithmetic${level}_nodes7.json" | tee -i "$RESULTS/arithmetic${level}_nodes7.txt"
   done
+  [ "${CHAMP:-1}" = 1 ] || return 0
   stand search-bench --dataset champ --first "${FIRST:-200}" --problems "${PROBLEMS_CHAMP:-4}" --n 8 --width 4 \
     --methods none,stand --strategies beam,dvts --temperature 0.6 --max-new-tokens "${TOKENS_CHAMP:-512}" --seed 0 \
     --json "$RESULTS/champ.json" | tee -i "$RESULTS/champ.txt"
