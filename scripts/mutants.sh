@@ -67,7 +67,7 @@ prefix-one-long|core/tree.py|return self.subtree(np.arange(len(self)) < k)|retur
 max-leaves-one-more|core/tree.py|if grows and leaves + 1 > k and leaves > 0:|if grows and leaves > k and leaves > 0:|EDGES
 engine-clip-skipped|engine.py|tree = tree.clip(r.room(self.target.max_len))|tree = tree.clip(r.room(self.target.max_len) + 8)|EDGES
 engine-share-one-long|engine.py|tree = tree if cap is None else tree.prefix(cap)|tree = tree if cap is None else tree.prefix(cap + 1)|EDGES
-fit-leaves-one-more|engine.py|max((seqs - rows) // rows, 0) + 1)|max((seqs - rows) // rows, 0) + 2)|EDGES
+fit-leaves-one-more|engine.py|max((seqs - len(self.parked) - rows) // rows, 0) + 1)|max((seqs - len(self.parked) - rows) // rows, 0) + 2)|EDGES
 fit-tokens-no-root|engine.py|t.prefix(max(tokens // rows - 1, 0))|t.prefix(max(tokens // rows, 0))|EDGES
 graft-follows-last|core/tree.py|nodes.setdefault(key, i)|nodes[key] = i|EDGES
 graft-parent-unmapped|core/tree.py|key = (-1 if par < 0 else where[par], tok)|key = (par, tok)|EDGES

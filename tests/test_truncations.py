@@ -82,6 +82,7 @@ def test_engine_fit_holds_a_pass_to_the_backend():
     """max_sequences 6 over 2 rows: each row its own sequence plus two leaves more (3 leaves); max_pass_tokens 12:
     5 nodes and a root per row."""
     engine = Engine.__new__(Engine)
+    engine.parked = {}  # no row of a held group keeps sequences
     engine.target = SimpleNamespace(max_sequences=6, max_pass_tokens=None)
     fitted = engine._fit([bushy(4), bushy(4)])
     assert [len(t) for t in fitted] == [4, 4]  # the first three leaves' nodes: top, 2, 3, 4

@@ -31,6 +31,6 @@ class ConsensusProposer(ChainProposer):
 
     def chain(self, row, k: int) -> tuple[list[int], list[float]]:
         """The best path through the DAG of the group's continuations, with each edge's weight."""
-        dag = build_dag(self.drafter.continuations(row))
+        dag = build_dag(self.drafter.continuations(row, max(k, 1)))  # continuations as long as the chain asked
         edges = best_path_edges(dag, self.options.alpha)[:k] if dag.paths else []
         return [dag.tokens[v] for v, _ in edges], [min(w, 1.0) for _, w in edges]
