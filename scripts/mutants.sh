@@ -34,7 +34,8 @@ STOPS=(tests/test_stop_in_draft.py)
 BEST=("tests/test_stand.py::test_best_first_draft_follows_worth")
 FAULTS=("tests/test_server_faults.py::test_one_failing_step_engine_run_still_raises")
 S=tests/test_search.py
-SEARCH=("$S::test_every_step_follows_the_model_under_every_drafter[hf-none]"
+SEARCH=("$S::test_cut_step_drops_what_a_pass_accepted_beyond_the_delimiter"
+        "$S::test_every_step_follows_the_model_under_every_drafter[hf-none]"
         "$S::test_every_step_follows_the_model_under_every_drafter[hf-stand-skewed]")
 CONTINUED=("$S::test_a_continued_row_decodes_as_if_its_prompt_were_prefilled[none-hf]"
            "$S::test_a_continued_row_decodes_as_if_its_prompt_were_prefilled[stand-hf]")
