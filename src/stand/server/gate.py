@@ -32,7 +32,7 @@ class Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path, status = scope["path"], [500]
+        path, status = scope["path"], [None]  # the response's status, once it has started
 
         async def send_and_note(message):
             if message["type"] == "http.response.start":
@@ -53,23 +53,18 @@ class Gate:
             if error is not None:
                 await error.response()(scope, receive, send_and_note)
             else:
-                await self._answer(scope, receive, send_and_note)
+                await self._answer(scope, receive, send_and_note, status)
         finally:
-            self.metrics.request(path if path in KNOWN_PATHS else "other", status[0])
+            self.metrics.request(path if path in KNOWN_PATHS else "other", status[0] or 500)
 
-    async def _answer(self, scope, receive, send) -> None:
+    async def _answer(self, scope, receive, send, status: list[int | None]) -> None:
         """Runs the route; a bug in it answers a JSON 500 here, below Starlette's outermost handler, so the
-        exception never reaches uvicorn (which would close the client's keep-alive connection after answering)."""
-        started = [False]
-
-        async def send_and_mark(message):
-            started[0] = started[0] or message["type"] == "http.response.start"
-            await send(message)
-
+        exception never reaches uvicorn (which would close the client's keep-alive connection after answering).
+        status: what `send` notes of the response (None until it starts)."""
         try:
-            await self.app(scope, receive, send_and_mark)
+            await self.app(scope, receive, send)
         except Exception as e:
-            if started[0]:
+            if status[0] is not None:
                 raise  # half a response went out: only closing the connection tells the client
             log.error("%s %s failed", scope.get("method"), scope["path"], exc_info=e)
             await internal_error().response()(scope, receive, send)
