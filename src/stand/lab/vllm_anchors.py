@@ -60,10 +60,12 @@ def close_engines() -> None:
 
 
 def vllm_generate(model: str | None, target, method: str, prompt_ids: list[int], n: int, params) -> tuple[list, dict]:
-    """n samples of new token ids for one prompt, and vLLM's speculative counters of the call."""
+    """n samples of new token ids for one prompt, and vLLM's speculative counters of the call. With ignore_eos no
+    stop ids are sent: vLLM's ignore_eos skips only its own end id and still stops on every listed stop id."""
+    stops = [] if params.ignore_eos else sorted(target.eos_ids)
     reply = engine(model, target, method, params.temperature).generate(
         [prompt_ids], n, params.temperature, params.max_new_tokens, top_p=params.top_p, top_k=params.top_k,
-        seed=params.seed, stop_token_ids=sorted(target.eos_ids), ignore_eos=params.ignore_eos)
+        seed=params.seed, stop_token_ids=stops, ignore_eos=params.ignore_eos)
     return reply.outputs[0], reply.spec
 
 
