@@ -9,7 +9,7 @@
 #
 # Knobs (environment): RUN (the results folder's name, default NAME: give another to keep an earlier run's files),
 # DTYPE (torch: auto = the faster of bfloat16 and float32 here, measured once), REPEATS, FIRST (index of the first
-# CHAMP problem), PROBLEMS, PROBLEMS8 (problems at n=8), TOKENS (new tokens per sample), TEMPS, BUDGETS and SPEED
+# CHAMP problem), PROBLEMS, PROBLEMS8 (problems at n=8), TOKENS (new tokens per sample), METHODS8 (int4-n8), TEMPS, BUDGETS and SPEED
 # (acceptance: the temperatures, node budgets, and SPEED=0 for A alone), LEVELS, EQUAL, CHAMP (search). machine.txt records them.
 # A Ctrl-C still writes the rows of the problems that every method finished.
 #
@@ -149,7 +149,11 @@ run_vllm() {  # stand's proposers inside vLLM beside vLLM's own (needs scripts/s
   done
 }
 
-run_int4() {  # int4 and bfloat16 on torch, the llama.cpp anchor in each run; held-out CHAMP 241+, n=1 and n=8
+run_int4() {  # the three int4 runs below, one after another, into one folder
+  run_int4_n1; run_int4_n8; run_int4_pass
+}
+
+run_int4_n1() {  # int4 and bfloat16 on torch at n=1, the llama.cpp anchor beside the int4 rows; held-out CHAMP 241+
   local first=${FIRST:-240} problems=${PROBLEMS:-4} tokens=${TOKENS:-256} ours=none,pld,recycle,stand,stand-dynamic,suffix
   for t in 0.6 0; do
     for d in int4 bfloat16; do  # the llama.cpp anchor reads the GGUF file beside the int4 rows
@@ -160,15 +164,25 @@ run_int4() {  # int4 and bfloat16 on torch, the llama.cpp anchor in each run; he
       table "$RESULTS/${d}_n1_t$t"
     done
   done
-  for d in int4 bfloat16; do  # n=8: plain batched (none) and the drafters, batched and k at a time
-    stand bench --backend torch --dtype "$d" --methods none,pld,recycle,stand,consensus,stand+consensus,suffix \
+}
+
+run_int4_n8() {  # n=8 at T=0.6: int4 and bfloat16 plain batched (none) and the drafters, batched and k at a time,
+  # and llama.cpp's plain batched n=8 (our engine on llama.cpp: its own loop has no batch); held-out CHAMP 241+
+  local first=${FIRST:-240} tokens=${TOKENS:-256}
+  for d in int4 bfloat16; do
+    stand bench --backend torch --dtype "$d" --methods "${METHODS8:-none,pld,recycle,stand,consensus,stand+consensus,suffix}" \
       --dataset champ --first "$first" --problems "${PROBLEMS8:-2}" --n 8 --temperature 0.6 --max-new-tokens "$tokens" \
       --seed 0 --schedule batched,auto --json "$RESULTS/${d}_n8_t0.6.json" | tee -i "$RESULTS/${d}_n8_t0.6.txt"
     table "$RESULTS/${d}_n8_t0.6"
   done
-  stand bench --backend llama.cpp --methods none,llama.cpp --dataset champ --first "$first" --problems "${PROBLEMS8:-2}" \
+  stand bench --backend llama.cpp --methods none --dataset champ --first "$first" --problems "${PROBLEMS8:-2}" \
     --n 8 --temperature 0.6 --max-new-tokens "$tokens" --seed 0 --schedule batched \
     --json "$RESULTS/llamacpp_n8_t0.6.json" | tee -i "$RESULTS/llamacpp_n8_t0.6.txt"
+  table "$RESULTS/llamacpp_n8_t0.6"
+}
+
+run_int4_pass() {  # the int4 pass op by op, greedy agreement with plain greedy, and peak memory per dtype
+  local first=${FIRST:-240} problems=${PROBLEMS:-4} tokens=${TOKENS:-256}
   stand profile --backend torch --dtype int4 | tee -i "$RESULTS/profile.txt"
   python3 benchmarks/greedy_agreement.py --backend torch --dtype int4 --first "$first" --problems "$problems" \
     --max-new-tokens "$tokens" | tee -i "$RESULTS/greedy_agreement.txt"
