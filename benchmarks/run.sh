@@ -10,7 +10,7 @@
 # Knobs (environment): RUN (the results folder's name, default NAME: give another to keep an earlier run's files),
 # DTYPE (torch: auto = the faster of bfloat16 and float32 here, measured once), REPEATS, FIRST (index of the first
 # CHAMP problem), PROBLEMS, PROBLEMS8 (problems at n=8), TOKENS (new tokens per sample), METHODS8 (int4-n8), TEMPS, BUDGETS and SPEED
-# (acceptance: the temperatures, node budgets, and SPEED=0 for A alone), LEVELS, EQUAL, CHAMP (search). machine.txt records them.
+# (acceptance: the temperatures, node budgets, and SPEED=0 for A alone), LEVELS, EQUAL, CHAMP, BACKEND (search). machine.txt records them.
 # A Ctrl-C still writes the rows of the problems that every method finished.
 #
 # Adding a run: a function run_NAME (dashes in NAME become underscores) that writes its files into "$RESULTS".
@@ -30,7 +30,7 @@ machine() {  # what the numbers were measured on, beside them
   echo "avx512_bf16: $(grep -q avx512_bf16 /proc/cpuinfo && echo yes || echo no)"
   echo "cores: $(nproc)  memory: $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "knobs: DTYPE=$DTYPE REPEATS=$REPEATS FIRST=${FIRST:-} PROBLEMS=${PROBLEMS:-} PROBLEMS8=${PROBLEMS8:-} TOKENS=${TOKENS:-} TEMPS=${TEMPS:-} BUDGETS=${BUDGETS:-}"
+  echo "knobs: BACKEND=${BACKEND:-} DTYPE=$DTYPE REPEATS=$REPEATS FIRST=${FIRST:-} PROBLEMS=${PROBLEMS:-} PROBLEMS8=${PROBLEMS8:-} TOKENS=${TOKENS:-} TEMPS=${TEMPS:-} BUDGETS=${BUDGETS:-}"
   python3 -c 'import sys, torch, transformers; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")'
 }
 
@@ -116,22 +116,23 @@ run_arithmetic() {  # stand solve on generated arithmetic (llama.cpp): single-sa
   done
 }
 
-run_search() {  # beam search and DVTS beside self-consistency and best-of-N (the default backend)
+run_search() {  # beam search and DVTS beside self-consistency and best-of-N (BACKEND, default auto: the fastest here)
   # arithmetic levels LEVELS: accuracy, tokens per problem, tok/s and A of every strategy, none against stand, n=8,
   # width 4 (DVTS: 2 subtrees), T=0.6; then (EQUAL=1) A alone with equal budgets (7 nodes a row at every n: what
   # sharing one table buys, independent of load); then (CHAMP=1) held-out CHAMP end to end
   local problems=${PROBLEMS:-40} tokens=${TOKENS:-256} methods=${METHODS:-none,stand,consensus,suffix}
+  local engine=(--backend "${BACKEND:-auto}" --dtype "$DTYPE")
   for level in ${LEVELS:-1 2}; do
-    stand search-bench --dataset "arithmetic:$level" --problems "$problems" --n 8 --width 4 --methods "$methods" \
+    stand search-bench "${engine[@]}" --dataset "arithmetic:$level" --problems "$problems" --n 8 --width 4 --methods "$methods" \
       --strategies single,self-consistency,best-of-n,beam,dvts --temperature 0.6 --max-new-tokens "$tokens" --seed 0 \
       --json "$RESULTS/arithmetic$level.json" | tee -i "$RESULTS/arithmetic$level.txt"
     [ "${EQUAL:-1}" = 1 ] || continue
-    stand search-bench --dataset "arithmetic:$level" --problems "$problems" --n 8 --width 4 --methods stand \
+    stand search-bench "${engine[@]}" --dataset "arithmetic:$level" --problems "$problems" --n 8 --width 4 --methods stand \
       --strategies single,self-consistency,beam,dvts --nodes 7 --temperature 0.6 --max-new-tokens "$tokens" --seed 0 \
       --json "$RESULTS/arithmetic${level}_nodes7.json" | tee -i "$RESULTS/arithmetic${level}_nodes7.txt"
   done
   [ "${CHAMP:-1}" = 1 ] || return 0
-  stand search-bench --dataset champ --first "${FIRST:-200}" --problems "${PROBLEMS_CHAMP:-4}" --n 8 --width 4 \
+  stand search-bench "${engine[@]}" --dataset champ --first "${FIRST:-200}" --problems "${PROBLEMS_CHAMP:-4}" --n 8 --width 4 \
     --methods none,stand --strategies beam,dvts --temperature 0.6 --max-new-tokens "${TOKENS_CHAMP:-512}" --seed 0 \
     --json "$RESULTS/champ.json" | tee -i "$RESULTS/champ.txt"
 }

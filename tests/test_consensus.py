@@ -8,6 +8,7 @@ import pytest
 from stand.drafters.registry import make_drafter
 from stand.drafters.consensus import (PROMPT, ConsensusDrafter, GroupIndex, best_path, best_tree, build_dag,
                                       edit_distance_many)
+from stand.core.tree import DraftTree
 from stand.core.sequence import Row
 from stand.engine import Engine
 from stand.params import SamplingParams, SpecConfig
@@ -168,7 +169,7 @@ def test_rows_of_a_group_draft_for_each_other():
 
 def test_graft_adds_only_new_paths():
     from stand.drafters.combined import GRAFT
-    from stand.core.tree import DraftTree, SparseDist, graft
+    from stand.core.tree import SparseDist, graft
 
     q = SparseDist([1, 2, 3], [0.5, 0.3, 0.2])
     base = DraftTree()
@@ -228,3 +229,27 @@ def test_options_are_the_drafters_own():
     assert make_drafter(SpecConfig(method="consensus", options={"alpha": 1}), 50).options.alpha == 1
     with pytest.raises(StandError, match="'none'"):
         make_drafter(SpecConfig(method="none", options={"k": 1}), 50)
+
+
+def test_stand_consensus_keeps_to_the_asked_nodes():
+    """Under a budget the chain takes up to half and STAND the rest: never more nodes than the pass asked, none
+    when it asks for none; without a budget both draft their own sizes."""
+    drafter = make_drafter(SpecConfig(method="stand+consensus"), 50)
+    asked = []
+
+    def stand(row, max_nodes=None, min_value=0.0):
+        asked.append(("stand", max_nodes))
+        return DraftTree.chain(list(range(10, 10 + (6 if max_nodes is None else max_nodes))))
+
+    def consensus(row, max_nodes=None, min_value=0.0):
+        asked.append(("consensus", max_nodes))
+        return DraftTree.chain([1, 2, 3, 4, 5][: 5 if max_nodes is None else max_nodes])
+
+    drafter.stand.propose, drafter.consensus.propose = stand, consensus
+    for budget in (0, 1, 2, 5, 8):
+        asked.clear()
+        tree = drafter.propose(None, budget)
+        assert len(tree) == budget, (budget, asked)
+        assert ("stand", budget - budget // 2 if budget > 1 else budget) in asked
+    asked.clear()
+    assert len(drafter.propose(None)) == 11 and asked == [("consensus", None), ("stand", None)]

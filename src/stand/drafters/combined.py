@@ -57,7 +57,15 @@ class StandConsensus(Drafter):
         self.consensus.start(row, prompt)
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
-        tree, added = graft(self.stand.propose(row, max_nodes), self.consensus.propose(row), GRAFT)
+        """The STAND tree with the consensus chain grafted. Under a node budget (max_nodes: the pass's size, or an
+        equal budget) the two share it, the chain up to half and STAND the rest, so the tree never holds more
+        nodes than the pass asked (none when it asks for none)."""
+        if max_nodes is None:
+            chain, room = self.consensus.propose(row), None
+        else:
+            chain = self.consensus.propose(row, max_nodes // 2) if max_nodes > 1 else DraftTree()
+            room = max_nodes - len(chain)
+        tree, added = graft(self.stand.propose(row, room), chain, GRAFT)
         self.grafted += added
         return tree
 
