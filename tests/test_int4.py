@@ -262,11 +262,12 @@ def test_default_model_int4_logits_match_a_float64_reference():
 
 def test_profile_splits_a_pass_and_bench_refuses_transformers_anchors_on_int4(q4_file):
     from stand.lab.bench import BenchConfig, bench
-    from stand.lab.profile import op_split
+    from stand.lab.profile import op_split, profile_targets
 
     path, tok, _ = q4_file
     target = load_int4(path, tokenizer=tok)
     split = op_split(target, 1, 2, cache_len=16, reps=3)
     assert split["pass"] > 0 and split["products"] > 0 and split["rest"] >= 0
+    assert list(profile_targets(target)) == ["ours"]  # no transformers column: int4 has no forward there
     with pytest.raises(StandError, match="transformers' forward"):
         bench(target, BenchConfig(methods=["none", "hf"], problems=1))

@@ -164,8 +164,8 @@ def profile_cmd(
     import torch
 
     from stand.core.files import write_json
-    from stand.lab.profile import (ProfileConfig, as_json, cost_curves, ours, profile_targets, remeasure, split_lines,
-                                   table_lines)
+    from stand.lab.profile import (ProfileConfig, as_json, cost_curves, has_hf_forward, ours, profile_targets,
+                                   remeasure, split_lines, table_lines)
 
     if cache_len < 1 or reps < 1 or (threads is not None and threads < 1):
         raise StandError("--cache-len, --reps and --threads must be at least 1")
@@ -173,7 +173,7 @@ def profile_cmd(
     if threads:
         torch.set_num_threads(threads)
     target = load(model, backend, dtype, device=device)  # the engine stand decodes with (auto: measured)
-    if target.kind == "torch" and target.dtype != "int4":  # beside transformers' forward of the same weights
+    if has_hf_forward(target):  # beside transformers' forward of the same weights
         target = load(model, target.kind, str(target.dtype).replace("torch.", ""), forward="hf", device=device)
     curves = cost_curves(profile_targets(target), ProfileConfig(cache_len=cache_len, reps=reps),
                          progress=lambda msg: typer.echo(f"  {msg}", err=True))

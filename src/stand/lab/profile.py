@@ -76,10 +76,16 @@ def ours(target: Backend) -> Backend:
     return with_forward(target, "auto")
 
 
+def has_hf_forward(target: Backend) -> bool:
+    """Whether transformers can run the target's weights as they are (torch in float32 or bfloat16; int4 groups
+    have no Hugging Face forward)."""
+    return target.kind == "torch" and target.dtype != "int4"
+
+
 def profile_targets(target: Backend) -> dict[str, Backend]:
     """On torch (target loaded with forward="hf"): ours beside the Hugging Face forward of the same weights;
-    on another backend: that backend alone."""
-    return {"ours": ours(target), "hf": target} if target.kind == "torch" else {"ours": target}
+    int4 or another backend: ours alone."""
+    return {"ours": ours(target), "hf": target} if has_hf_forward(target) else {"ours": ours(target)}
 
 
 def remeasure(target: Backend, reps: int, path: str, progress=None) -> list[str]:
