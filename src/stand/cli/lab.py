@@ -164,8 +164,9 @@ def profile_cmd(
     import torch
 
     from stand.core.files import write_json
-    from stand.lab.profile import (ProfileConfig, as_json, cost_curves, has_hf_forward, ours, profile_targets,
-                                   remeasure, split_lines, table_lines)
+    from stand.lab.hf_anchors import has_hf_forward
+    from stand.lab.profile import (ProfileConfig, as_json, cost_curves, ours, profile_targets, remeasure, split_lines,
+                                   table_lines)
 
     if cache_len < 1 or reps < 1 or (threads is not None and threads < 1):
         raise StandError("--cache-len, --reps and --threads must be at least 1")

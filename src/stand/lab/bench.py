@@ -25,7 +25,7 @@ from stand.methods import check_method, engine_of, names
 from stand.params import SamplingParams, SpecConfig
 from stand.tts.answers import extract_answer, is_correct
 from stand.tts.problems import Problem, problem_range
-from stand.lab.hf_anchors import hf_generate
+from stand.lab.hf_anchors import has_hf_forward, hf_generate
 from stand.lab.llamacpp_anchors import anchor_generate, gguf_file
 from stand.lab.vllm_anchors import close_engines, engine_dtype, vllm_run
 from stand.tts.vote import majority_vote
@@ -237,7 +237,7 @@ def rotated(variants: list[Variant], k: int) -> list[Variant]:
 def bench(target: Target, cfg: BenchConfig, progress: Progress | None = None) -> list[dict]:
     """Every variant on every problem, interleaved; one row per variant (see summarise)."""
     cfg.validate()
-    if any(m in HF_METHODS for m in cfg.methods) and (target.kind != "torch" or target.dtype == "int4"):
+    if any(m in HF_METHODS for m in cfg.methods) and not has_hf_forward(target):
         raise StandError(f"the anchors {', '.join(HF_METHODS)} run transformers' forward: they need the torch "
                          f"backend in bfloat16 or float32, not {target.kind} {target.dtype}")
     if any(m in LLAMACPP_METHODS for m in cfg.methods) and gguf_file(target) is None:

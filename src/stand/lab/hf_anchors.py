@@ -10,6 +10,12 @@ from stand.backends.torch import Target
 from stand.params import SamplingParams
 
 
+def has_hf_forward(target) -> bool:
+    """Whether transformers can run the target's weights as they are (torch in float32 or bfloat16; int4 groups
+    have no Hugging Face forward)."""
+    return target.kind == "torch" and target.dtype != "int4"
+
+
 class ForwardCount:
     """Counts the model's forward calls during Hugging Face generate (its verification passes)."""
 

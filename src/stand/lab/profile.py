@@ -15,6 +15,7 @@ import torch
 from stand.backends.protocol import Backend
 from stand.backends.probe import GridConfig, Probe, ProfileConfig, interleaved, measure_grid  # noqa: F401  (lab API)
 from stand.backends.machine import measure_here
+from stand.lab.hf_anchors import has_hf_forward
 
 @dataclass
 class Curve:
@@ -74,12 +75,6 @@ def ours(target: Backend) -> Backend:
     from stand.backends.lean import with_forward
 
     return with_forward(target, "auto")
-
-
-def has_hf_forward(target: Backend) -> bool:
-    """Whether transformers can run the target's weights as they are (torch in float32 or bfloat16; int4 groups
-    have no Hugging Face forward)."""
-    return target.kind == "torch" and target.dtype != "int4"
 
 
 def profile_targets(target: Backend) -> dict[str, Backend]:
