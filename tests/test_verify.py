@@ -157,6 +157,36 @@ def test_a_broken_verifier_is_caught(shape, broken):
     assert pvalue(samples, exact_two()) < 1e-6
 
 
+def prefix_cut(tree: DraftTree, widths: dict[int, int]) -> DraftTree:
+    """tree with every node's children cut to its first widths[node] (root-0 indexing; default all) in draw order."""
+    kids = tree.children()
+    keep = np.zeros(len(tree), dtype=bool)
+    stack = [0]
+    while stack:
+        node = stack.pop()
+        for c in kids[node][: widths.get(node, len(kids[node]))]:
+            keep[c - 1] = True
+            stack.append(c)
+    return tree.subtree(keep)
+
+
+def test_a_larger_tree_never_accepts_less():
+    """A tree that holds a smaller one (each node's children a prefix of its own, in draw order) accepts at least as
+    many tokens for the same draws and the same verifier randomness; so, on average, a larger cut of a template
+    cannot accept less (a check that the verifier walks siblings in draw order and keeps the residual)."""
+    rng = np.random.default_rng(3)
+    gained = 0
+    for t in range(2000):
+        big = stochastic_tree(rng, widths=(4, 3))
+        small = prefix_cut(big, {0: 2, 1: 1, 2: 0, 5: 1})
+        assert len(small) < len(big)
+        a_big = len(V.verify_sample(big, node_probs(big), np.random.default_rng(t)).accepted)
+        a_small = len(V.verify_sample(small, node_probs(small), np.random.default_rng(t)).accepted)
+        assert a_big >= a_small
+        gained += a_big - a_small
+    assert gained > 100
+
+
 def test_greedy_follows_argmax():
     tree = DraftTree()
     a = tree.add(5, -1)
