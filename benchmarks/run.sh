@@ -10,7 +10,8 @@
 # Knobs (environment): RUN (the results folder's name, default NAME: give another to keep an earlier run's files),
 # DTYPE (torch: auto = the faster of bfloat16 and float32 here, measured once), REPEATS, FIRST (index of the first
 # CHAMP problem), PROBLEMS, PROBLEMS8 (problems at n=8), TOKENS (new tokens per sample), METHODS8 (int4-n8), TEMPS, BUDGETS and SPEED
-# (acceptance: the temperatures, node budgets, and SPEED=0 for A alone), LEVELS, EQUAL, CHAMP, BACKEND (search). machine.txt records them.
+# (acceptance: the temperatures, node budgets, and SPEED=0 for A alone), LEVELS, EQUAL, CHAMP, BACKEND (search), NS and BUDGET
+# (sharing). machine.txt records them.
 # A Ctrl-C still writes the rows of the problems that every method finished.
 #
 # Adding a run: a function run_NAME (dashes in NAME become underscores) that writes its files into "$RESULTS".
@@ -30,7 +31,7 @@ machine() {  # what the numbers were measured on, beside them
   echo "avx512_bf16: $(grep -q avx512_bf16 /proc/cpuinfo && echo yes || echo no)"
   echo "cores: $(nproc)  memory: $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "knobs: BACKEND=${BACKEND:-} DTYPE=$DTYPE REPEATS=$REPEATS FIRST=${FIRST:-} PROBLEMS=${PROBLEMS:-} PROBLEMS8=${PROBLEMS8:-} TOKENS=${TOKENS:-} TEMPS=${TEMPS:-} BUDGETS=${BUDGETS:-}"
+  echo "knobs: BACKEND=${BACKEND:-} DTYPE=$DTYPE REPEATS=$REPEATS FIRST=${FIRST:-} PROBLEMS=${PROBLEMS:-} PROBLEMS8=${PROBLEMS8:-} TOKENS=${TOKENS:-} TEMPS=${TEMPS:-} BUDGETS=${BUDGETS:-} NS=${NS:-} BUDGET=${BUDGET:-}"
   python3 -c 'import sys, torch, transformers; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")'
 }
 
@@ -225,6 +226,23 @@ run_acceptance() {  # tokens accepted per step (A) at equal node budgets (--cost
   stand bench "${common[@]}" --methods "none,$ACCEPT_METHODS,consensus" --problems "$problems8" --n 8 \
     --temperature 0.6 --repeats "$REPEATS" --json "$RESULTS/speed_n8.json" | tee -i "$RESULTS/speed_n8.txt"
   table "$RESULTS/speed_n8"
+}
+
+run_sharing() {  # what one table shared by the N samples of a question buys, against one sample alone measured over
+  # as many samples: `stand[shared=false]` at the largest N is N independent single samples (a table each: the draws
+  # of N runs at n=1); the samples of a question sharing one table at each N of NS, in one batch (lockstep) and one
+  # after another (each sample drafting from what the earlier ones wrote); A at --cost off --nodes K, T=0.6
+  local first=${FIRST:-240} problems=${PROBLEMS8:-4} tokens=${TOKENS:-512} k=${BUDGET:-24} ns=${NS:-4,8,16}
+  local common=(--backend torch --dtype "$DTYPE" --dataset champ --first "$first" --problems "$problems"
+                --max-new-tokens "$tokens" --seed 0 --temperature 0.6 --cost off --nodes "$k")
+  stand bench "${common[@]}" --n "${ns##*,}" --methods "stand[shared=false]" --json "$RESULTS/alone.json" \
+    | tee -i "$RESULTS/alone.txt"
+  table "$RESULTS/alone"
+  for schedule in batched sequential; do
+    stand bench "${common[@]}" --n "$ns" --schedule "$schedule" --methods stand --json "$RESULTS/$schedule.json" \
+      | tee -i "$RESULTS/$schedule.txt"
+    table "$RESULTS/$schedule"
+  done
 }
 
 run_ablation() {  # STAND's parts, one at a time, by A at an equal budget (--cost off --nodes 24), tuning problems
