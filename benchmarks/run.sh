@@ -123,7 +123,7 @@ run_search() {  # beam search and DVTS beside self-consistency and best-of-N (BA
   # sharing one table buys, independent of load); then (CHAMP=1) held-out CHAMP end to end
   local problems=${PROBLEMS:-40} tokens=${TOKENS:-256} methods=${METHODS:-none,stand,consensus,suffix}
   local engine=(--backend "${BACKEND:-auto}" --dtype "$DTYPE")
-  for level in ${LEVELS:-1 2}; do
+  for level in ${LEVELS-1 2}; do  # LEVELS= (empty): none, e.g. for CHAMP alone
     stand search-bench "${engine[@]}" --dataset "arithmetic:$level" --problems "$problems" --n 8 --width 4 --methods "$methods" \
       --strategies single,self-consistency,best-of-n,beam,dvts --temperature 0.6 --max-new-tokens "$tokens" --seed 0 \
       --json "$RESULTS/arithmetic$level.json" | tee -i "$RESULTS/arithmetic$level.txt"
