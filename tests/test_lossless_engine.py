@@ -31,6 +31,7 @@ CASES = [
     ("stand+consensus", {"k": 2}),
     ("stand", {}),
     ("stand", {"stochastic": False}),
+    ("stand", {"refill": True}),  # the template's lost nodes drawn best-first (where they go depends on earlier draws)
     ("stand-dynamic", {}),
     ("stand-dynamic", {"stochastic": False}),
     ("recycle", {}),

@@ -88,3 +88,24 @@ def test_grown_tree_follows_the_large_templates_counts():
     assert len(grown) == 30 and grown == large.subset(range(30))[0]
     assert grown_tree({"template_hits": hits[:10], "large_template": {"size": 40}}, 30) is None  # not that template
     assert grown_tree({}, 30) is None
+
+
+def test_refill_spends_the_nodes_a_template_leaves_unfilled():
+    """Token 9 has no entry, so the template's branch under it is lost; refill spends those nodes best-first elsewhere,
+    after the template's nodes, which stay as they were drawn."""
+    t = NGramTable(max_n=1, topk=3, capacity=64)
+    t.insert([[1], [5], [6], [7]], [[5, 9, 6]] * 4, [[0.7, 0.2, 0.1]] * 4)
+    t.insert([[6]], [[7, 5, 9]], [[0.5, 0.3, 0.2]])
+    kids = heuristic(12).children()
+
+    def drafted(refill: bool) -> DraftTree:
+        d = StandDrafter(SpecConfig(method="stand", options={"max_n": 1, "refill": refill}), 100)
+        return d.draft(t, np.array([1]), GumbelNoise(np.random.default_rng(7)), False, kids)
+
+    plain, full = drafted(False), drafted(True)
+    assert len(plain) < 12 and len(full) == 12
+    assert full.tokens[: len(plain)] == plain.tokens and full.parents[: len(plain)] == plain.parents
+    assert 9 in plain.tokens and not any(p >= 0 and full.tokens[p] == 9 for p in full.parents)  # 9's node stays a leaf
+    for i, (p, q) in enumerate(zip(full.parents, full.qs)):  # every extra child was drawn from its parent's entry
+        siblings = [full.tokens[j] for j in range(len(full)) if full.parents[j] == p]
+        assert len(set(siblings)) == len(siblings) and q is not None and full.tokens[i] in q.ids.tolist()

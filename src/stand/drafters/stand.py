@@ -48,6 +48,7 @@ class StandOptions:
     min_n: int = 1  # shortest context suffix a lookup backs off to
     shared: bool = True  # the samples of a question share one table; False: a table per sample (an ablation)
     sharpen: float = 1.0  # draws from q ~ p^sharpen over the stored top-k (1: the stored distribution renormalised)
+    refill: bool = False  # nodes the template leaves unfilled (no table match) are drawn best-first where it is surest
 
     def __post_init__(self):
         if not 1 <= self.min_n <= self.max_n:
@@ -142,6 +143,47 @@ def node_acceptance(template: TreeTemplate) -> np.ndarray:
     for j, (parent, rank) in enumerate(zip(template.parents, template.ranks)):
         p[j] = (1.0 if parent < 0 else p[parent]) * prior[min(rank, len(prior) - 1)]
     return p
+
+
+class BestFirst:
+    """Grows a draft tree slot by slot, best first: the slot for the r-th draw at a node is worth v(node) * q_r, where
+    q_r is the r-th largest probability of the node's table distribution and v(root) = 1 (an estimate of the chance
+    the draw is accepted, known before the draw is made).
+
+    Lossless: whether a draw is made depends on the path to its node, on earlier draws and on other branches, never on
+    the draw itself or later ones (a slot's worth never exceeds its parent's or an earlier sibling's, and ties go to
+    the node created first), which is all the recursive rejection verifier needs.
+    """
+
+    def __init__(self, table: NGramTable, noise: GumbelNoise, deterministic: bool, options: StandOptions,
+                 tree: DraftTree | None = None):
+        self.table, self.noise, self.deterministic, self.options = table, noise, deterministic, options
+        self.tree = tree if tree is not None else DraftTree()
+        self.heap: list[tuple[float, int, int, int]] = []  # (-worth, tiebreak, node, rank); node -1 = the root
+        self.opened: dict[int, tuple] = {}  # node -> (tokens in draw order, q, sorted probabilities, worth, tail)
+        self.tick = itertools.count()
+
+    def open(self, node: int, tail: tuple, worth: float, d: Draw | None = None, used: int = 0) -> None:
+        """Makes the node's draws available from rank `used` on: d, the draw already made there, else a new one."""
+        d = d if d is not None else draw(self.table, tail, self.noise, self.deterministic, self.options.min_n,
+                                         self.options.sharpen)
+        if d is not None and used < len(d.tokens):
+            self.opened[node] = (d.tokens, d.dist, np.sort(d.q)[::-1], worth, tail)
+            heapq.heappush(self.heap, (-worth * self.opened[node][2][used], next(self.tick), node, used))
+
+    def grow(self, cap: int, floor: float) -> DraftTree:
+        """Adds the best slot while the tree has fewer than cap nodes and the slot is worth at least floor."""
+        tree, heap = self.tree, self.heap
+        while heap and len(tree) < cap:
+            neg, _, node, rank = heapq.heappop(heap)
+            if -neg < floor:
+                break
+            drawn, dist, sorted_q, worth, tail = self.opened[node]
+            idx = tree.add(int(drawn[rank]), node, dist)
+            if rank + 1 < len(drawn):
+                heapq.heappush(heap, (-worth * sorted_q[rank + 1], next(self.tick), node, rank + 1))
+            self.open(idx, tail[1:] + (int(drawn[rank]),), -neg)
+        return tree
 
 
 class StandDrafter(Drafter):
@@ -251,7 +293,8 @@ class StandDrafter(Drafter):
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         deterministic = (not self.options.stochastic) or row.params.greedy
         kids = self.kids if max_nodes is None else self._cut(max_nodes)
-        return self.draft(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise, deterministic, kids)
+        return self.draft(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise, deterministic, kids,
+                          min_value)
 
     def acceptance_curve(self) -> np.ndarray:
         """[M+1] expected tokens per step with the template's m most valuable nodes, m = 0..M."""
@@ -326,27 +369,44 @@ class StandDrafter(Drafter):
         return last_tail(row.tokens, self.options.max_n)
 
     def draft(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool,
-              kids: list[list[int]] | None = None) -> DraftTree:
-        """Fills the template (or its cut `kids`) breadth-first; a node without a table match loses its subtree."""
+              kids: list[list[int]] | None = None, floor: float = 0.0) -> DraftTree:
+        """Fills the template (or its cut `kids`) breadth-first; a node without a table match loses its subtree. With
+        the option refill, the nodes so lost are drawn best-first (BestFirst) from where the fill stopped."""
+        kids = self.kids if kids is None else kids
+        made: list[list] = []  # [tail, draw there] of every tree node, in the tree's order
 
-        def children(tail: tuple, n: int) -> list[tuple[int, SparseDist | None, tuple]]:
-            d = draw(table, tail, noise, deterministic, self.options.min_n, self.options.sharpen)
-            return [] if d is None else [(t, d.dist, tail[1:] + (t,)) for t in d.tokens[:n].tolist()]
+        def children(here: list, n: int) -> list[tuple[int, SparseDist | None, list]]:
+            here[1] = d = draw(table, here[0], noise, deterministic, self.options.min_n, self.options.sharpen)
+            out = [] if d is None else [(t, d.dist, [here[0][1:] + (t,), None]) for t in d.tokens[:n].tolist()]
+            made.extend(child for *_, child in out)
+            return out
 
-        return fill(self.kids if kids is None else kids, tuple(root_tail.tolist()), children)
+        root = [tuple(root_tail.tolist()), None]
+        tree = fill(kids, root, children)
+        cap = sum(map(len, kids))
+        if not self.options.refill or len(tree) >= cap:
+            return tree
+        return self._refill(BestFirst(table, noise, deterministic, self.options, tree), root, made).grow(cap, floor)
+
+    @staticmethod
+    def _refill(grower: BestFirst, root: list, made: list[list]) -> BestFirst:
+        """Seeds grower with the filled tree: every node's next draw (its children so far are the first ranks of
+        the draw made there; a leaf gets its first draw now), worth v(node) = v(parent) * q at the node's rank."""
+        tree, kids = grower.tree, grower.tree.children()
+        worth = np.ones(len(tree) + 1)  # root-0 indexing
+        for node, (tail, d) in enumerate([root] + made):
+            if d is not None:
+                sorted_q = np.sort(d.q)[::-1]
+                for rank, c in enumerate(kids[node]):
+                    worth[c] = worth[node] * sorted_q[rank]
+            grower.open(node - 1, tail, worth[node], d, len(kids[node]))  # a leaf without d: a new draw, if any
+        return grower
 
 
 class DynamicStandDrafter(StandDrafter):
-    """STAND whose tree follows the table's confidence instead of a fixed shape (best-first expansion).
-
-    The slot for the r-th draw at a node is worth v(node) * q_r, where q_r is the r-th largest probability of
-    the node's table distribution and v(root) = 1: an estimate of the chance the draw is accepted, known before
-    the draw is made. Slots are filled best-first while worth at least the pass's min_value (the engine sets it
-    from the cost grid) and the option floor, up to the option nodes (and max_nodes when there is no min_value).
-    Lossless: whether a draw is made depends on the path to its node, on earlier draws and on other branches,
-    never on the draw itself or later ones (a slot's worth never exceeds its parent's or an earlier sibling's,
-    and ties go to the node created first), which is all the recursive rejection verifier needs.
-    """
+    """STAND whose tree follows the table's confidence instead of a fixed shape: grown from the root by BestFirst
+    while a slot is worth at least the pass's min_value (the engine sets it from the cost grid) and the option floor,
+    up to the option nodes (and max_nodes when there is no min_value)."""
 
     name = "stand-dynamic"
     Options = DynamicStandOptions
@@ -361,28 +421,9 @@ class DynamicStandDrafter(StandDrafter):
 
     def draft_best_first(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool,
                          cap: int, floor: float) -> DraftTree:
-        tree = DraftTree()
-        heap: list[tuple[float, int, int, int]] = []  # (-worth, tiebreak, node, rank); node -1 = the root
-        opened: dict[int, tuple] = {}  # node -> (tokens in draw order, q, sorted probabilities, worth, tail)
-        tick = itertools.count()
-
-        def open_node(node: int, tail: tuple, worth: float) -> None:
-            d = draw(table, tail, noise, deterministic, self.options.min_n, self.options.sharpen)
-            if d is not None:
-                opened[node] = (d.tokens, d.dist, np.sort(d.q)[::-1], worth, tail)
-                heapq.heappush(heap, (-worth * opened[node][2][0], next(tick), node, 0))
-
-        open_node(-1, tuple(root_tail.tolist()), 1.0)
-        while heap and len(tree) < cap:
-            neg, _, node, rank = heapq.heappop(heap)
-            if -neg < floor:
-                break
-            drawn, dist, sorted_q, worth, tail = opened[node]
-            idx = tree.add(int(drawn[rank]), node, dist)
-            if rank + 1 < len(drawn):
-                heapq.heappush(heap, (-worth * sorted_q[rank + 1], next(tick), node, rank + 1))
-            open_node(idx, tail[1:] + (int(drawn[rank]),), -neg)
-        return tree
+        grower = BestFirst(table, noise, deterministic, self.options)
+        grower.open(-1, tuple(root_tail.tolist()), 1.0)
+        return grower.grow(cap, floor)
 
 
 class HeuristicStandDrafter(StandDrafter):
