@@ -28,10 +28,12 @@ TRUNCATED=("$E::test_engine_distribution_is_exact[hf-pld-T0.7-k5-p0.9]"
            "$E::test_engine_distribution_is_exact[hf-stand-T0.7-k5-p0.9]")
 GREEDY=("tests/test_stand.py::test_greedy_equals_plain" "tests/test_engine.py::test_greedy_pld_equals_none_and_hf_batched")
 # where rows end and drafts are cut, and the verifier's rounding fallbacks (unit tests and the tiny model); stop
-# strings inside accepted drafts; the best-first drafter's worth; one failing row among others
+# strings inside accepted drafts; the best-first drafter's worth; refill; one failing row among others
 EDGES=(tests/test_truncations.py)
 STOPS=(tests/test_stop_in_draft.py)
 BEST=("tests/test_stand.py::test_best_first_draft_follows_worth")
+REFILL=("tests/test_stand_knobs.py::test_refill_spends_the_nodes_a_template_leaves_unfilled"
+        "$E::test_wrong_drafts_stay_exact[hf-stand-True-skewed-T1]")
 FAULTS=("tests/test_server_faults.py::test_one_failing_step_engine_run_still_raises")
 S=tests/test_search.py
 SEARCH=("$S::test_cut_step_drops_what_a_pass_accepted_beyond_the_delimiter"
@@ -51,9 +53,9 @@ top-p-off-by-one|core/verify.py|before = torch.cumsum(sorted_p, dim=-1) - sorted
 top-k-off-by-one|core/verify.py|kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]|kth = torch.topk(x, params.top_k, dim=-1).values[..., -2:-1]|TRUNCATED
 temperature-inverted|core/verify.py|x = x / params.temperature|x = x * params.temperature|TRUNCATED
 greedy-first-child|core/verify.py|if tree.tokens[c - 1] == argmax[node]), None)|), None)|GREEDY
-gumbel-noise-reused|drafters/stand.py|self.pos += n|self.pos += 0|STAND
+gumbel-noise-reused|drafters/draws.py|self.pos += n|self.pos += 0|STAND
 noise-seed-shared|drafters/stand.py|seed = int(row.rng.integers(2**63))|seed = 0|STAND
-draft-from-q-squared|drafters/stand.py|keys = -q if deterministic else -(np.log(q) + noise.take(len(q)))|keys = -q if deterministic else -(2 * np.log(q) + noise.take(len(q)))|STAND
+draft-from-q-squared|drafters/draws.py|keys = -q if deterministic else -(np.log(q) + noise.take(len(q)))|keys = -q if deterministic else -(2 * np.log(q) + noise.take(len(q)))|STAND
 verify-against-row-0|engine.py|self._verify(r, t, logits[b], learns)|self._verify(r, t, logits[0], learns)|ONE_HOT
 commit-first-nodes|engine.py|cache.commit([[0] + v.accepted[: k - 1] for v, k in zip(verdicts, kept)])|cache.commit([[0] + list(range(1, k)) for v, k in zip(verdicts, kept)])|GREEDY
 commit-dropped-tokens|engine.py|cache.commit([[0] + v.accepted[: k - 1] for v, k in zip(verdicts, kept)])|cache.commit([[0] + v.accepted for v in verdicts])|STOPS
@@ -72,9 +74,10 @@ fit-leaves-one-more|engine.py|max((seqs - len(self.parked) - rows) // rows, 0) +
 fit-tokens-no-root|engine.py|t.prefix(max(tokens // rows - 1, 0))|t.prefix(max(tokens // rows, 0))|EDGES
 graft-follows-last|core/tree.py|nodes.setdefault(key, i)|nodes[key] = i|EDGES
 graft-parent-unmapped|core/tree.py|key = (-1 if par < 0 else where[par], tok)|key = (par, tok)|EDGES
-best-first-child-worth|drafters/stand.py|open_node(idx, tail[1:] + (int(drawn[rank]),), -neg)|open_node(idx, tail[1:] + (int(drawn[rank]),), worth)|BEST
-best-first-sibling-worth|drafters/stand.py|(-worth * sorted_q[rank + 1], next(tick), node, rank + 1)|(-worth * sorted_q[rank], next(tick), node, rank + 1)|BEST
-best-first-floor-ignored|drafters/stand.py|if -neg < floor:|if -neg < 0.0:|BEST
+best-first-child-worth|drafters/draws.py|self.open(idx, tail[1:] + (int(drawn[rank]),), -neg)|self.open(idx, tail[1:] + (int(drawn[rank]),), worth)|BEST
+best-first-sibling-worth|drafters/draws.py|(-worth * sorted_q[rank + 1], next(self.tick), node, rank + 1)|(-worth * sorted_q[rank], next(self.tick), node, rank + 1)|BEST
+best-first-floor-ignored|drafters/draws.py|if -neg < floor:|if -neg < 0.0:|BEST
+refill-redraws-used-ranks|drafters/stand.py|grower.open(node - 1, tail, worth[node], d, len(kids[node]))|grower.open(node - 1, tail, worth[node], d, 0)|REFILL
 residual-fallback-keeps-rejected|core/verify.py|kids[node][: kids[node].index(c) + 1]]] = 0.0|kids[node][: kids[node].index(c)]]] = 0.0|EDGES
 draw-past-the-end|core/verify.py|return int(np.flatnonzero(np.diff(c, prepend=0.0) > 0)[-1])|return len(c) - 1|EDGES
 isolation-fails-everyone|engine.py|                    self._pass(part, self._rebuilt(part), on_commit)|                    raise error|FAULTS
@@ -131,7 +134,7 @@ start=$SECONDS
 if [[ "${MUTANTS_BASELINE:-1}" != 0 ]]; then
     copy=$(fresh_copy baseline)
     if ! run_tests "$copy" "${STAND[@]}" "${ONE_HOT[@]:0:2}" "${TRUNCATED[@]}" "${GREEDY[@]}" "${EDGES[@]}" "${STOPS[@]}" \
-            "${BEST[@]}" "${FAULTS[@]}" "${SEARCH[@]}" "${CONTINUED[@]}"; then
+            "${BEST[@]}" "${REFILL[@]}" "${FAULTS[@]}" "${SEARCH[@]}" "${CONTINUED[@]}"; then
         echo "baseline: the chosen tests fail on unmutated src: $(first_failure "$copy")"
         exit 1
     fi

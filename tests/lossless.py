@@ -274,6 +274,7 @@ WRONG = [
     ("consensus", {"k": 1, "nodes": 6, "fuzzy": 1}, perturbed),  # one-hot siblings
     ("stand+consensus", {"k": 2, "topk": 2}, skewed),  # two stored tokens per context: the grafts get their turn
     ("stand", {"stochastic": False}, skewed_perturbed),
+    ("stand", {"refill": True}, skewed),  # refilled siblings continue their parent's draw, under its q
 ]
 
 
