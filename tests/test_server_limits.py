@@ -211,7 +211,8 @@ def test_rows_beyond_max_live_rows_wait(served, client):
         worker.engine.step = step
     assert [r.usage.completion_tokens for r in results] == [40] * 6
     assert peak[0] == LIMITS["max_live_rows"]
-    assert worker.rows == worker.tokens == 0 and not worker.live
+    # the worker gives rows back at the end of the step that ended them, which a client may outrun on a busy machine
+    wait_until(lambda: worker.rows == worker.tokens == 0 and not worker.live, 30)
 
 
 def test_tokenising_runs_off_the_event_loop(served, client):
