@@ -73,7 +73,8 @@ class BestFirst:
 
     def __init__(self, table: NGramTable, noise: GumbelNoise, deterministic: bool, min_n: int = 1, sharpen: float = 1.0,
                  tree: DraftTree | None = None):
-        self.table, self.noise, self.deterministic, self.min_n, self.sharpen = table, noise, deterministic, min_n, sharpen
+        self.table, self.noise, self.deterministic = table, noise, deterministic
+        self.min_n, self.sharpen = min_n, sharpen
         self.tree = tree if tree is not None else DraftTree()
         self.heap: list[tuple[float, int, int, int]] = []  # (-worth, tiebreak, node, rank); node -1 = the root
         self.opened: dict[int, tuple] = {}  # node -> (tokens in draw order, q, sorted probabilities, worth, tail)

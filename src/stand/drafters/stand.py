@@ -297,7 +297,12 @@ class StandDrafter(Drafter):
         cap = sum(map(len, kids))
         if not self.options.refill or len(tree) >= cap:
             return tree
-        return self._refill(BestFirst(table, noise, deterministic, self.options.min_n, self.options.sharpen, tree), root, made).grow(cap, floor)
+        return self._refill(self._grower(table, noise, deterministic, tree), root, made).grow(cap, floor)
+
+    def _grower(self, table: NGramTable, noise: GumbelNoise, deterministic: bool,
+                tree: DraftTree | None = None) -> BestFirst:
+        """A BestFirst drawing as this drafter's options say (min_n, sharpen), growing tree (default: a new one)."""
+        return BestFirst(table, noise, deterministic, self.options.min_n, self.options.sharpen, tree)
 
     @staticmethod
     def _refill(grower: BestFirst, root: list, made: list[list]) -> BestFirst:
@@ -332,7 +337,7 @@ class DynamicStandDrafter(StandDrafter):
 
     def draft_best_first(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool,
                          cap: int, floor: float) -> DraftTree:
-        grower = BestFirst(table, noise, deterministic, self.options.min_n, self.options.sharpen)
+        grower = self._grower(table, noise, deterministic)
         grower.open(-1, tuple(root_tail.tolist()), 1.0)
         return grower.grow(cap, floor)
 
