@@ -245,6 +245,14 @@ run_sharing() {  # what one table shared by the N samples of a question buys, ag
   done
 }
 
+run_overlap() {  # how much the N samples of a question repeat each other, by where a k-gram was written before: the
+  # prompt or the sample's own text, the other samples' text before the same position (a batch), every earlier
+  # sample (one after another), any other sample; plain decoding (BACKEND, default llama.cpp: the fastest plain n=8)
+  python3 -m stand.lab.overlap --dataset champ --first "${FIRST:-240}" --problems "${PROBLEMS8:-4}" \
+    --n "${NS:-8}" --max-new-tokens "${TOKENS:-512}" --backend "${BACKEND:-llama.cpp}" --orders 2,3,4,5 \
+    --json "$RESULTS/overlap.json" | tee -i "$RESULTS/overlap.txt"
+}
+
 run_ablation() {  # STAND's parts, one at a time, by A at an equal budget (--cost off --nodes 24), tuning problems
   # CHAMP 100+ (never the held-out ones), T=0.6: n=1, then n=8 with the table shared by the samples or not
   local first=${FIRST:-100} problems=${PROBLEMS:-3} problems8=${PROBLEMS8:-2} tokens=${TOKENS:-384} k=${BUDGET:-24}
