@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 
 from stand.errors import StandError
@@ -81,15 +82,17 @@ def measure(dataset: str, first: int, problems: int, n: int, max_new_tokens: int
     from stand.params import SamplingParams
     from stand.tts.problems import problem_range
 
+    from tqdm import tqdm
+
+    chosen = problem_range(dataset, first, problems)[:problems]
     target = resolve_target(None, backend, "auto", "auto", "none")
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     out = {k: Seen() for k in orders}
-    for p in problem_range(dataset, first, problems)[:problems]:
-        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    for p in tqdm(chosen, desc=f"{n} samples a problem", unit="problem", file=sys.stderr):
         samples = [s.token_ids for s in generate(p.prompt, target, params=params, n=n)[0]]
         prompt = encode_prompts(target, [p.prompt], True)[0]
         for k in orders:
             out[k].add(seen(prompt, samples, k))
-        print(f"problem {p.id}: {n} samples, {sum(map(len, samples))} tokens", flush=True)
     return out
 
 
