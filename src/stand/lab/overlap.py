@@ -47,7 +47,7 @@ def grams(tokens: list[int], k: int) -> list[tuple]:
 
 
 def first_ends(prompt: list[int], sample: list[int], k: int) -> dict[tuple, int]:
-    """k-gram -> the generated position where it first ends in prompt + sample (-1: in the prompt alone)."""
+    """k-gram -> the generated position where it first ends in prompt + sample (negative: inside the prompt)."""
     out: dict[tuple, int] = {}
     for i, g in enumerate(grams(prompt + sample, k)):
         out.setdefault(g, i + k - 1 - len(prompt))
