@@ -46,31 +46,30 @@ def grams(tokens: list[int], k: int) -> list[tuple]:
     return [tuple(tokens[i:i + k]) for i in range(len(tokens) - k + 1)]
 
 
-def first_ends(prompt: list[int], sample: list[int], k: int) -> dict[tuple, int]:
-    """k-gram -> the generated position where it first ends in prompt + sample (negative: inside the prompt)."""
+def first_ends(gs: list[tuple], prompt_len: int, k: int) -> dict[tuple, int]:
+    """The k-grams of prompt + sample (grams) -> the generated position where each first ends (negative: in the prompt)."""
     out: dict[tuple, int] = {}
-    for i, g in enumerate(grams(prompt + sample, k)):
-        out.setdefault(g, i + k - 1 - len(prompt))
+    for i, g in enumerate(gs):
+        out.setdefault(g, i + k - 1 - prompt_len)
     return out
 
 
 def seen(prompt: list[int], samples: list[list[int]], k: int) -> Seen:
     """Where the k-grams ending at the generated tokens of each sample were written before (see the module)."""
-    firsts = [first_ends(prompt, s, k) for s in samples]
+    texts = [grams(prompt + s, k) for s in samples]  # per sample: entry i ends at token i+k-1 of prompt + sample
+    firsts = [first_ends(gs, len(prompt), k) for gs in texts]
     counts = Seen()
-    for j, s in enumerate(samples):
-        full = prompt + s
-        for t in range(len(s)):
-            end = len(prompt) + t
-            if end < k - 1:
+    for j, gs in enumerate(texts):
+        for i, g in enumerate(gs):
+            t = i + k - 1 - len(prompt)  # the generated position the k-gram ends at
+            if t < 0:
                 continue
-            g = tuple(full[end - k + 1:end + 1])
-            others = [(i, f[g]) for i, f in enumerate(firsts) if i != j and g in f]
+            others = [(o, f[g]) for o, f in enumerate(firsts) if o != j and g in f]
             own = firsts[j][g] < t
             counts.total += 1
             counts.own += own
             counts.lockstep += own or any(pos < t for _, pos in others)
-            counts.earlier += own or any(i < j for i, _ in others)
+            counts.earlier += own or any(o < j for o, _ in others)
             counts.any += own or bool(others)
     return counts
 
@@ -78,19 +77,19 @@ def seen(prompt: list[int], samples: list[list[int]], k: int) -> Seen:
 def measure(dataset: str, first: int, problems: int, n: int, max_new_tokens: int, temperature: float, seed: int,
             orders: tuple[int, ...], backend: str) -> dict[int, Seen]:
     """Samples n plain continuations of each problem and counts their k-grams for every k in orders."""
+    from tqdm import tqdm
+
     from stand.api import encode_prompts, generate, resolve_target
     from stand.params import SamplingParams
     from stand.tts.problems import problem_range
 
-    from tqdm import tqdm
-
-    chosen = problem_range(dataset, first, problems)[:problems]
+    chosen = problem_range(dataset, first, problems)
     target = resolve_target(None, backend, "auto", "auto", "none")
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     out = {k: Seen() for k in orders}
     for p in tqdm(chosen, desc=f"{n} samples a problem", unit="problem", file=sys.stderr):
-        samples = [s.token_ids for s in generate(p.prompt, target, params=params, n=n)[0]]
-        prompt = encode_prompts(target, [p.prompt], True)[0]
+        prompt = encode_prompts(target, [p.prompt])[0]  # encoded once: the counts and the samples use these ids
+        samples = [s.token_ids for s in generate([prompt], target, params=params, n=n)[0]]
         for k in orders:
             out[k].add(seen(prompt, samples, k))
     return out
