@@ -11,7 +11,7 @@
 # DTYPE (torch: auto = the faster of bfloat16 and float32 here, measured once), REPEATS, FIRST (index of the first
 # CHAMP problem), PROBLEMS, PROBLEMS8 (problems at n=8), TOKENS (new tokens per sample), METHODS8 (int4-n8), TEMPS, BUDGETS and SPEED
 # (acceptance: the temperatures, node budgets, and SPEED=0 for A alone), LEVELS, EQUAL, CHAMP, BACKEND (search), NS and BUDGET
-# (sharing). machine.txt records them.
+# (sharing; NS also overlap). machine.txt records them.
 # A Ctrl-C still writes the rows of the problems that every method finished.
 #
 # Adding a run: a function run_NAME (dashes in NAME become underscores) that writes its files into "$RESULTS".
@@ -248,8 +248,9 @@ run_sharing() {  # what one table shared by the N samples of a question buys, ag
 run_overlap() {  # how much the N samples of a question repeat each other, by where a k-gram was written before: the
   # prompt or the sample's own text, the other samples' text before the same position (a batch), every earlier
   # sample (one after another), any other sample; plain decoding (BACKEND, default llama.cpp: the fastest plain n=8)
+  local ns=${NS:-8}  # a list, as for sharing: its largest N
   python3 -m stand.lab.overlap --dataset champ --first "${FIRST:-240}" --problems "${PROBLEMS8:-4}" \
-    --n "${NS:-8}" --max-new-tokens "${TOKENS:-512}" --backend "${BACKEND:-llama.cpp}" --orders 2,3,4,5 \
+    --n "${ns##*,}" --max-new-tokens "${TOKENS:-512}" --backend "${BACKEND:-llama.cpp}" --orders 2,3,4,5 \
     --json "$RESULTS/overlap.json" | tee -i "$RESULTS/overlap.txt"
 }
 
