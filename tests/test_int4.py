@@ -166,6 +166,21 @@ def test_int4_next_logits_match_the_forward(q4_file):
     assert torch.allclose(target.next_logits([[5, 9], [7, 3]]).double(), ref.double(), atol=1e-4)
 
 
+def test_int4_cache_is_float32_and_the_server_counts_it(q4_file):
+    """The int4 forward keeps K and V in float32 (attention reads them without a per-layer conversion); the
+    server's memory bound counts 4 bytes per cached value for it, not the skeleton's bfloat16."""
+    from stand.server.memory import _torch_kv_bytes
+
+    path, tok, _ = q4_file
+    target = load_int4(path, tokenizer=tok)
+    cache = target.inner_cache()
+    cache.reserve(1, 3)
+    assert cache.layer(0)[0].dtype == torch.float32
+    cfg = target.model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert _torch_kv_bytes(target) == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
+
+
 def test_hf_directory_is_quantized_on_load_with_a_warning(tmp_path, caplog):
     import logging
 

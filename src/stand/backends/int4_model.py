@@ -9,9 +9,12 @@ layer in the dense lean forward) cost as much as the products. This layer runs a
 - RMS norms as one `F.rms_norm` with the weight;
 - Q and K rows kept in GGUF's interleaved-pairs order (int4.py puts them there), so rotary embedding is one
   complex multiplication in float32 (a dot product does not change when both sides permute alike);
-- attention in float32 over the bfloat16 cache, the query heads of each KV head as one product (lean.py's
-  `grouped_attention`, for every pass width): as fast here as a float32 cache with
-  `scaled_dot_product_attention`, at half the cache's memory;
+- the KV cache in float32 and attention in float32, the query heads of each KV head as one product (lean.py's
+  `grouped_attention`, every pass width): the rotated keys are float32 already, so nothing is converted per
+  layer. A bfloat16 cache halves the cache's memory but is converted for float32 attention at every layer, a cost
+  that grows with the context (docs/results.md#torch-int4). torch's fused `scaled_dot_product_attention` is
+  faster still for one query (about 1 ms a pass at 500 cached tokens) but farther from a float64 reference of the
+  default model (mean logit error 0.14 against 0.06 on a masked one-token step), so it is not used;
 - SiLU and the gate product in place.
 docs/backends.md lists what each cut gained.
 """
@@ -40,14 +43,14 @@ def pair_rows(rows: int, heads: int) -> torch.Tensor:
 
 class Int4Model(LeanModel):
     """LeanModel whose layers run the int4 recipe above; rope: (cos, sin) tables as LeanModel's, Q/K rows of
-    every layer in pairs order; the residual stream in float32, the cache and the products' inputs and outputs in
+    every layer in pairs order; the residual stream and the cache in float32, the products' inputs and outputs in
     `compute` (the int4 kernels' bfloat16; float32 for exact references). embed may return either."""
 
     def __init__(self, cfg: LeanConfig, embed, layers: list[LeanLayer], norm, lm_head, rope,
                  compute: torch.dtype = torch.bfloat16, device="cpu"):
         super().__init__(cfg, embed, layers, norm, lm_head, rope, torch.float32, device)
         self.cis = rope_cis(self.cos, self.sin).to(self.device)  # [P, D/2]
-        self.compute = self.cache_dtype = compute
+        self.compute = compute
 
     def rope(self, pos: torch.Tensor) -> torch.Tensor:
         """pos [B, T] -> the rotations at those positions, complex [B, T, 1, D/2]."""
@@ -71,7 +74,7 @@ class Int4Model(LeanModel):
         qkv = layer.qkv(x)  # [B, T, (H + 2 Hkv) D]
         qk = torch.view_as_complex(qkv[..., : nqk * D].float().view(B, T, nqk, D // 2, 2))
         qk = torch.view_as_real(qk * cis).view(B, T, nqk, D)  # rotated, float32
-        keys, values = kv  # [B, Hkv, capacity, D]
+        keys, values = kv  # [B, Hkv, capacity, D] float32
         keys[:, :, S:S + T] = qk[:, :, H:].transpose(1, 2)
         values[:, :, S:S + T] = qkv[..., nqk * D:].view(B, T, c.kv_heads, D).transpose(1, 2)
         out = grouped_attention(qk[:, :, :H], keys[:, :, : S + T], values[:, :, : S + T], mask, self.scale)

@@ -242,7 +242,8 @@ def _torch_kv_bytes(target) -> int:
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    size = next(target.model.parameters()).element_size()
+    lean = getattr(target, "lean", None)  # the lean forwards keep their own cache dtype (int4: float32)
+    size = lean.cache_dtype.itemsize if lean is not None else next(target.model.parameters()).element_size()
     return cfg.num_hidden_layers * 2 * kv_heads * head_dim * size
 
 
