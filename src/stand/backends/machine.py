@@ -55,8 +55,9 @@ def cpu_key() -> dict:
 
 # ---- the cost grid -------------------------------------------------------------------------------------
 
-GRID_METHOD = 4  # how grids are measured (2: fastest of interleaved rounds, busy machines not cached; 3: the lean
-# forward's bfloat16 one-query attention; 4: int4 and measured backend choices): older grids and choices are measured again
+GRID_METHOD = 5  # how grids are measured (2: fastest of interleaved rounds, busy machines not cached; 3: the lean
+# forward's bfloat16 one-query attention; 4: int4 and measured backend choices; 5: int4's float32 cache): older grids
+# and choices are measured again
 
 
 def machine_key(target: Backend) -> dict:
