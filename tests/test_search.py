@@ -418,18 +418,49 @@ def test_every_step_follows_the_model_under_every_drafter(backend, method, wrap,
 # ---- the benchmark -----------------------------------------------------------------------------------------------
 
 def test_search_bench_rows_and_ratios(tiny):
-    from stand.lab.search_bench import STRATEGIES, SearchBenchConfig, bench_search, summary, table
+    from stand.lab.search_bench import STRATEGIES, SearchBenchConfig, bench_search, records, summary, table
     from stand.tts.problems import Problem
 
     cfg = SearchBenchConfig(["none", "stand"], list(STRATEGIES), 4, SamplingParams(0.8, max_new_tokens=16, seed=0),
                             SpecConfig(cost_grid="off"), SearchConfig(2, "a", 6, 4)).validate()
     problems = [Problem("p0", "abcabc 12 12", answer="1"), Problem("p1", "hello hello", answer="2")]
     results = bench_search(tiny, problems, cfg)
-    rows = {(r["strategy"], r["method"]): r for r in summary(results)}
+    rows = {(r["strategy"], r["method"]): r for r in summary(records(results))}
     assert set(rows) == {(s, m) for s in STRATEGIES for m in ("none", "stand")}
     assert all(r["problems"] == 2 for r in rows.values())
     for m in ("none", "stand"):  # best-of-N answers from the self-consistency samples
         assert [s.new_tokens for s in results[("best-of-n", m)]] == [s.new_tokens for s in results[("self-consistency", m)]]
         assert rows[("single", m)]["A_vs_single"] == 1.0 and rows[("dvts", "none")]["time_vs_none"] == 1.0
     assert rows[("dvts", "none")]["A"] == 1.0 and rows[("beam", "stand")]["A"] > 1.0
-    assert "dvts" in table(summary(results)).splitlines()[-1]
+    assert "dvts" in table(summary(records(results))).splitlines()[-1]
+    assert rows[("single", "none")]["correct"] == sum(bool(s.correct) for s in results[("single", "none")])
+
+
+def test_search_bench_runs_merge_into_one_summary(tmp_path):
+    """Two runs over different problems read as one: counts, tokens and seconds add up; the same problem twice, or
+    another configuration, is refused with a message."""
+    import json
+
+    from stand.lab.search_bench import main, merge
+
+    def run(ids, correct, seconds):
+        recs = [{"strategy": "dvts", "method": m, "id": i, "answer": "1", "correct": c, "judged": True,
+                 "tokens": 100, "seconds": sec, "passes": p, "rounds": 3}
+                for i, c in zip(ids, correct) for m, sec, p in (("none", seconds, 100), ("stand", seconds / 2, 50))]
+        return {"config": {"n": 8}, "machine": {}, "summary": [], "problems": recs}
+
+    a, b, c = (str(tmp_path / f) for f in ("a.json", "b.json", "c.json"))
+    json.dump(run(["p0", "p1"], [True, False], 2.0), open(a, "w"))
+    json.dump(run(["p2"], [True], 4.0), open(b, "w"))
+    rows = {r["method"]: r for r in merge([a, b])["summary"]}
+    assert rows["none"]["problems"] == 3 and rows["none"]["correct"] == 2
+    assert rows["stand"]["seconds"] == 4.0 and rows["stand"]["time_vs_none"] == 0.5 and rows["stand"]["A"] == 2.0
+    with pytest.raises(StandError, match="share a problem"):
+        merge([a, a])
+    other = run(["p3"], [True], 1.0)
+    other["config"] = {"n": 4}
+    json.dump(other, open(c, "w"))
+    with pytest.raises(StandError, match="another configuration"):
+        merge([a, c])
+    with pytest.raises(SystemExit, match="another configuration"):
+        main([a, c])

@@ -117,7 +117,7 @@ def search_bench_cmd(
     from tqdm import tqdm
 
     from stand.core.files import write_json
-    from stand.lab.search_bench import SearchBenchConfig, as_json, bench_search, summary, table
+    from stand.lab.search_bench import SearchBenchConfig, as_json, bench_search, records, summary, table
     from stand.tts.problems import load_dataset
 
     cfg = SearchBenchConfig(names(methods), names(strategies), n, sampling(temperature, top_p, top_k, max_new_tokens, seed),
@@ -140,7 +140,7 @@ def search_bench_cmd(
         write_json(json_path, as_json(results, cfg, machine), indent=2)
     typer.echo(f"{dataset}, problems {first + 1}-{first + len(items)}, n={n}, width {width}, T={temperature}, "
                f"{target.name} on {target.kind}")
-    typer.echo(table(summary(results)))
+    typer.echo(table(summary(records(results))))
     finished = min(len(sols) for sols in results.values())
     if finished < len(items):
         typer.echo(f"interrupted: the rows cover the {finished} problems every strategy and method finished", err=True)

@@ -98,16 +98,30 @@ def redecide(problem: Problem, sol: Solution, config: SolveConfig) -> Solution:
     return decide(problem, sol.samples, config, sol.schedule, sol.seconds, sol.passes)
 
 
-def summary(results: dict[tuple[str, str], list[Solution]]) -> list[dict]:
-    """A row per (strategy, method): accuracy, tokens per problem, seconds, tok/s, A, and the ratios: time against
-    `none` on the same strategy, A against the same method's single sample."""
+def records(results: dict[tuple[str, str], list[Solution]]) -> list[dict]:
+    """Every problem's figures per (strategy, method), as the JSON keeps them (and `merge` reads them back)."""
+    return [{"strategy": s, "method": m, "id": sol.id, "answer": sol.answer, "correct": sol.correct,
+             "judged": sol.reference is not None, "tokens": sol.new_tokens, "seconds": sol.seconds,
+             "passes": sol.passes, "rounds": None if sol.rounds is None else len(sol.rounds)}
+            for (s, m), sols in results.items() for sol in sols]
+
+
+def summary(per_problem: list[dict]) -> list[dict]:
+    """A row per (strategy, method), in first-seen order: accuracy, tokens per problem, seconds, tok/s, A, and the
+    ratios: time against `none` on the same strategy, A against the same method's single sample. A record without
+    "judged" (files written before it was kept) counts as judged: every dataset the bench takes has references."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in per_problem:
+        groups.setdefault((r["strategy"], r["method"]), []).append(r)
     rows = []
-    for (strategy, method), sols in results.items():
-        toks, secs, passes = (sum(getattr(s, a) for s in sols) for a in ("new_tokens", "seconds", "passes"))
-        acc = accuracy(sols)
-        rows.append({"strategy": strategy, "method": method, "problems": len(sols), "accuracy": acc["accuracy"],
-                     "correct": acc["correct"], "no_answer": acc["no_answer"],
-                     "tokens_per_problem": toks / max(len(sols), 1), "seconds": secs,
+    for (strategy, method), recs in groups.items():
+        toks, secs, passes = (sum(r[a] for r in recs) for a in ("tokens", "seconds", "passes"))
+        judged = [r for r in recs if r.get("judged", True)]
+        right = sum(1 for r in judged if r["correct"])
+        rows.append({"strategy": strategy, "method": method, "problems": len(recs),
+                     "accuracy": right / len(judged) if judged else None, "correct": right,
+                     "no_answer": sum(1 for r in judged if r["answer"] is None),
+                     "tokens_per_problem": toks / max(len(recs), 1), "seconds": secs,
                      "tok_per_s": toks / secs if secs > 0 else 0.0, "A": toks / max(passes, 1)})
     by = {(r["strategy"], r["method"]): r for r in rows}
     for r in rows:
@@ -134,12 +148,53 @@ def _ratio(x: float | None) -> str:
 
 def as_json(results: dict[tuple[str, str], list[Solution]], cfg: SearchBenchConfig, machine: dict) -> dict:
     """Config, machine, the summary rows and every problem's figures per (strategy, method)."""
-    per_problem = [{"strategy": s, "method": m, "id": sol.id, "answer": sol.answer, "correct": sol.correct,
-                    "tokens": sol.new_tokens, "seconds": sol.seconds, "passes": sol.passes,
-                    "rounds": None if sol.rounds is None else len(sol.rounds)}
-                   for (s, m), sols in results.items() for sol in sols]
+    per_problem = records(results)
     config = {"methods": cfg.methods, "strategies": cfg.strategies, "n": cfg.n, "params": asdict(cfg.params),
               "spec": asdict(cfg.spec), "schedule": cfg.schedule,
               "search": {k: v for k, v in asdict(cfg.search).items() if k != "is_final"}}
-    return {"config": config, "machine": machine, "summary": summary(results), "problems": per_problem,
+    return {"config": config, "machine": machine, "summary": summary(per_problem), "problems": per_problem,
             "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def merge(paths: list[str]) -> dict:
+    """Runs of the same configuration on different problems (e.g. problems 1-24, then 25-40) as one: their
+    per-problem figures together, the summary computed again. Each time ratio then sums both runs' seconds, so
+    each run must have timed `none` and the method on its own problems, as every run does."""
+    from stand.core import files
+
+    runs = [files.read_json(p, "search-bench results") for p in paths]
+    if not all(isinstance(r, dict) and {"config", "problems"} <= r.keys() for r in runs):
+        raise StandError("each file must be a `stand search-bench --json` file")
+    first = runs[0]["config"]
+    for path, r in zip(paths[1:], runs[1:]):
+        if r["config"] != first:
+            raise StandError(f"{path} was run with another configuration than {paths[0]}")
+    per_problem = [rec for r in runs for rec in r["problems"]]
+    seen = [(rec["strategy"], rec["method"], rec["id"]) for rec in per_problem]
+    if len(set(seen)) != len(seen):
+        raise StandError("the files share a problem: merge runs over different problems")
+    return {"config": first, "machines": [r.get("machine") for r in runs], "summary": summary(per_problem),
+            "problems": per_problem, "merged_from": paths}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m stand.lab.search_bench A.json B.json [--json OUT]: the runs merged, as a table."""
+    import argparse
+
+    from stand.core import files
+
+    ap = argparse.ArgumentParser(description=merge.__doc__)
+    ap.add_argument("paths", nargs="+")
+    ap.add_argument("--json", default=None, help="write the merged runs here")
+    args = ap.parse_args(argv)
+    try:
+        merged = merge(args.paths)
+    except StandError as e:
+        raise SystemExit(f"error: {e}")
+    if args.json:
+        files.write_json(args.json, merged, indent=2)
+    print(table(merged["summary"]))
+
+
+if __name__ == "__main__":
+    main()
