@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from stand.api import Target, encode_prompts, make_engine
+from stand.core import files
 from stand.errors import StandError
 from stand.methods import check_method
 from stand.params import SamplingParams, SpecConfig
@@ -160,8 +161,6 @@ def merge(paths: list[str]) -> dict:
     """Runs of the same configuration on different problems (e.g. problems 1-24, then 25-40) as one: their
     per-problem figures together, the summary computed again. Each time ratio then sums both runs' seconds, so
     each run must have timed `none` and the method on its own problems, as every run does."""
-    from stand.core import files
-
     runs = [files.read_json(p, "search-bench results") for p in paths]
     if not all(isinstance(r, dict) and {"config", "problems"} <= r.keys() for r in runs):
         raise StandError("each file must be a `stand search-bench --json` file")
@@ -180,8 +179,6 @@ def merge(paths: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """python -m stand.lab.search_bench A.json B.json [--json OUT]: the runs merged, as a table."""
     import argparse
-
-    from stand.core import files
 
     ap = argparse.ArgumentParser(description=merge.__doc__)
     ap.add_argument("paths", nargs="+")
