@@ -21,7 +21,9 @@ PROMPT = "Tell me a story about a cat."
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     model_dir = save_tiny(str(tmp_path_factory.mktemp("tiny")))
-    config = ServerConfig(model=model_dir, method="stand", api_key="test-key", max_n=4, max_live_rows=8)
+    # float32 pinned: the greedy text is compared alone and beside other rows (see test_server_faults.py)
+    config = ServerConfig(model=model_dir, method="stand", dtype="float32", api_key="test-key", max_n=4,
+                          max_live_rows=8)
     with running(config) as (base, app):
         wait_until(lambda: healthy(base), 120)
         yield base, app
