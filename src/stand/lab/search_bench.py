@@ -20,7 +20,7 @@ from stand.methods import check_method
 from stand.params import SamplingParams, SpecConfig
 from stand.tts.problems import Problem
 from stand.tts.search import SearchConfig
-from stand.tts.solve import SolveConfig, Solution, accuracy, decide, search_one, solve_one
+from stand.tts.solve import SolveConfig, Solution, decide, search_one, solve_one
 
 STRATEGIES = ("single", "self-consistency", "best-of-n", "beam", "dvts")
 Progress = Callable[[str], None]  # a line saying what runs now
