@@ -78,7 +78,7 @@ best-first-child-worth|drafters/draws.py|self.open(idx, tail[1:] + (int(drawn[ra
 best-first-sibling-worth|drafters/draws.py|(-worth * sorted_q[rank + 1], next(self.tick), node, rank + 1)|(-worth * sorted_q[rank], next(self.tick), node, rank + 1)|BEST
 best-first-floor-ignored|drafters/draws.py|if -neg < floor:|if -neg < 0.0:|BEST
 refill-redraws-used-ranks|drafters/stand.py|grower.open(node - 1, tail, worth[node], d, len(kids[node]))|grower.open(node - 1, tail, worth[node], d, 0)|REFILL
-residual-fallback-keeps-rejected|core/verify.py|kids[node][: kids[node].index(c) + 1]]] = 0.0|kids[node][: kids[node].index(c)]]] = 0.0|EDGES
+residual-fallback-keeps-rejected|core/verify.py|rejected = [tree.tokens[k - 1] for k in kids[node][: kids[node].index(c) + 1]]|rejected = [tree.tokens[k - 1] for k in kids[node][: kids[node].index(c)]]|EDGES
 draw-past-the-end|core/verify.py|return int(np.flatnonzero(np.diff(c, prepend=0.0) > 0)[-1])|return len(c) - 1|EDGES
 isolation-fails-everyone|engine.py|                    self._pass(part, self._rebuilt(part), on_commit)|                    raise error|FAULTS
 step-cut-late|tts/search.py|cut, text = hit, target.decode(gen[:hit])|cut, text = min(hit + 1, cut), target.decode(gen[:hit])|SEARCH

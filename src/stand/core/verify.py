@@ -88,6 +88,18 @@ def _proposal(q: SparseDist | None, token: int, drawn: list[int]) -> tuple[np.nd
     return q.ids[keep], probs / probs.sum()
 
 
+def residual(p: np.ndarray, total: float, ids: np.ndarray, qp: np.ndarray, base: torch.Tensor,
+             rejected: list[int]) -> np.ndarray:
+    """p (float64 [V], unnormalised, summing to total) after a draft drawn from qp over ids was rejected: the residual
+    max(p - q, 0), in place; where p was q up to rounding, base (the node's distribution) less the rejected drafts."""
+    p[ids] = np.maximum(p[ids] / total - qp, 0.0) * total
+    if p.sum() > 1e-12 * total:
+        return p
+    p = base.double().numpy().copy()
+    p[rejected] = 0.0
+    return p
+
+
 def verify_sample(tree: DraftTree, probs: torch.Tensor, rng: np.random.Generator) -> Verdict:
     """probs: [M+1, V] the target's sampler distribution at every node (root-0 indexing)."""
     kids = tree.children()
@@ -106,10 +118,8 @@ def verify_sample(tree: DraftTree, probs: torch.Tensor, rng: np.random.Generator
             if rng.random() * q_tok < p[tok] / total:  # accept with min(1, p(x)/q(x))
                 nxt = c
                 break
-            p[ids] = np.maximum(p[ids] / total - qp, 0.0) * total  # residual max(p - q, 0)
-            if p.sum() <= 1e-12 * total:  # p was q up to rounding: fall back to p less the rejected drafts
-                p = probs[node].double().numpy().copy()
-                p[[tree.tokens[k - 1] for k in kids[node][: kids[node].index(c) + 1]]] = 0.0
+            rejected = [tree.tokens[k - 1] for k in kids[node][: kids[node].index(c) + 1]]
+            p = residual(p, total, ids, qp, probs[node], rejected)
         if nxt is None:
             return Verdict(accepted, _draw(p, p.sum(), rng))
         accepted.append(nxt)

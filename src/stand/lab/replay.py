@@ -1,0 +1,185 @@
+"""Drafters compared on the same texts: each drafter replays fixed sampled traces, and every step scores the
+tokens the real verifier would accept from its tree on average (exactly, not by one draw).
+
+Why: at T > 0 every run of `stand bench` samples its own texts, and A depends on the text (a trace that loops is
+drafted well, one that ends early leaves the table cold), so two drafter variants differ by more between runs than
+between themselves unless hundreds of samples are drawn. Here the texts are drawn once, by plain decoding; each
+variant then decodes them again with its drafter proposing a tree at every step, the target verifying it in the
+same pass as the engine runs, and the row committing the trace's own next tokens (the tree's nodes along the trace,
+then the trace's next token: an outcome the verifier could have drawn). What a step scores is 1 + the expected
+number of accepted nodes under recursive rejection sampling (core/verify.py), computed from the target's
+distributions at every node, so neither the text nor the verifier's draws add noise; the drafter's own random
+draws (Gumbel-Top-K) remain. The drafter learns from each step as it would in a run (observe, with the committed
+path as the verdict).
+
+    python -m stand.lab.replay --first 112 --problems 12 --variants stand:24,stand:64 --max-new-tokens 768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from stand.core.sequence import Row
+from stand.core.tree import DraftTree
+from stand.core.verify import Verdict, _proposal, residual, sampler_probs
+from stand.engine import Engine
+from stand.params import SamplingParams, SpecConfig
+
+
+def expected_accepted(tree: DraftTree, probs: torch.Tensor) -> float:
+    """Expected accepted draft nodes of `tree` under verify_sample, given the sampler distributions probs [M+1, V]
+    at the root and every node: at each node the children are tried in draw order against the running residual,
+    child c accepted with chance min(1, p(c) / q(c)) once its elder siblings were rejected."""
+    kids = tree.children()
+
+    def below(node: int) -> float:
+        if not kids[node]:
+            return 0.0
+        p = probs[node].double().numpy().copy()  # [V] the residual, unnormalised
+        reach, gained, drawn = 1.0, 0.0, {}
+        for k, c in enumerate(kids[node]):
+            tok, q = tree.tokens[c - 1], tree.qs[c - 1]
+            ids, qp = _proposal(q, tok, drawn.setdefault(id(q), []))
+            drawn[id(q)].append(tok)
+            total = p.sum()
+            a = min(1.0, p[tok] / total / qp[ids == tok][0])
+            gained += reach * a * (1.0 + below(c))
+            reach *= 1.0 - a
+            if reach <= 0.0:
+                break
+            p = residual(p, total, ids, qp, probs[node], [tree.tokens[j - 1] for j in kids[node][: k + 1]])
+        return gained
+
+    return below(0)
+
+
+def follow(tree: DraftTree, ahead: list[int]) -> list[int]:
+    """The tree's nodes (root-0 ids) along the tokens `ahead`, as far as they match."""
+    kids, node, path = tree.children(), 0, []
+    for tok in ahead:
+        nxt = next((c for c in kids[node] if tree.tokens[c - 1] == tok), None)
+        if nxt is None:
+            break
+        path.append(nxt)
+        node = nxt
+    return path
+
+
+class Replay(Engine):
+    """An engine whose rows commit their traces' tokens instead of what a draw would pick; each step's expected
+    tokens (1 + expected accepted nodes) and nodes drafted are recorded per row."""
+
+    def __init__(self, target, drafter, traces: dict[int, list[int]]):
+        super().__init__(target, drafter)
+        self.traces = traces  # row uid -> prompt + the generated tokens to replay
+        self.scores: dict[int, list[tuple[float, int]]] = {uid: [] for uid in traces}
+
+    def _verify(self, r: Row, tree: DraftTree, logits: torch.Tensor, learns: bool):
+        probs = sampler_probs(logits[: len(tree) + 1], r.params)  # [M+1, V]
+        self.scores[r.uid].append((1.0 + expected_accepted(tree, probs), len(tree)))
+        trace, at = self.traces[r.uid], len(r.tokens)
+        path = follow(tree, trace[at:])[: len(trace) - at - 1]  # the trace's next token always follows the path
+        return Verdict(path, trace[at + len(path)]), probs
+
+
+@dataclass
+class Variant:
+    method: str  # a bench method, options in brackets: stand[learn_drafts=false]
+    nodes: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        method, _, nodes = text.rpartition(":")
+        return cls(method, int(nodes))
+
+
+def sample_traces(target, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """One plain-decoded sample per prompt (seed + i), the texts every variant replays."""
+    from stand.drafters.registry import make_drafter
+
+    engine = Engine(target, make_drafter(SpecConfig(method="none"), target.vocab_size))
+    rows = [Row(p, replace(params, seed=params.seed + i), group=i) for i, p in enumerate(prompts)]
+    return [r.tokens for r in engine.run(rows)]
+
+
+def replay(target, traces: list[tuple[list[int], list[int]]], variant: Variant, params: SamplingParams,
+           progress=None) -> dict:
+    """Every (prompt, trace) replayed one after another, a fresh drafter per trace (a table per question)."""
+    from stand.drafters.registry import make_drafter
+    from stand.lab.bench import with_options
+
+    base, options = with_options(variant.method)
+    spec = SpecConfig(method=base, options=options, nodes=variant.nodes, cost_grid="off").validate()
+    per_trace = []
+    for i, (prompt, trace) in enumerate(traces):
+        row = Row(prompt, replace(params, seed=params.seed + i, max_new_tokens=len(trace) - len(prompt)), group=i)
+        engine = Replay(target, make_drafter(spec, target.vocab_size, target), {row.uid: trace})
+        engine.run([row])
+        assert row.tokens == trace, "a replay commits its trace's tokens"
+        per_trace.append(engine.scores[row.uid])
+        if progress:
+            progress(1)
+    steps = [s for scores in per_trace for s in scores]
+    return {"variant": f"{variant.method}:{variant.nodes}", "steps": len(steps),
+            "expected_A": float(np.mean([a for a, _ in steps])), "nodes_per_step": float(np.mean([n for _, n in steps])),
+            "per_trace": [float(np.mean([a for a, _ in s])) if s else None for s in per_trace]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tqdm import tqdm
+
+    from stand.api import load_target
+    from stand.tts.problems import problem_range
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", default="champ")
+    ap.add_argument("--first", type=int, default=112)
+    ap.add_argument("--problems", type=int, default=12)
+    ap.add_argument("--variants", default="stand:24,stand:64", help="method:nodes, comma-separated")
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--max-new-tokens", type=int, default=768)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="torch")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--traces", help="JSON of traces to reuse (written there when absent)")
+    ap.add_argument("--json", help="where to write the results")
+    args = ap.parse_args(argv)
+    target = load_target(None, args.backend, args.dtype)
+    params = SamplingParams(args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    prompts = [target.encode(p.prompt) for p in problem_range(args.dataset, args.first, args.problems)]
+    if args.traces and os.path.exists(args.traces):
+        with open(args.traces) as f:
+            traces = [list(t) for t in json.load(f)]
+    else:
+        traces = sample_traces(target, prompts, params)
+        if args.traces:
+            with open(args.traces, "w") as f:
+                json.dump(traces, f)
+    pairs = list(zip(prompts, traces))
+    variants = [Variant.parse(v) for v in args.variants.split(",")]
+    results = []
+    with tqdm(total=len(pairs) * len(variants), desc="replay", unit="trace", file=sys.stderr) as bar:
+        for v in variants:
+            results.append(replay(target, pairs, v, params, bar.update))
+            r = results[-1]
+            tqdm.write(f"{r['variant']:32s} expected A {r['expected_A']:.3f}  nodes/step {r['nodes_per_step']:.1f}  "
+                       f"steps {r['steps']}", file=sys.stderr)
+    tokens = sum(len(t) - len(p) for p, t in pairs)
+    print(f"{args.dataset} {args.first + 1}-{args.first + args.problems}, {tokens} tokens replayed, T={args.temperature}")
+    print("| variant | expected A | nodes/step | steps |\n|---|---|---|---|")
+    for r in results:
+        print(f"| {r['variant']} | {r['expected_A']:.3f} | {r['nodes_per_step']:.1f} | {r['steps']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "tokens": tokens, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
