@@ -76,6 +76,29 @@ def test_calibration_on_tiny_model(tiny, tmp_path):
     assert cfg2.problems == 4 and len(cfg2.parts) == 2
 
 
+def test_second_stage_counts_the_first_stage_tree_anew(tiny, tmp_path):
+    prompts = [tiny.encode(t) for t in TEXTS]
+    grid = CostGrid({1: {1: 10.0, 8: 11.0, 64: 30.0}})
+    first = CalibrateConfig(problems=2, max_new_tokens=40, template_size=120, max_m=60, temperature=0.8, keep=30)
+    path1 = str(tmp_path / "first.json")
+    meta1 = save(calibrate(tiny, prompts, first, grid=grid), tiny, first, path1)
+    second = CalibrateConfig(problems=2, max_new_tokens=40, max_m=60, temperature=0.8, keep=12, seed=5, tree=path1)
+    cal = calibrate(tiny, prompts, second.validate(), grid=grid)
+    assert len(cal.template) == 30 and len(cal.hits) == 30 and len(cal.tree) == 12  # the first tree's nodes, ranked anew
+    path2 = str(tmp_path / "second.json")
+    meta = save(cal, tiny, second, path2)
+    _, old = top_m(cal.template, cal.hits, 12)
+    assert meta["hits"] == [int(cal.hits[j]) for j in old] and meta["steps"] == cal.steps
+    assert meta["template_hits"] == meta1["template_hits"] and meta["first_stage"]["tree"] == path1
+    d = StandDrafter(SpecConfig(method="stand", tree=path2), tiny.vocab_size)
+    assert sum(map(len, d._cut(40))) == 40  # beyond the tree: grown from the first stage's large-template counts
+    with pytest.raises(StandError, match="second stage"):
+        recount([path2], grid)
+    (tmp_path / "t.json").write_text("{}")
+    with pytest.raises(StandError, match="not a stand tree"):
+        CalibrateConfig(tree=str(tmp_path / "t.json")).validate()
+
+
 def test_tree_for_another_vocabulary_warns(tmp_path):
     path = tmp_path / "t.json"
     heuristic(8).to_json(str(path), {"model": "other", "vocab_size": 123})

@@ -209,6 +209,7 @@ def calibrate_cmd(
     cost: Optional[str] = typer.Option(None, "--cost", help="Cost grid from `stand profile --grid` or curve from `--json` (default: measure now)"),
     max_m: int = typer.Option(160, "--max-m", help="Largest tree size considered"),
     counts: Optional[str] = typer.Option(None, "--counts", help="Decode nothing: choose M again from the counts in this calibrated tree file, or several (comma-separated: their counts added up), with --cost"),
+    tree: Optional[str] = typer.Option(None, "--tree", help="A second stage: count the nodes of this tree (an earlier calibration's, on other problems) instead of a large template's, so the counts that rank the kept nodes are not the ones that chose them"),
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -224,7 +225,9 @@ def calibrate_cmd(
         raise StandError(f"--schedule must be sequential or batched, got {schedule!r}")
     cfg = CalibrateConfig(dataset, problems, first, n, schedule, temperature=params.temperature,
                           max_new_tokens=params.max_new_tokens, template_size=template_size, max_m=max_m, keep=keep,
-                          cost_curve=cost).validate()
+                          cost_curve=cost, tree=tree).validate()
+    if counts and tree:
+        raise StandError("--counts decodes nothing and --tree counts a tree by decoding: give one of them")
     out, plot = out_file(out, "--out"), out_file(plot or (out.rsplit(".", 1)[0] + ".png"), "--plot")
     target = load(model, backend, dtype, device=device)
     if counts:

@@ -47,6 +47,8 @@ class CalibrateConfig:
     cost_curve: str | None = None  # cost grid (`stand profile --grid`) or curve (`--json`) JSON; None = measure here
     reps: int = 3  # forwards per size when measuring the cost grid
     parts: list = field(default_factory=list)  # the configs of the runs whose counts were added up (recount)
+    tree: str | None = None  # a second stage: count this tree's nodes (a first calibration's kept tree) on other
+    # problems instead of a large template's, so the counts that rank the kept nodes are not the ones that chose them
 
     def validate(self) -> "CalibrateConfig":
         """Checks what can be checked before a model is loaded (the problems' range, the sizes)."""
@@ -57,6 +59,8 @@ class CalibrateConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise StandError(f"{name} must be an integer >= 1, got {value!r}")
         problem_range(self.dataset, self.first_problem, self.problems)
+        if self.tree:
+            TreeTemplate.load(self.tree)  # a path that is not a tree file fails before the model loads
         return self
 
 
@@ -132,7 +136,7 @@ def calibrate(target, prompts: list[list[int]], cfg: CalibrateConfig, progress=N
               grid: CostGrid | None = None) -> Calibration:
     """grid: what a pass costs here (default: cfg.cost_curve, else measured now); its one-row curve, read as the
     engine runs passes on this backend (padded where it pads), picks M."""
-    template = large_template(cfg.template_size)
+    template = TreeTemplate.load(cfg.tree) if cfg.tree else large_template(cfg.template_size)
     if grid is None:
         grid = CostGrid.load(cfg.cost_curve) if cfg.cost_curve else measure_here(target, GridConfig(reps=cfg.reps))
     grid = grid.with_padding(pads(target))
@@ -158,6 +162,9 @@ def stored_counts(path: str) -> tuple[np.ndarray, int, float, CalibrateConfig]:
     if not isinstance(hits, list) or not isinstance(cfg, dict) or not meta.get("steps"):
         raise StandError(f"{path} holds no calibration counts (template_hits, steps, config)")
     cfg = CalibrateConfig(**{k: v for k, v in cfg.items() if k in CalibrateConfig.__dataclass_fields__})
+    if cfg.tree:
+        raise StandError(f"{path} counts the nodes of {cfg.tree} (a second stage), not a large template's: "
+                         "calibrate again with --tree to count them anew")
     if len(hits) != len(large_template(cfg.template_size)):
         raise StandError(f"{path} counts {len(hits)} template nodes; the large template has {cfg.template_size}")
     return np.asarray(hits), int(meta["steps"]), float(meta.get("draft_ms_per_node", 0.0)), cfg
@@ -195,8 +202,13 @@ def save(cal: Calibration, target, cfg: CalibrateConfig, out: str, plot: str | N
     """Writes the tree JSON (with provenance and kept counts) and, if asked, the PNG of accepted tokens and tok/s over M."""
     meta = provenance(cal, target, cfg)
     _, old_ids = top_m(cal.template, cal.hits, len(cal.tree))
-    meta["template_hits"] = cal.hits.tolist()  # every node of the large template: M can be chosen again later
     meta["hits"] = [int(cal.hits[j]) for j in old_ids]  # count of every node of the tree, in its order
+    if cfg.tree:  # the first stage's large-template counts stay: a budget beyond the tree grows from them
+        first = cal.template.meta
+        meta.update({k: first[k] for k in ("template_hits", "large_template") if k in first})
+        meta["first_stage"] = {"tree": cfg.tree, "steps": first.get("steps"), "config": first.get("config")}
+    else:
+        meta["template_hits"] = cal.hits.tolist()  # every node of the large template: M can be chosen again later
     cal.tree.to_json(out, meta)
     if plot:
         save_plot(cal, plot)
