@@ -221,6 +221,12 @@ class LeanModel:
         lean.linear = mode
         return lean
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one cached token takes in every layer (K and V in the cache's dtype): the server's memory bound."""
+        c = self.cfg
+        return c.layers * 2 * c.kv_heads * c.head_dim * self.cache_dtype.itemsize
+
     def new_cache(self) -> LeanCache:
         c = self.cfg
         return LeanCache(c.layers, c.kv_heads, c.head_dim, self.cache_dtype, self.device)

@@ -20,7 +20,7 @@ from stand.methods import check_method
 from stand.params import SamplingParams, SpecConfig
 from stand.tts.problems import Problem
 from stand.tts.search import SearchConfig
-from stand.tts.solve import SolveConfig, Solution, decide, search_one, solve_one
+from stand.tts.solve import SolveConfig, Solution, decide, search_one, solve_one, tally
 
 STRATEGIES = ("single", "self-consistency", "best-of-n", "beam", "dvts")
 Progress = Callable[[str], None]  # a line saying what runs now
@@ -117,11 +117,9 @@ def summary(per_problem: list[dict]) -> list[dict]:
     rows = []
     for (strategy, method), recs in groups.items():
         toks, secs, passes = (sum(r[a] for r in recs) for a in ("tokens", "seconds", "passes"))
-        judged = [r for r in recs if r.get("judged", True)]
-        right = sum(1 for r in judged if r["correct"])
+        acc = tally([(r.get("judged", True), r["correct"], r["answer"]) for r in recs])
         rows.append({"strategy": strategy, "method": method, "problems": len(recs),
-                     "accuracy": right / len(judged) if judged else None, "correct": right,
-                     "no_answer": sum(1 for r in judged if r["answer"] is None),
+                     "accuracy": acc["accuracy"], "correct": acc["correct"], "no_answer": acc["no_answer"],
                      "tokens_per_problem": toks / max(len(recs), 1), "seconds": secs,
                      "tok_per_s": toks / secs if secs > 0 else 0.0, "A": toks / max(passes, 1)})
     by = {(r["strategy"], r["method"]): r for r in rows}

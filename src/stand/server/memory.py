@@ -238,13 +238,14 @@ def _llama_kv_bytes(target) -> int:
 
 
 def _torch_kv_bytes(target) -> int:
+    lean = getattr(target, "lean", None)  # the lean forwards keep their own cache (int4: float32)
+    if lean is not None:
+        return lean.kv_bytes_per_token
     cfg = target.model.config
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    lean = getattr(target, "lean", None)  # the lean forwards keep their own cache dtype (int4: float32)
-    size = lean.cache_dtype.itemsize if lean is not None else next(target.model.parameters()).element_size()
-    return cfg.num_hidden_layers * 2 * kv_heads * head_dim * size
+    return cfg.num_hidden_layers * 2 * kv_heads * head_dim * next(target.model.parameters()).element_size()
 
 
 def table_bytes(drafter) -> int:

@@ -249,9 +249,14 @@ def acceptance_by_index(solutions: list[Solution]) -> list[float]:
 
 
 def accuracy(solutions: list[Solution]) -> dict:
-    """correct / judged, where judged excludes questions without a reference; no-answer counts as judged wrong
-    for accuracy but is reported apart."""
-    judged = [s for s in solutions if s.reference is not None]
-    right = sum(1 for s in judged if s.correct)
-    return {"judged": len(judged), "correct": right, "no_answer": sum(1 for s in judged if s.answer is None),
+    """correct / judged, where judged excludes questions without a reference (see `tally`)."""
+    return tally([(s.reference is not None, s.correct, s.answer) for s in solutions])
+
+
+def tally(outcomes: list[tuple[bool, bool, str | None]]) -> dict:
+    """correct / judged over (judged, correct, answer) outcomes; no-answer counts as judged wrong for accuracy but is
+    reported apart. The one accuracy rule: `solve` and the search bench's merged files both count with it."""
+    judged = [(right, answer) for is_judged, right, answer in outcomes if is_judged]
+    right = sum(1 for ok, _ in judged if ok)
+    return {"judged": len(judged), "correct": right, "no_answer": sum(1 for _, a in judged if a is None),
             "accuracy": right / len(judged) if judged else None}
