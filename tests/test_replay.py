@@ -36,3 +36,30 @@ def test_replay_commits_the_trace(tiny):
         assert r["steps"] > 0 and r["expected_A"] >= 1.0 and len(r["per_trace"]) == 2
         if variant == "none:0":
             assert r["expected_A"] == 1.0 and r["steps"] == sum(len(t) - len(p) for p, t in zip(prompts, traces))
+
+
+def test_shared_schedules_replay_every_trace_of_a_question(tiny):
+    """Two questions x 3 samples: alone, sequential and batched all commit every trace (replay asserts it) and score
+    one step per committed pass; a question's rows share one drafter table only in the shared schedules."""
+    params = SamplingParams(0.8, max_new_tokens=24, seed=3)
+    prompts = [tiny.encode("the cat sat on the mat. the cat"), tiny.encode("one two three, one two")]
+    traces = sample_traces(tiny, prompts, params, samples=3)
+    assert len(traces) == 6 and all(t[: len(prompts[i // 3])] == prompts[i // 3] for i, t in enumerate(traces))
+    assert traces[0] != traces[1] or traces[1] != traces[2]  # three draws of one question, not one text thrice
+    pairs = [(prompts[i // 3], t) for i, t in enumerate(traces)]
+    for schedule in ("alone", "sequential", "batched"):
+        r = replay(tiny, pairs, Variant.parse("stand:8"), params, samples=3, schedule=schedule)
+        assert r["schedule"] == schedule and len(r["per_trace"]) == 6 and r["expected_A"] >= 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        replay(tiny, pairs, Variant.parse("stand:8"), params, samples=3, schedule="together")
+
+
+def test_one_after_another_drafts_from_the_first_trace(tiny):
+    """One text replayed twice: in sequence the second replay drafts from the table the first filled, alone it
+    starts cold; the first replay is the same in both."""
+    params = SamplingParams(0.8, max_new_tokens=40, seed=3)
+    prompt = tiny.encode("the cat sat on the mat. the cat")
+    trace = sample_traces(tiny, [prompt], params)[0]
+    alone, seq = (replay(tiny, [(prompt, trace)] * 2, Variant.parse("stand:8"), params, samples=2, schedule=s)
+                  ["per_trace"] for s in ("alone", "sequential"))
+    assert seq[0] == pytest.approx(alone[0]) and seq[1] > alone[1] + 0.1

@@ -13,6 +13,10 @@ draws (Gumbel-Top-K) remain. The drafter learns from each step as it would in a 
 path as the verdict).
 
     python -m stand.lab.replay --first 112 --problems 12 --variants stand:24,stand:64 --max-new-tokens 768
+
+With --samples N, each question has N traces and --schedules says how a variant's drafter sees them: alone (a
+fresh table per trace, as n=1), sequential (one table per question, the traces one after another) or batched (one
+table per question, the N traces as one batch): the sharing of one table measured on the same texts.
 """
 
 from __future__ import annotations
@@ -100,34 +104,46 @@ class Variant:
         return cls(method, int(nodes))
 
 
-def sample_traces(target, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    """One plain-decoded sample per prompt (seed + i), the texts every variant replays."""
+SCHEDULES = ("alone", "sequential", "batched")
+
+
+def sample_traces(target, prompts: list[list[int]], params: SamplingParams, samples: int = 1) -> list[list[int]]:
+    """`samples` plain-decoded samples per prompt (question i: seed + i, sample j: index j), question-major: the
+    texts every variant replays."""
     from stand.drafters.registry import make_drafter
 
     engine = Engine(target, make_drafter(SpecConfig(method="none"), target.vocab_size))
-    rows = [Row(p, replace(params, seed=params.seed + i), group=i) for i, p in enumerate(prompts)]
+    rows = [Row(p, replace(params, seed=params.seed + i), group=i, index=j)
+            for i, p in enumerate(prompts) for j in range(samples)]
     return [r.tokens for r in engine.run(rows)]
 
 
 def replay(target, traces: list[tuple[list[int], list[int]]], variant: Variant, params: SamplingParams,
-           progress=None) -> dict:
-    """Every (prompt, trace) replayed one after another, a fresh drafter per trace (a table per question)."""
+           progress=None, samples: int = 1, schedule: str = "alone") -> dict:
+    """Every (prompt, trace) replayed, `samples` consecutive traces per question. alone: a fresh drafter per trace;
+    sequential / batched: one drafter per question whose rows share its table, run one after another / together."""
     from stand.drafters.registry import make_drafter
     from stand.lab.bench import with_options
 
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     base, options = with_options(variant.method)
     spec = SpecConfig(method=base, options=options, nodes=variant.nodes, cost_grid="off").validate()
     per_trace = []
-    for i, (prompt, trace) in enumerate(traces):
-        row = Row(prompt, replace(params, seed=params.seed + i, max_new_tokens=len(trace) - len(prompt)), group=i)
-        engine = Replay(target, make_drafter(spec, target.vocab_size, target), {row.uid: trace})
-        engine.run([row])
-        assert row.tokens == trace, "a replay commits its trace's tokens"
-        per_trace.append(engine.scores[row.uid])
-        if progress:
-            progress(1)
+    for g in range(0, len(traces), samples):
+        pairs = traces[g:g + samples]
+        rows = [Row(prompt, replace(params, seed=params.seed + g // samples, max_new_tokens=len(trace) - len(prompt)),
+                    group=g // samples, index=j) for j, (prompt, trace) in enumerate(pairs)]
+        by_uid = {r.uid: trace for r, (_, trace) in zip(rows, pairs)}
+        for run in ([[r] for r in rows] if schedule == "alone" else [rows]):
+            engine = Replay(target, make_drafter(spec, target.vocab_size, target), {r.uid: by_uid[r.uid] for r in run})
+            engine.run(run, max_live=1 if schedule == "sequential" else None)
+            assert all(r.tokens == engine.traces[r.uid] for r in run), "a replay commits its trace's tokens"
+            per_trace += [engine.scores[r.uid] for r in run]
+            if progress:
+                progress(len(run))
     steps = [s for scores in per_trace for s in scores]
-    return {"variant": f"{variant.method}:{variant.nodes}", "steps": len(steps),
+    return {"variant": f"{variant.method}:{variant.nodes}", "schedule": schedule, "steps": len(steps),
             "expected_A": float(np.mean([a for a, _ in steps])), "nodes_per_step": float(np.mean([n for _, n in steps])),
             "per_trace": [float(np.mean([a for a, _ in s])) if s else None for s in per_trace]}
 
@@ -143,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--first", type=int, default=112)
     ap.add_argument("--problems", type=int, default=12)
     ap.add_argument("--variants", default="stand:24,stand:64", help="method:nodes, comma-separated")
+    ap.add_argument("--samples", type=int, default=1, help="traces per question")
+    ap.add_argument("--schedules", default="alone", help=f"how a drafter sees a question's traces: {', '.join(SCHEDULES)}")
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--max-new-tokens", type=int, default=768)
     ap.add_argument("--seed", type=int, default=0)
@@ -153,29 +171,36 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     target = load_target(None, args.backend, args.dtype)
     params = SamplingParams(args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    schedules = args.schedules.split(",")
+    if args.samples < 1 or any(x not in SCHEDULES for x in schedules):
+        ap.error(f"--samples must be >= 1 and --schedules among {', '.join(SCHEDULES)}")
     prompts = [target.encode(p.prompt) for p in problem_range(args.dataset, args.first, args.problems)]
     if args.traces and os.path.exists(args.traces):
         with open(args.traces) as f:
             traces = [list(t) for t in json.load(f)]
+        if len(traces) < len(prompts) * args.samples:
+            ap.error(f"{args.traces} holds {len(traces)} traces, fewer than {args.problems} problems x {args.samples}")
+        traces = traces[: len(prompts) * args.samples]  # a file sampled for more problems: its first ones
     else:
-        traces = sample_traces(target, prompts, params)
+        traces = sample_traces(target, prompts, params, args.samples)
         if args.traces:
             with open(args.traces, "w") as f:
                 json.dump(traces, f)
-    pairs = list(zip(prompts, traces))
-    variants = [Variant.parse(v) for v in args.variants.split(",")]
+    pairs = list(zip([p for p in prompts for _ in range(args.samples)], traces))
+    runs = [(Variant.parse(v), s) for v in args.variants.split(",") for s in schedules]
     results = []
-    with tqdm(total=len(pairs) * len(variants), desc="replay", unit="trace", file=sys.stderr) as bar:
-        for v in variants:
-            results.append(replay(target, pairs, v, params, bar.update))
+    with tqdm(total=len(pairs) * len(runs), desc="replay", unit="trace", file=sys.stderr) as bar:
+        for v, schedule in runs:
+            results.append(replay(target, pairs, v, params, bar.update, args.samples, schedule))
             r = results[-1]
-            tqdm.write(f"{r['variant']:32s} expected A {r['expected_A']:.3f}  nodes/step {r['nodes_per_step']:.1f}  "
-                       f"steps {r['steps']}", file=sys.stderr)
+            tqdm.write(f"{r['variant']:32s} {schedule:10s} expected A {r['expected_A']:.3f}  "
+                       f"nodes/step {r['nodes_per_step']:.1f}  steps {r['steps']}", file=sys.stderr)
     tokens = sum(len(t) - len(p) for p, t in pairs)
-    print(f"{args.dataset} {args.first + 1}-{args.first + args.problems}, {tokens} tokens replayed, T={args.temperature}")
-    print("| variant | expected A | nodes/step | steps |\n|---|---|---|---|")
+    print(f"{args.dataset} {args.first + 1}-{args.first + args.problems} x {args.samples} samples, {tokens} tokens "
+          f"replayed, T={args.temperature}")
+    print("| variant | schedule | expected A | nodes/step | steps |\n|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['variant']} | {r['expected_A']:.3f} | {r['nodes_per_step']:.1f} | {r['steps']} |")
+        print(f"| {r['variant']} | {r['schedule']} | {r['expected_A']:.3f} | {r['nodes_per_step']:.1f} | {r['steps']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "tokens": tokens, "results": results}, f, indent=1)
