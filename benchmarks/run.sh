@@ -11,7 +11,7 @@
 # DTYPE (torch: auto = the faster of bfloat16 and float32 here, measured once), REPEATS, FIRST (index of the first
 # CHAMP problem), PROBLEMS, PROBLEMS8 (problems at n=8), TOKENS (new tokens per sample), METHODS8 (int4-n8), TEMPS, BUDGETS and SPEED
 # (acceptance: the temperatures, node budgets, and SPEED=0 for A alone), LEVELS, EQUAL, CHAMP, BACKEND (search), NS and BUDGET
-# (sharing; NS also overlap). machine.txt records them.
+# (sharing; NS also overlap and replay). machine.txt records them.
 # A Ctrl-C still writes the rows of the problems that every method finished.
 #
 # Adding a run: a function run_NAME (dashes in NAME become underscores) that writes its files into "$RESULTS".
@@ -252,6 +252,20 @@ run_overlap() {  # how much the N samples of a question repeat each other, by wh
   python3 -m stand.lab.overlap --dataset champ --first "${FIRST:-240}" --problems "${PROBLEMS8:-4}" \
     --n "${ns##*,}" --max-new-tokens "${TOKENS:-512}" --backend "${BACKEND:-llama.cpp}" --orders 2,3,4,5 \
     --json "$RESULTS/overlap.json" | tee -i "$RESULTS/overlap.txt"
+}
+
+run_replay() {  # drafters on the same sampled texts (python -m stand.lab.replay): held-out CHAMP, T=0.6, 768 tokens;
+  # n=1 at 24 and 64 nodes a step, then N samples a question replayed alone, one after another and as one batch
+  local first=${FIRST:-240} problems=${PROBLEMS:-8} problems8=${PROBLEMS8:-4} tokens=${TOKENS:-768} ns=${NS:-8}
+  local common=(--dataset champ --first "$first" --max-new-tokens "$tokens" --temperature 0.6 --dtype "$DTYPE")
+  python3 -m stand.lab.replay "${common[@]}" --problems "$problems" --traces "$RESULTS/traces_n1.json" \
+    --variants stand:64,recycle:64,pld:64,stand:24,recycle:24,pld:24 --json "$RESULTS/n1.json" | tee -i "$RESULTS/n1.txt"
+  python3 -m stand.lab.replay "${common[@]}" --problems "$problems8" --samples "${ns##*,}" \
+    --traces "$RESULTS/traces_n${ns##*,}.json" --variants stand:24 --schedules alone,sequential,batched \
+    --json "$RESULTS/shared.json" | tee -i "$RESULTS/shared.txt"
+  python3 -m stand.lab.replay "${common[@]}" --problems "$problems8" --samples "${ns##*,}" \
+    --traces "$RESULTS/traces_n${ns##*,}.json" --variants recycle:24,suffix:24 --schedules batched \
+    --json "$RESULTS/shared_others.json" | tee -i "$RESULTS/shared_others.txt"
 }
 
 run_ablation() {  # STAND's parts, one at a time, by A at an equal budget (--cost off --nodes 24), tuning problems
