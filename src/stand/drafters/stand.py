@@ -40,8 +40,7 @@ class StandOptions:
     topk: int = 10  # next tokens kept per table entry
     capacity: int = 1 << 18  # table slots (the least recently used are evicted beyond)
     stochastic: bool = True  # Gumbel-Top-K drafts; False: the top-ranked tokens with one-hot q
-    recency: float = 1.0  # weight of a new distribution at least this (0: the running mean; 1: the latest only,
-    # the default: on the same tuning texts it accepts 7% more than the running mean, docs/results.md)
+    recency: float = 0.0  # weight of a new distribution at least this (0: the running mean; 1: the latest only)
     learn_drafts: bool = True  # insert every verified node's distribution; False: the accepted path's only
     prompt: bool = True  # insert the prompt's distributions
     min_n: int = 1  # shortest context suffix a lookup backs off to
