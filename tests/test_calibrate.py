@@ -42,7 +42,8 @@ def test_choose_m_trades_acceptance_for_cost():
 
 def test_calibration_on_tiny_model(tiny, tmp_path):
     prompts = [tiny.encode(t) for t in TEXTS]
-    cfg = CalibrateConfig(problems=2, max_new_tokens=40, template_size=120, max_m=60, temperature=0.8, keep=30)
+    # T=0.3: at 0.8 the random model's near-flat distributions leave 0-1 accepted nodes in 80 tokens (too few to test)
+    cfg = CalibrateConfig(problems=2, max_new_tokens=40, template_size=120, max_m=60, temperature=0.3, keep=30)
     cost = {1: 10.0, 2: 10.5, 4: 11.0, 8: 12.0, 16: 14.0, 32: 20.0, 64: 32.0}
     grid = CostGrid({1: cost, 4: {1: 12.0, 2: 14.0, 4: 30.0}})
     cal = calibrate(tiny, prompts, cfg, grid=grid)
@@ -97,6 +98,36 @@ def test_second_stage_counts_the_first_stage_tree_anew(tiny, tmp_path):
     (tmp_path / "t.json").write_text("{}")
     with pytest.raises(StandError, match="not a stand tree"):
         CalibrateConfig(tree=str(tmp_path / "t.json")).validate()
+
+
+def test_calibration_by_replay_counts_expected_acceptance(tiny, tmp_path):
+    """--traces: the large template's nodes counted by their exact chance of acceptance on fixed texts; the counts
+    add up to the replay's expected tokens per step, and the kept tree is ranked by them."""
+    from stand.lab.calibrate import replay_counts
+    from stand.lab.replay import Variant, replay, sample_traces
+    from stand.params import SamplingParams
+
+    prompts = [tiny.encode(t) for t in TEXTS]
+    params = SamplingParams(0.8, max_new_tokens=40, seed=0)
+    traces = sample_traces(tiny, prompts, params)
+    path = tmp_path / "traces.json"
+    path.write_text(json.dumps(traces))
+    cfg = CalibrateConfig(problems=2, max_new_tokens=40, template_size=120, max_m=60, temperature=0.8, keep=30,
+                          method="stand[recency=1]", traces=str(path)).validate()
+    grid = CostGrid({1: {1: 10.0, 8: 11.0, 64: 30.0}})
+    cal = calibrate(tiny, prompts, cfg, grid=grid)
+    template = large_template(120)
+    again = replay(tiny, list(zip(prompts, traces)), Variant("stand[recency=1]", 120), params, template=template)
+    assert cal.steps == again["steps"] and cal.hits.sum() > 0
+    assert 1 + cal.hits.sum() / cal.steps == pytest.approx(again["expected_A"])  # the drafter's draws are seeded alike
+    meta = save(cal, tiny, cfg, str(tmp_path / "tree.json"))
+    assert meta["config"]["traces"] == str(path) and any(not float(h).is_integer() for h in meta["template_hits"])
+    hits, steps, _ = replay_counts(tiny, prompts, template, cfg)
+    assert steps == cal.steps and np.allclose(hits, cal.hits)
+    with pytest.raises(StandError, match="method"):
+        CalibrateConfig(method="recycle").validate()
+    with pytest.raises(StandError, match="traces"):
+        CalibrateConfig(traces=str(tmp_path / "none.json")).validate()
 
 
 def test_tree_for_another_vocabulary_warns(tmp_path):

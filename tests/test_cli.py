@@ -63,6 +63,8 @@ BEFORE_LOADING = [
     (["bench", "--first", "-1"], "first must be >= 0"),
     (["bench", "--first", "300"], "champ has 270 problems"),
     (["calibrate", "--first", "270"], "champ has 270 problems"),
+    (["calibrate", "--method", "recycle"], "--method must be stand"),
+    (["calibrate", "--traces", "no-such-traces.json"], "no such file"),
     (["bench", "--problems", "0"], "problems must be"),
 ]
 

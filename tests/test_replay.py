@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from stand.core import verify as V
-from stand.lab.replay import Variant, expected_accepted, follow, replay, sample_traces
+from stand.lab.replay import Variant, expected_accepted, follow, node_reach, replay, sample_traces
 from stand.params import SamplingParams
 from test_verify import deterministic_tree, node_probs, stochastic_tree
 
@@ -19,6 +19,25 @@ def test_expected_accepted_is_the_verifiers_mean(make):
         draws = [len(V.verify_sample(tree, probs, np.random.default_rng(s)).accepted) for s in range(6000)]
         mean, se = np.mean(draws), np.std(draws) / np.sqrt(len(draws))
         assert expected_accepted(tree, probs) == pytest.approx(mean, abs=4 * se + 1e-9)
+
+
+def test_node_reach_is_each_nodes_acceptance_frequency():
+    """Per node, not only summed: the chance each node lies on the accepted path is how often the verifier accepts it
+    (the counts a calibration by replay adds up)."""
+    rng = np.random.default_rng(11)
+    tree = stochastic_tree(rng)
+    probs = node_probs(tree)
+    reach = node_reach(tree, probs)
+    seen = np.zeros(len(tree))
+    n = 6000
+    for s in range(n):
+        for node in V.verify_sample(tree, probs, np.random.default_rng(s)).accepted:
+            seen[node - 1] += 1
+    se = np.sqrt(reach * (1 - reach) / n)
+    assert reach.shape == (len(tree),) and (np.abs(seen / n - reach) <= 4 * se + 2e-3).all()
+    kids = tree.children()
+    for node, below in enumerate(kids):  # a child is accepted only with its parent
+        assert all(reach[c - 1] <= (reach[node - 1] if node else 1.0) + 1e-12 for c in below)
 
 
 def test_follow_walks_the_tree_along_the_tokens():

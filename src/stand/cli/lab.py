@@ -210,6 +210,8 @@ def calibrate_cmd(
     max_m: int = typer.Option(160, "--max-m", help="Largest tree size considered"),
     counts: Optional[str] = typer.Option(None, "--counts", help="Decode nothing: choose M again from the counts in this calibrated tree file, or several (comma-separated: their counts added up), with --cost"),
     tree: Optional[str] = typer.Option(None, "--tree", help="A second stage: count the nodes of this tree (an earlier calibration's, on other problems) instead of a large template's, so the counts that rank the kept nodes are not the ones that chose them"),
+    method: str = typer.Option("stand", "--method", help="The STAND variant whose drafts are counted, options in brackets: stand[recency=1]"),
+    traces: Optional[str] = typer.Option(None, "--traces", help="Replay these fixed texts (python -m stand.lab.replay --traces JSON, N a problem) and count each node's exact chance of acceptance instead of decoding"),
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -225,7 +227,7 @@ def calibrate_cmd(
         raise StandError(f"--schedule must be sequential or batched, got {schedule!r}")
     cfg = CalibrateConfig(dataset, problems, first, n, schedule, temperature=params.temperature,
                           max_new_tokens=params.max_new_tokens, template_size=template_size, max_m=max_m, keep=keep,
-                          cost_curve=cost, tree=tree).validate()
+                          cost_curve=cost, method=method, traces=traces, tree=tree).validate()
     if counts and tree:
         raise StandError("--counts decodes nothing and --tree counts a tree by decoding: give one of them")
     out, plot = out_file(out, "--out"), out_file(plot or (out.rsplit(".", 1)[0] + ".png"), "--plot")

@@ -47,6 +47,9 @@ class CalibrateConfig:
     cost_curve: str | None = None  # cost grid (`stand profile --grid`) or curve (`--json`) JSON; None = measure here
     reps: int = 3  # forwards per size when measuring the cost grid
     parts: list = field(default_factory=list)  # the configs of the runs whose counts were added up (recount)
+    method: str = "stand"  # the STAND variant whose drafts are counted, options in brackets: stand[recency=1]
+    traces: str | None = None  # replay these fixed texts (a `python -m stand.lab.replay --traces` JSON, n a problem)
+    # and count every node's exact chance of acceptance instead of one decoding's accepted paths
     tree: str | None = None  # a second stage: count this tree's nodes (a first calibration's kept tree) on other
     # problems instead of a large template's, so the counts that rank the kept nodes are not the ones that chose them
 
@@ -61,7 +64,17 @@ class CalibrateConfig:
         problem_range(self.dataset, self.first_problem, self.problems)
         if self.tree:
             TreeTemplate.load(self.tree)  # a path that is not a tree file fails before the model loads
+        base, _ = self.spec_options()
+        if base != "stand":
+            raise StandError(f"calibration counts the nodes of a STAND tree: --method must be stand[...], got {self.method!r}")
+        if self.traces and not os.path.isfile(self.traces):
+            raise StandError(f"--traces {self.traces}: no such file (write one with python -m stand.lab.replay --traces)")
         return self
+
+    def spec_options(self) -> tuple[str, dict]:
+        from stand.lab.bench import with_options
+
+        return with_options(self.method)
 
 
 @dataclass
@@ -115,7 +128,8 @@ def count_hits(target, prompts: list[list[int]], template: TreeTemplate, cfg: Ca
     from stand.engine import Engine
     from stand.params import SamplingParams, SpecConfig
 
-    drafter = StandDrafter(SpecConfig(method="stand"), target.vocab_size)
+    base, options = cfg.spec_options()
+    drafter = StandDrafter(SpecConfig(method=base, options=options).validate(), target.vocab_size)
     drafter.use_template(template)
     engine = Engine(target, drafter)
     steps, draft_s, drafted = 0, 0.0, 0
@@ -132,6 +146,24 @@ def count_hits(target, prompts: list[list[int]], template: TreeTemplate, cfg: Ca
     return drafter.hits.copy(), steps, 1000.0 * draft_s / max(drafted, 1)
 
 
+def replay_counts(target, prompts: list[list[int]], template: TreeTemplate, cfg: CalibrateConfig,
+                  progress=None) -> tuple[np.ndarray, int, float]:
+    """Replays cfg.traces (n a problem, sharing a table as cfg.schedule says) with the large template: (each node's
+    summed chance of acceptance, steps, drafting ms per node). Exact expectations on fixed texts: the counts carry
+    neither the verifier's draws nor the text's (lab/replay.py), so two variants are counted on the same texts."""
+    from stand.lab.replay import Variant, load_traces, replay
+    from stand.params import SamplingParams
+
+    traces = load_traces(cfg.traces, len(prompts) * cfg.n)
+    pairs = list(zip([p for p in prompts for _ in range(cfg.n)], traces))
+    reach = np.zeros(len(template))
+    params = SamplingParams(cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    tick = None if progress is None else (lambda k: progress(k * cfg.max_new_tokens))
+    out = replay(target, pairs, Variant(cfg.method, len(template)), params, tick, cfg.n,
+                 "alone" if cfg.n == 1 else cfg.schedule, template, reach)
+    return reach, out["steps"], out["draft_ms_per_node"]
+
+
 def calibrate(target, prompts: list[list[int]], cfg: CalibrateConfig, progress=None,
               grid: CostGrid | None = None) -> Calibration:
     """grid: what a pass costs here (default: cfg.cost_curve, else measured now); its one-row curve, read as the
@@ -140,7 +172,8 @@ def calibrate(target, prompts: list[list[int]], cfg: CalibrateConfig, progress=N
     if grid is None:
         grid = CostGrid.load(cfg.cost_curve) if cfg.cost_curve else measure_here(target, GridConfig(reps=cfg.reps))
     grid = grid.with_padding(pads(target))
-    hits, steps, draft_node_ms = count_hits(target, prompts, template, cfg, progress)
+    count = replay_counts if cfg.traces else count_hits
+    hits, steps, draft_node_ms = count(target, prompts, template, cfg, progress)
     return from_counts(template, hits, steps, draft_node_ms, grid, cfg)
 
 
@@ -202,17 +235,22 @@ def save(cal: Calibration, target, cfg: CalibrateConfig, out: str, plot: str | N
     """Writes the tree JSON (with provenance and kept counts) and, if asked, the PNG of accepted tokens and tok/s over M."""
     meta = provenance(cal, target, cfg)
     _, old_ids = top_m(cal.template, cal.hits, len(cal.tree))
-    meta["hits"] = [int(cal.hits[j]) for j in old_ids]  # count of every node of the tree, in its order
+    meta["hits"] = [_count(cal.hits[j]) for j in old_ids]  # count of every node of the tree, in its order
     if cfg.tree:  # the first stage's large-template counts stay: a budget beyond the tree grows from them
         first = cal.template.meta
         meta.update({k: first[k] for k in ("template_hits", "large_template") if k in first})
         meta["first_stage"] = {"tree": cfg.tree, "steps": first.get("steps"), "config": first.get("config")}
     else:
-        meta["template_hits"] = cal.hits.tolist()  # every node of the large template: M can be chosen again later
+        meta["template_hits"] = [_count(h) for h in cal.hits]  # every node of the large template: M can be chosen again later
     cal.tree.to_json(out, meta)
     if plot:
         save_plot(cal, plot)
     return meta
+
+
+def _count(h) -> int | float:
+    """A node's count as JSON keeps it: accepted paths are whole, a replay's summed chances are not."""
+    return int(h) if float(h).is_integer() else round(float(h), 4)
 
 
 def save_plot(cal: Calibration, path: str) -> None:

@@ -33,35 +33,44 @@ import torch
 from stand.core.sequence import Row
 from stand.core.tree import DraftTree
 from stand.core.verify import Verdict, _proposal, residual, sampler_probs
+from stand.drafters.templates import TreeTemplate
 from stand.engine import Engine
+from stand.errors import StandError
 from stand.params import SamplingParams, SpecConfig
 
 
-def expected_accepted(tree: DraftTree, probs: torch.Tensor) -> float:
-    """Expected accepted draft nodes of `tree` under verify_sample, given the sampler distributions probs [M+1, V]
-    at the root and every node: at each node the children are tried in draw order against the running residual,
-    child c accepted with chance min(1, p(c) / q(c)) once its elder siblings were rejected."""
+def node_reach(tree: DraftTree, probs: torch.Tensor) -> np.ndarray:
+    """[M] chance that each node lies on the accepted path under verify_sample, given the sampler distributions
+    probs [M+1, V] at the root and every node: at each node the children are tried in draw order against the running
+    residual, child c accepted with chance min(1, p(c) / q(c)) once its elder siblings were rejected."""
     kids = tree.children()
-
-    def below(node: int) -> float:
+    reach = np.zeros(len(tree) + 1)  # [M+1] root-0 ids
+    reach[0] = 1.0
+    stack = [0]
+    while stack:
+        node = stack.pop()
         if not kids[node]:
-            return 0.0
+            continue
         p = probs[node].double().numpy().copy()  # [V] the residual, unnormalised
-        reach, gained, drawn = 1.0, 0.0, {}
+        left, drawn = reach[node], {}
         for k, c in enumerate(kids[node]):
             tok, q = tree.tokens[c - 1], tree.qs[c - 1]
             ids, qp = _proposal(q, tok, drawn.setdefault(id(q), []))
             drawn[id(q)].append(tok)
             total = p.sum()
             a = min(1.0, p[tok] / total / qp[ids == tok][0])
-            gained += reach * a * (1.0 + below(c))
-            reach *= 1.0 - a
-            if reach <= 0.0:
+            reach[c] = left * a
+            stack.append(c)
+            left *= 1.0 - a
+            if left <= 0.0:
                 break
             p = residual(p, total, ids, qp, probs[node], [tree.tokens[j - 1] for j in kids[node][: k + 1]])
-        return gained
+    return reach[1:]
 
-    return below(0)
+
+def expected_accepted(tree: DraftTree, probs: torch.Tensor) -> float:
+    """Expected accepted draft nodes of `tree` under verify_sample: the sum of every node's chance to be accepted."""
+    return float(node_reach(tree, probs).sum())
 
 
 def follow(tree: DraftTree, ahead: list[int]) -> list[int]:
@@ -80,14 +89,20 @@ class Replay(Engine):
     """An engine whose rows commit their traces' tokens instead of what a draw would pick; each step's expected
     tokens (1 + expected accepted nodes) and nodes drafted are recorded per row."""
 
-    def __init__(self, target, drafter, traces: dict[int, list[int]]):
+    def __init__(self, target, drafter, traces: dict[int, list[int]], reach_by_tag: np.ndarray | None = None):
         super().__init__(target, drafter)
         self.traces = traces  # row uid -> prompt + the generated tokens to replay
         self.scores: dict[int, list[tuple[float, int]]] = {uid: [] for uid in traces}
+        self.reach_by_tag = reach_by_tag  # [T] where given, each tagged node's chance of acceptance is added to its tag
 
     def _verify(self, r: Row, tree: DraftTree, logits: torch.Tensor, learns: bool):
         probs = sampler_probs(logits[: len(tree) + 1], r.params)  # [M+1, V]
-        self.scores[r.uid].append((1.0 + expected_accepted(tree, probs), len(tree)))
+        reach = node_reach(tree, probs)  # [M]
+        self.scores[r.uid].append((1.0 + float(reach.sum()), len(tree)))
+        if self.reach_by_tag is not None and len(tree):
+            tags = np.asarray(tree.tags, dtype=np.int64)
+            ok = (tags >= 0) & (tags < len(self.reach_by_tag))
+            np.add.at(self.reach_by_tag, tags[ok], reach[ok])
         trace, at = self.traces[r.uid], len(r.tokens)
         path = follow(tree, trace[at:])[: len(trace) - at - 1]  # the trace's next token always follows the path
         return Verdict(path, trace[at + len(path)]), probs
@@ -118,10 +133,26 @@ def sample_traces(target, prompts: list[list[int]], params: SamplingParams, samp
     return [r.tokens for r in engine.run(rows)]
 
 
+def load_traces(path: str, count: int) -> list[list[int]]:
+    """The first `count` traces of a --traces JSON (a file sampled for more problems: its first ones); StandError
+    if it holds fewer or is not a list of token lists."""
+    try:
+        with open(path) as f:
+            traces = [[int(t) for t in trace] for trace in json.load(f)]
+    except (OSError, ValueError, TypeError) as e:
+        raise StandError(f"cannot read traces from {path}: {e}") from e
+    if len(traces) < count:
+        raise StandError(f"{path} holds {len(traces)} traces, fewer than the {count} asked for (problems x samples)")
+    return traces[:count]
+
+
 def replay(target, traces: list[tuple[list[int], list[int]]], variant: Variant, params: SamplingParams,
-           progress=None, samples: int = 1, schedule: str = "alone") -> dict:
+           progress=None, samples: int = 1, schedule: str = "alone", template: TreeTemplate | None = None,
+           reach_by_tag: np.ndarray | None = None) -> dict:
     """Every (prompt, trace) replayed, `samples` consecutive traces per question. alone: a fresh drafter per trace;
-    sequential / batched: one drafter per question whose rows share its table, run one after another / together."""
+    sequential / batched: one drafter per question whose rows share its table, run one after another / together.
+    template: the tree a template drafter fills instead of its own; reach_by_tag [len(template)]: each template node's
+    chance of acceptance summed over the steps (a calibration's counts without the verifier's draws)."""
     from stand.drafters.registry import make_drafter
     from stand.lab.bench import with_options
 
@@ -129,15 +160,20 @@ def replay(target, traces: list[tuple[list[int], list[int]]], variant: Variant, 
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     base, options = with_options(variant.method)
     spec = SpecConfig(method=base, options=options, nodes=variant.nodes, cost_grid="off").validate()
-    per_trace = []
+    per_trace, drafted, draft_s = [], 0, 0.0
     for g in range(0, len(traces), samples):
         pairs = traces[g:g + samples]
         rows = [Row(prompt, replace(params, seed=params.seed + g // samples, max_new_tokens=len(trace) - len(prompt)),
                     group=g // samples, index=j) for j, (prompt, trace) in enumerate(pairs)]
         by_uid = {r.uid: trace for r, (_, trace) in zip(rows, pairs)}
         for run in ([[r] for r in rows] if schedule == "alone" else [rows]):
-            engine = Replay(target, make_drafter(spec, target.vocab_size, target), {r.uid: by_uid[r.uid] for r in run})
+            drafter = make_drafter(spec, target.vocab_size, target)
+            if template is not None:
+                drafter.use_template(template)
+            engine = Replay(target, drafter, {r.uid: by_uid[r.uid] for r in run}, reach_by_tag)
             engine.run(run, max_live=1 if schedule == "sequential" else None)
+            drafted += sum(r.stats.drafted for r in run)
+            draft_s += sum(r.stats.draft_seconds for r in run)
             assert all(r.tokens == engine.traces[r.uid] for r in run), "a replay commits its trace's tokens"
             per_trace += [engine.scores[r.uid] for r in run]
             if progress:
@@ -145,6 +181,7 @@ def replay(target, traces: list[tuple[list[int], list[int]]], variant: Variant, 
     steps = [s for scores in per_trace for s in scores]
     return {"variant": f"{variant.method}:{variant.nodes}", "schedule": schedule, "steps": len(steps),
             "expected_A": float(np.mean([a for a, _ in steps])), "nodes_per_step": float(np.mean([n for _, n in steps])),
+            "draft_ms_per_node": 1000.0 * draft_s / max(drafted, 1),
             "per_trace": [float(np.mean([a for a, _ in s])) if s else None for s in per_trace]}
 
 
@@ -167,20 +204,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--traces", help="JSON of traces to reuse (written there when absent)")
+    ap.add_argument("--tree", help="a tree JSON (stand calibrate) that template drafters fill instead of their own")
     ap.add_argument("--json", help="where to write the results")
     args = ap.parse_args(argv)
+    schedules = args.schedules.split(",")
+    if args.samples < 1 or any(x not in SCHEDULES for x in schedules):  # before the model loads
+        ap.error(f"--samples must be >= 1 and --schedules among {', '.join(SCHEDULES)}")
+    try:
+        template = TreeTemplate.load(args.tree) if args.tree else None  # a bad file fails before the model loads
+    except StandError as e:
+        ap.error(str(e))
     target = load_target(None, args.backend, args.dtype)
     params = SamplingParams(args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    schedules = args.schedules.split(",")
-    if args.samples < 1 or any(x not in SCHEDULES for x in schedules):
-        ap.error(f"--samples must be >= 1 and --schedules among {', '.join(SCHEDULES)}")
     prompts = [target.encode(p.prompt) for p in problem_range(args.dataset, args.first, args.problems)]
     if args.traces and os.path.exists(args.traces):
-        with open(args.traces) as f:
-            traces = [list(t) for t in json.load(f)]
-        if len(traces) < len(prompts) * args.samples:
-            ap.error(f"{args.traces} holds {len(traces)} traces, fewer than {args.problems} problems x {args.samples}")
-        traces = traces[: len(prompts) * args.samples]  # a file sampled for more problems: its first ones
+        try:
+            traces = load_traces(args.traces, len(prompts) * args.samples)
+        except StandError as e:
+            ap.error(str(e))
     else:
         traces = sample_traces(target, prompts, params, args.samples)
         if args.traces:
@@ -191,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     with tqdm(total=len(pairs) * len(runs), desc="replay", unit="trace", file=sys.stderr) as bar:
         for v, schedule in runs:
-            results.append(replay(target, pairs, v, params, bar.update, args.samples, schedule))
+            results.append(replay(target, pairs, v, params, bar.update, args.samples, schedule, template))
             r = results[-1]
             tqdm.write(f"{r['variant']:32s} {schedule:10s} expected A {r['expected_A']:.3f}  "
                        f"nodes/step {r['nodes_per_step']:.1f}  steps {r['steps']}", file=sys.stderr)
