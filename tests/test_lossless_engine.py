@@ -31,7 +31,8 @@ CASES = [
     ("stand+consensus", {"k": 2}),
     ("stand", {}),
     ("stand", {"stochastic": False}),
-    ("stand", {"refill": True}),  # the template's lost nodes drawn best-first (where they go depends on earlier draws)
+    ("stand", {"refill": True}),
+    ("stand", {"own_latest": True}),  # a sample's own latest distributions before the shared table's  # the template's lost nodes drawn best-first (where they go depends on earlier draws)
     ("stand-dynamic", {}),
     ("stand-dynamic", {"stochastic": False}),
     ("recycle", {}),

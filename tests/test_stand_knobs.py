@@ -9,7 +9,7 @@ from stand.core.drafter import PromptDists
 from stand.core.sequence import Row
 from stand.core.tree import DraftTree
 from stand.core.verify import Verdict
-from stand.drafters.ngram_table import NGramTable, merge_topk
+from stand.drafters.ngram_table import NGramTable, OwnFirst, merge_topk
 from stand.drafters.draws import GumbelNoise, draw
 from stand.drafters.stand import StandDrafter
 from stand.drafters.templates import DEEP_PRIOR, grown_tree, heuristic
@@ -110,3 +110,28 @@ def test_refill_spends_the_nodes_a_template_leaves_unfilled():
     for i, (p, q) in enumerate(zip(full.parents, full.qs)):  # every extra child was drawn from its parent's entry
         siblings = [full.tokens[j] for j in range(len(full)) if full.parents[j] == p]
         assert len(set(siblings)) == len(siblings) and q is not None and full.tokens[i] in q.ids.tolist()
+
+
+def test_own_first_prefers_the_samples_latest_and_falls_back_to_the_shared_table():
+    own, shared = NGramTable(3, 4, 64, recency=1.0), NGramTable(3, 4, 64)
+    ctx = np.array([[-1, 5, 6]])
+    for table in (own, shared):  # the sample saw 5 6 -> 7, then 5 6 -> 8: its own table keeps the latest
+        table.insert(ctx, np.array([[7]]), np.array([[1.0]]))
+        table.insert(ctx, np.array([[8]]), np.array([[1.0]]))
+    shared.insert(np.array([[4, 5, 6]]), np.array([[9]]), np.array([[1.0]]))  # a sibling's longer context
+    view = OwnFirst(own, shared)
+    slot, n = view.longest((-1, 5, 6))
+    assert n == 2 and view.dist(slot)[0].tolist() == [8]  # a tie: the sample's own latest, not the mean (7 and 8)
+    slot, n = view.longest((4, 5, 6))
+    assert n == 3 and view.dist(slot)[0].tolist() == [9]  # the shared table's longer match
+    assert view.longest((1, 2, 3)) == (-1, 0)
+
+
+def test_own_latest_rows_keep_their_own_table_beside_the_shared_one(tiny):
+    d = StandDrafter(SpecConfig(method="stand", options={"own_latest": True}), tiny.vocab_size)
+    rows = [Row([1, 2, 3], SamplingParams(0.8, max_new_tokens=4, seed=s), group=0, index=s) for s in range(2)]
+    for r in rows:
+        d.start(r, None)
+    a, b = (d.rows[r.uid].own for r in rows)
+    assert a is not b and d.table_for(rows[0]) is d.table_for(rows[1])  # one shared table, an own table each
+    assert isinstance(d.lookup_for(rows[0]), OwnFirst)

@@ -23,7 +23,7 @@ import torch
 
 from stand.errors import StandError
 from stand.drafters.draws import BestFirst, GumbelNoise, draw
-from stand.drafters.ngram_table import NGramTable, TableMismatch, check_table_path, last_tail, tails_of
+from stand.drafters.ngram_table import NGramTable, OwnFirst, TableMismatch, check_table_path, last_tail, tails_of
 from stand.core.sizing import acceptance_curve
 from stand.drafters.templates import (DEFAULT_PRIOR, TreeTemplate, check_vocab, fill, grown_tree, heuristic,
                                       most_valuable, shipped_tree_path)
@@ -47,6 +47,9 @@ class StandOptions:
     shared: bool = True  # the samples of a question share one table; False: a table per sample (an ablation)
     sharpen: float = 1.0  # draws from q ~ p^sharpen over the stored top-k (1: the stored distribution renormalised)
     refill: bool = False  # nodes the template leaves unfilled (no table match) are drawn best-first where it is surest
+    own_latest: bool = False  # each sample also keeps its own latest distributions, drafted from where its own
+    # context is at least as long as the shared table's (ngram_table.OwnFirst)
+    own_capacity: int = 1 << 15  # slots of a sample's own table
 
     def __post_init__(self):
         if not 1 <= self.min_n <= self.max_n:
@@ -65,6 +68,7 @@ class DynamicStandOptions(StandOptions):
 class RowState:
     table_key: object
     noise: GumbelNoise
+    own: NGramTable | None = None  # the sample's own latest distributions (option own_latest)
 
 
 def top_dist(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,6 +184,17 @@ class StandDrafter(Drafter):
     def table_for(self, row) -> NGramTable:
         return self.tables[self.rows[row.uid].table_key]
 
+    def lookup_for(self, row) -> NGramTable | OwnFirst:
+        """What a row drafts from: its question's table, seen through its own where it keeps one."""
+        state = self.rows[row.uid]
+        table = self.tables[state.table_key]
+        return table if state.own is None else OwnFirst(state.own, table)
+
+    def _tables_of(self, row) -> list[NGramTable]:
+        """Every table a row's distributions go into."""
+        state = self.rows[row.uid]
+        return [self.tables[state.table_key]] + ([state.own] if state.own is not None else [])
+
     # ---- the drafter interface ------------------------------------------------------------------
 
     def prompt_topk(self) -> int:
@@ -191,20 +206,25 @@ class StandDrafter(Drafter):
             self.tables[key] = self._new_table()
         self.members.setdefault(key, set()).add(row.uid)
         seed = int(row.rng.integers(2**63))
-        self.rows[row.uid] = RowState(key, GumbelNoise(np.random.default_rng(seed)))
+        o = self.options
+        own = NGramTable(o.max_n, o.topk, o.own_capacity, recency=1.0) if o.own_latest else None
+        self.rows[row.uid] = RowState(key, GumbelNoise(np.random.default_rng(seed)), own)
         fresh = hash(tuple(row.prompt)) not in self.prompts.setdefault(key, set())
-        if prompt is not None and len(prompt) and self.options.prompt and fresh:
-            # once per table: the samples of a question share its prompt, and N copies of one distribution would
-            # only weigh the prompt's entries N times against what the samples write later
-            self.prompts[key].add(hash(tuple(row.prompt)))
-            tails = tails_of(np.asarray(row.prompt[: len(prompt)]), self.options.max_n)  # [P-1, max_n]
-            self.tables[key].insert(tails, prompt.ids, prompt.probs)
+        if prompt is not None and len(prompt) and o.prompt:
+            tails = tails_of(np.asarray(row.prompt[: len(prompt)]), o.max_n)  # [P-1, max_n]
+            if fresh:
+                # once per table: the samples of a question share its prompt, and N copies of one distribution would
+                # only weigh the prompt's entries N times against what the samples write later
+                self.prompts[key].add(hash(tuple(row.prompt)))
+                self.tables[key].insert(tails, prompt.ids, prompt.probs)
+            if own is not None:
+                own.insert(tails, prompt.ids, prompt.probs)
         self._track_memory()
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         deterministic = (not self.options.stochastic) or row.params.greedy
         kids = self.kids if max_nodes is None else self._cut(max_nodes)
-        return self.draft(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise, deterministic, kids,
+        return self.draft(self.lookup_for(row), self._root_tail(row), self.rows[row.uid].noise, deterministic, kids,
                           min_value)
 
     def acceptance_curve(self) -> np.ndarray:
@@ -236,7 +256,8 @@ class StandDrafter(Drafter):
         if not self.options.learn_drafts:
             path = [0] + list(verdict.accepted)  # the root and the accepted nodes: the sample's own contexts
             ids, p, tails = ids[path], p[path], tails[path]
-        self.table_for(row).insert(tails, ids, p)
+        for table in self._tables_of(row):
+            table.insert(tails, ids, p)
         for node in verdict.accepted:
             tag = tree.tags[node - 1]
             if 0 <= tag < len(self.hits):
@@ -271,7 +292,8 @@ class StandDrafter(Drafter):
         return self.peak_bytes
 
     def _track_memory(self) -> None:
-        self.peak_bytes = max(self.peak_bytes, sum(t.memory_bytes() for t in self.tables.values()))
+        own = sum(r.own.memory_bytes() for r in self.rows.values() if r.own is not None)
+        self.peak_bytes = max(self.peak_bytes, own + sum(t.memory_bytes() for t in self.tables.values()))
 
     # ---- drafting -------------------------------------------------------------------------------
 
@@ -332,7 +354,7 @@ class DynamicStandDrafter(StandDrafter):
         # with a floor from the pass (min_value > 0) the size follows worth; an equal budget fills the asked nodes
         cap = self.options.nodes if min_value > 0.0 else self.size(max_nodes, self.options.nodes)
         floor = 0.0 if self.config.nodes is not None else max(min_value, self.options.floor)
-        return self.draft_best_first(self.table_for(row), self._root_tail(row), self.rows[row.uid].noise,
+        return self.draft_best_first(self.lookup_for(row), self._root_tail(row), self.rows[row.uid].noise,
                                      deterministic, cap, floor)
 
     def draft_best_first(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool,
