@@ -11,7 +11,7 @@
 # DTYPE (torch: auto = the faster of bfloat16 and float32 here, measured once), REPEATS, FIRST (index of the first
 # CHAMP problem), PROBLEMS, PROBLEMS8 (problems at n=8), TOKENS (new tokens per sample), METHODS8 (int4-n8), TEMPS, BUDGETS and SPEED
 # (acceptance: the temperatures, node budgets, and SPEED=0 for A alone), LEVELS, EQUAL, CHAMP, BACKEND (search), NS and BUDGET
-# (sharing; NS also overlap and replay). machine.txt records them.
+# (sharing; NS also overlap and replay), METHOD and GRID (calibrate-replay). machine.txt records them.
 # A Ctrl-C still writes the rows of the problems that every method finished.
 #
 # Adding a run: a function run_NAME (dashes in NAME become underscores) that writes its files into "$RESULTS".
@@ -293,6 +293,20 @@ run_calibrate() {  # the shipped STAND tree: a 600-node template counted over lo
     stand calibrate --backend torch --dtype int4 --counts "$RESULTS/tree_n1.json" --cost "$RESULTS/grid.json" \
       --out "$RESULTS/tree.json" --plot "$RESULTS/tree.png" 2>&1 | tail -n 1 | tee -a "$RESULTS/calibrate.txt"
   fi
+}
+
+run_calibrate_replay() {  # the tree calibrated on fixed texts: tuning CHAMP 113+ (n=1, T=0.6, 768 tokens) sampled once
+  # (kept as traces.json: reused when present), a 200-node template replayed over them with the latest-distribution
+  # table, every node counted by its exact chance of acceptance, M chosen with GRID (default: the shipped tree's grid)
+  local first=${FIRST:-112} problems=${PROBLEMS:-16}
+  python3 -m stand.lab.replay --dataset champ --first "$first" --problems "$problems" --max-new-tokens "${TOKENS:-768}" \
+    --temperature 0.6 --dtype "${DTYPE/auto/bfloat16}" --traces "$RESULTS/traces.json" --variants ''
+  python3 -c 'import json, sys; json.dump(json.load(open(sys.argv[1]))["provenance"]["cost_grid"], open(sys.argv[2], "w"))' \
+    src/stand/data/smollm2-135m-instruct.tree.json "$RESULTS/shipped_grid.json"
+  stand calibrate --backend torch --dtype "${DTYPE/auto/bfloat16}" --dataset champ --first "$first" --problems "$problems" \
+    --traces "$RESULTS/traces.json" --method "${METHOD:-stand[recency=1]}" --max-new-tokens "${TOKENS:-768}" \
+    --temperature 0.6 --template-size 200 --keep 80 --cost "${GRID:-$RESULTS/shipped_grid.json}" \
+    --out "$RESULTS/tree.json" --plot "$RESULTS/tree.png" 2>&1 | tail -n 1 | tee -i "$RESULTS/calibrate.txt"
 }
 
 run_smoke() {  # one problem, 32 tokens, every main method: checks the pipeline in a few minutes (into /tmp)

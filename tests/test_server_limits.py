@@ -290,6 +290,18 @@ def test_kv_tokens_and_worst_case():
     assert worst_case(4, 100, 50, padded, shared_table=True).tables == 0
 
 
+def test_rows_with_own_tables_count_them():
+    from stand.server.memory import Need, footprint, row_table_bytes
+
+    own = make_drafter(SpecConfig(method="stand", options={"own_latest": True, "own_capacity": 64}), 259)
+    assert row_table_bytes(own) > 0 and row_table_bytes(make_drafter(SpecConfig(method="stand", options={
+        "own_latest": False}), 259)) == 0
+    shape = ModelShape("m", 100, 1000, 4096, False, None, 5000, 0, row_table_bytes=700)
+    needs = [Need(rows=3, longest=10, kv_tokens=30, prompt_positions=0, groups=1)]
+    assert footprint(needs, shape).tables == 5000 + 3 * 700
+    assert footprint(needs, shape, shared_table=True).tables == 3 * 700
+
+
 def test_table_bytes_bounds_a_full_table():
     drafter = make_drafter(SpecConfig(method="stand", options={"capacity": 64}), 259)
     table = NGramTable(drafter.options.max_n, drafter.options.topk, 64)

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dataset", default="champ")
     ap.add_argument("--first", type=int, default=112)
     ap.add_argument("--problems", type=int, default=12)
-    ap.add_argument("--variants", default="stand:24,stand:64", help="method:nodes, comma-separated")
+    ap.add_argument("--variants", default="stand:24,stand:64", help="method:nodes, comma-separated ('': only sample the traces)")
     ap.add_argument("--samples", type=int, default=1, help="traces per question")
     ap.add_argument("--schedules", default="alone", help=f"how a drafter sees a question's traces: {', '.join(SCHEDULES)}")
     ap.add_argument("--temperature", type=float, default=0.6)
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             with open(args.traces, "w") as f:
                 json.dump(traces, f)
     pairs = list(zip([p for p in prompts for _ in range(args.samples)], traces))
-    runs = [(Variant.parse(v), s) for v in args.variants.split(",") for s in schedules]
+    runs = [(Variant.parse(v), s) for v in filter(None, args.variants.split(",")) for s in schedules]  # '': sample only
     results = []
     with tqdm(total=len(pairs) * len(runs), desc="replay", unit="trace", file=sys.stderr) as bar:
         for v, schedule in runs:

@@ -13,7 +13,8 @@ groups); a set of them takes, at most, the Footprint below, counted as the code 
   distributions, CHUNK_COPIES times over, and its attention scores.
 - prompt distributions: drafters that learn from the prompt (stand, recycle, consensus) keep the top k of the
   model's distribution after every prompt token, per row (16 k + 8 bytes a position).
-- tables: one full n-gram table per drafter group (none with a shared table: that one is counted once, at start).
+- tables: one full n-gram table per drafter group (none with a shared table: that one is counted once, at start),
+  and one full table of its own per row where the drafter keeps one (STAND's own_latest).
 The server's budget (MemoryBudget) is what requests may take together: --memory-budget, or BUDGET_SHARE of the
 memory free once the model is loaded. A request whose footprint alone is over it gets 400 with the numbers; one
 that fits alone waits until the running ones leave it room. `stand serve --help` shows the largest request's
@@ -51,6 +52,7 @@ class ModelShape:
     kv_copies: int = 0  # copies of the padded KV cache at once (0: the cells are allocated at start, llama.cpp)
     heads: int = 0  # attention heads whose scores a torch pass computes (0: none counted)
     grow_slots: int = 0  # slots the torch cache grows by at once
+    row_table_bytes: int = 0  # a full table of a row's own (0: the drafter keeps none per row)
 
 
 # SmolLM2-135M-Instruct on llama.cpp (30 layers x 3 KV heads x 64 dims x K,V x f16) with the stand drafter's
@@ -113,7 +115,7 @@ def footprint(needs: list[Need], shape: ModelShape, shared_table: bool = False) 
     passes = PASS_COPIES * width * vocab * 4 + 2 * width * shape.heads * slots * 4
     prefill = CHUNK_COPIES * min(PREFILL_CHUNK, longest) * vocab * 4 + 2 * PREFILL_CHUNK * shape.heads * slots * 4
     probs = sum(n.prompt_positions for n in needs) * (16 * shape.prompt_topk + 8) if shape.prompt_topk else 0
-    tables = 0 if shared_table else sum(n.groups for n in needs) * shape.table_bytes
+    tables = (0 if shared_table else sum(n.groups for n in needs) * shape.table_bytes) + rows * shape.row_table_bytes
     return Footprint(sum(n.kv_tokens for n in needs), kv, probs, passes + prefill, tables)
 
 
@@ -216,7 +218,7 @@ def shape_of(target, drafter, config) -> ModelShape:
         capacity = min(config.max_live_tokens, capacity or config.max_live_tokens)
     shape = ModelShape(f"{target.name} ({target.kind})", _llama_kv_bytes(target) if llama else _torch_kv_bytes(target),
                        target.vocab_size, target.max_len, llama, capacity, table_bytes(drafter),
-                       min(drafter.prompt_topk(), target.vocab_size))
+                       min(drafter.prompt_topk(), target.vocab_size), row_table_bytes=row_table_bytes(drafter))
     return shape if llama else dataclasses.replace(shape, **_torch_copies(target))
 
 
@@ -249,15 +251,27 @@ def _torch_kv_bytes(target) -> int:
 
 
 def table_bytes(drafter) -> int:
-    """A full n-gram table of the drafter's options (0 for drafters without one): the table's own accounting
-    with every slot indexed, plus the index dict's slots."""
+    """A full n-gram table of the drafter's options (0 for drafters without one)."""
     o = getattr(drafter, "options", None)
     if not hasattr(drafter, "save_table") or not all(hasattr(o, k) for k in ("max_n", "topk", "capacity")):
         return 0
+    return _full_table_bytes(o.max_n, o.topk, o.capacity)
+
+
+def row_table_bytes(drafter) -> int:
+    """A full table of a row's own (STAND's own_latest), 0 where the drafter keeps none."""
+    o = getattr(drafter, "options", None)
+    if table_bytes(drafter) == 0 or not getattr(o, "own_latest", False):
+        return 0
+    return _full_table_bytes(o.max_n, o.topk, o.own_capacity)
+
+
+def _full_table_bytes(max_n: int, topk: int, capacity: int) -> int:
+    """The table's own accounting with every slot indexed, plus the index dict's slots."""
     from stand.drafters.ngram_table import NGramTable
 
-    empty = NGramTable(o.max_n, o.topk, o.capacity).memory_bytes()
-    return empty + o.capacity * (56 + 8 * o.max_n) + _dict_bytes(o.capacity)
+    empty = NGramTable(max_n, topk, capacity).memory_bytes()
+    return empty + capacity * (56 + 8 * max_n) + _dict_bytes(capacity)
 
 
 def _dict_bytes(entries: int) -> int:
