@@ -47,7 +47,7 @@ class StandOptions:
     shared: bool = True  # the samples of a question share one table; False: a table per sample (an ablation)
     sharpen: float = 1.0  # draws from q ~ p^sharpen over the stored top-k (1: the stored distribution renormalised)
     refill: bool = False  # nodes the template leaves unfilled (no table match) are drawn best-first where it is surest
-    own_latest: bool = False  # each sample also keeps its own latest distributions, drafted from where its own
+    own_latest: bool = True  # each sample also keeps its own latest distributions, drafted from where its own
     # context is at least as long as the shared table's (ngram_table.OwnFirst)
     own_capacity: int = 1 << 15  # slots of a sample's own table
 
