@@ -255,13 +255,15 @@ run_overlap() {  # how much the N samples of a question repeat each other, by wh
 }
 
 run_replay() {  # drafters on the same sampled texts (python -m stand.lab.replay): held-out CHAMP, T=0.6, 768 tokens;
-  # n=1 at 24 and 64 nodes a step, then N samples a question replayed alone, one after another and as one batch
+  # n=1 at 24 and 64 nodes a step, then N samples a question replayed alone and as one batch (--schedules sequential
+  # replays them one after another), with the table's three update rules
   local first=${FIRST:-240} problems=${PROBLEMS:-8} problems8=${PROBLEMS8:-4} tokens=${TOKENS:-768} ns=${NS:-8}
   local common=(--dataset champ --first "$first" --max-new-tokens "$tokens" --temperature 0.6 --dtype "$DTYPE")
   python3 -m stand.lab.replay "${common[@]}" --problems "$problems" --traces "$RESULTS/traces_n1.json" \
     --variants stand:64,recycle:64,pld:64,stand:24,recycle:24,pld:24 --json "$RESULTS/n1.json" | tee -i "$RESULTS/n1.txt"
   python3 -m stand.lab.replay "${common[@]}" --problems "$problems8" --samples "${ns##*,}" \
-    --traces "$RESULTS/traces_n${ns##*,}.json" --variants stand:24 --schedules alone,sequential,batched \
+    --traces "$RESULTS/traces_n${ns##*,}.json" --schedules alone,batched \
+    --variants 'stand:24,stand[own_latest=false]:24,stand[own_latest=false;recency=1]:24' \
     --json "$RESULTS/shared.json" | tee -i "$RESULTS/shared.txt"
   python3 -m stand.lab.replay "${common[@]}" --problems "$problems8" --samples "${ns##*,}" \
     --traces "$RESULTS/traces_n${ns##*,}.json" --variants recycle:24,suffix:24 --schedules batched \
