@@ -7,6 +7,9 @@ the stored top-k, renormalised (q), without replacement by Gumbel-Top-K on fresh
 share one SparseDist q, in draw order, which is what the recursive rejection verifier needs.
 Deterministic mode (option stochastic=False, and greedy rows) takes the top-ranked tokens with q=None.
 
+Each sample also keeps a small table of its own latest distributions (option own_latest, the default) and drafts
+through both (ngram_table.OwnFirst): its own latest where its match is as long, the question's running mean beyond.
+
 One table per row group (the N samples of a question), or one for the whole run with
 `share_across_prompts`, or a persistent one with `table_path` (checked and loaded when the drafter is
 made, before any decoding; saved when the last live row finishes).

@@ -81,6 +81,7 @@ class StandProposer(ChainProposer):
     def make_drafter(self) -> StandDrafter:
         o = self.options
         own = {f.name: getattr(o, f.name) for f in fields(StandOptions)}
+        own["own_latest"] = False  # chains are inserted into and drawn from the question's table only (not measured here)
         spec = SpecConfig(method="stand", share_across_prompts=o.share_across_prompts, table_path=o.table or None,
                           options=own)
         self.prompted: set[int] = set()  # groups whose prompt is in the table
