@@ -9,8 +9,8 @@ from stand.core.drafter import PromptDists
 from stand.core.sequence import Row
 from stand.core.tree import DraftTree
 from stand.core.verify import Verdict
-from stand.drafters.ngram_table import NGramTable, OwnFirst, merge_topk
-from stand.drafters.draws import GumbelNoise, draw
+from stand.drafters.ngram_table import NGramTable, merge_topk
+from stand.drafters.draws import GumbelNoise, OwnFirst, draw
 from stand.drafters.stand import StandDrafter
 from stand.drafters.templates import DEEP_PRIOR, grown_tree, heuristic
 from stand.errors import StandError

@@ -273,27 +273,6 @@ class NGramTable:
         self.n_free = self.capacity - n
 
 
-class OwnFirst:
-    """A sample's lookup over two tables: its own (each context's latest distribution in this sample) and the shared
-    one of its question (what every sample wrote, merged as that table merges). The longer match wins, the sample's
-    own on a tie: within a sample the latest successor of a context (a loop's next token), across samples the
-    shared entries where the sample has none as long. Handles: slot * 2 (own) or slot * 2 + 1 (shared)."""
-
-    def __init__(self, own: NGramTable, shared: NGramTable):
-        self.own, self.shared = own, shared
-
-    def longest(self, tail, min_n: int = 1) -> tuple[int, int]:
-        slot, n = self.own.longest(tail, min_n)
-        if n < self.shared.max_n:
-            other, m = self.shared.longest(tail, max(min_n, n + 1))
-            if other >= 0:
-                return 2 * other + 1, m
-        return (2 * slot if slot >= 0 else -1), n
-
-    def dist(self, handle: int) -> tuple[np.ndarray, np.ndarray]:
-        return (self.shared if handle % 2 else self.own).dist(handle // 2)
-
-
 class TableMismatch(StandError):
     """A sound table built for another model (vocabulary) or other table options than this run's."""
 

@@ -8,7 +8,7 @@ share one SparseDist q, in draw order, which is what the recursive rejection ver
 Deterministic mode (option stochastic=False, and greedy rows) takes the top-ranked tokens with q=None.
 
 Each sample also keeps a small table of its own latest distributions (option own_latest, the default) and drafts
-through both (ngram_table.OwnFirst): its own latest where its match is as long, the question's running mean beyond.
+through both (draws.OwnFirst): its own latest where its match is as long, the question's running mean beyond.
 
 One table per row group (the N samples of a question), or one for the whole run with
 `share_across_prompts`, or a persistent one with `table_path` (checked and loaded when the drafter is
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from stand.errors import StandError
-from stand.drafters.draws import BestFirst, GumbelNoise, draw
-from stand.drafters.ngram_table import NGramTable, OwnFirst, TableMismatch, check_table_path, last_tail, tails_of
+from stand.drafters.draws import BestFirst, GumbelNoise, OwnFirst, draw
+from stand.drafters.ngram_table import NGramTable, TableMismatch, check_table_path, last_tail, tails_of
 from stand.core.sizing import acceptance_curve
 from stand.drafters.templates import (DEFAULT_PRIOR, TreeTemplate, check_vocab, fill, grown_tree, heuristic,
                                       most_valuable, shipped_tree_path)
@@ -51,7 +51,7 @@ class StandOptions:
     sharpen: float = 1.0  # draws from q ~ p^sharpen over the stored top-k (1: the stored distribution renormalised)
     refill: bool = False  # nodes the template leaves unfilled (no table match) are drawn best-first where it is surest
     own_latest: bool = True  # each sample also keeps its own latest distributions, drafted from where its own
-    # context is at least as long as the shared table's (ngram_table.OwnFirst)
+    # context is at least as long as the shared table's (draws.OwnFirst)
     own_capacity: int = 1 << 15  # slots of a sample's own table
 
     def __post_init__(self):
