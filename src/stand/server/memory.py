@@ -253,18 +253,22 @@ def _torch_kv_bytes(target) -> int:
 
 def table_bytes(drafter) -> int:
     """A full n-gram table of the drafter's options (0 for drafters without one)."""
-    o = getattr(drafter, "options", None)
-    if not hasattr(drafter, "save_table") or not all(hasattr(o, k) for k in ("max_n", "topk", "capacity")):
-        return 0
-    return _full_table_bytes(o.max_n, o.topk, o.capacity)
+    o = _table_options(drafter)
+    return 0 if o is None else _full_table_bytes(o.max_n, o.topk, o.capacity)
 
 
 def row_table_bytes(drafter) -> int:
     """A full table of a row's own (STAND's own_latest), 0 where the drafter keeps none."""
+    o = _table_options(drafter)
+    return _full_table_bytes(o.max_n, o.topk, o.own_capacity) if getattr(o, "own_latest", False) else 0
+
+
+def _table_options(drafter):
+    """The options of a drafter that keeps n-gram tables, else None."""
     o = getattr(drafter, "options", None)
-    if table_bytes(drafter) == 0 or not getattr(o, "own_latest", False):
-        return 0
-    return _full_table_bytes(o.max_n, o.topk, o.own_capacity)
+    if not hasattr(drafter, "save_table") or not all(hasattr(o, k) for k in ("max_n", "topk", "capacity")):
+        return None
+    return o
 
 
 def _full_table_bytes(max_n: int, topk: int, capacity: int) -> int:
