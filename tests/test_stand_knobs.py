@@ -135,3 +135,16 @@ def test_own_latest_rows_keep_their_own_table_beside_the_shared_one(tiny):
     a, b = (d.rows[r.uid].own for r in rows)
     assert a is not b and d.table_for(rows[0]) is d.table_for(rows[1])  # one shared table, an own table each
     assert isinstance(d.lookup_for(rows[0]), OwnFirst)
+
+
+def test_own_table_is_the_default_and_takes_a_long_prompt_end_only(tiny):
+    """A prompt with more keys than a row's own table holds fits: only its end goes in (the shared table has all)."""
+    d = StandDrafter(SpecConfig(method="stand", options={"own_capacity": 64}), tiny.vocab_size)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(1, tiny.vocab_size, 300)]
+    ids = np.tile(np.array([[7, 8]]), (299, 1))  # [P-1, 2] after each prompt token but the last
+    row = Row(prompt, SamplingParams(0.8, max_new_tokens=4, seed=0))
+    d.start(row, PromptDists(ids, np.tile([[0.6, 0.4]], (299, 1)), np.ones(299)))
+    own = d.rows[row.uid].own
+    assert own is not None and 0 < len(own) <= 64 and own.evictions == 0
+    assert own.longest(prompt[-5:-1])[1] == 4 and own.longest(prompt[:4])[1] < 4  # its end, not its start
+    assert d.table_for(row).longest(prompt[:4])[1] == 4

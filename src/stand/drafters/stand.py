@@ -7,7 +7,7 @@ the stored top-k, renormalised (q), without replacement by Gumbel-Top-K on fresh
 share one SparseDist q, in draw order, which is what the recursive rejection verifier needs.
 Deterministic mode (option stochastic=False, and greedy rows) takes the top-ranked tokens with q=None.
 
-With the option own_latest each sample also keeps a small table of its own latest distributions and drafts
+Each sample also keeps a small table of its own latest distributions (option own_latest, on by default) and drafts
 through both (draws.OwnFirst): its own latest where its match is as long, the question's running mean beyond.
 
 One table per row group (the N samples of a question), or one for the whole run with
@@ -50,9 +50,9 @@ class StandOptions:
     shared: bool = True  # the samples of a question share one table; False: a table per sample (an ablation)
     sharpen: float = 1.0  # draws from q ~ p^sharpen over the stored top-k (1: the stored distribution renormalised)
     refill: bool = False  # nodes the template leaves unfilled (no table match) are drawn best-first where it is surest
-    own_latest: bool = False  # each sample also keeps its own latest distributions, drafted from where its own
-    # context is at least as long as the shared table's (draws.OwnFirst)
-    own_capacity: int = 1 << 15  # slots of a sample's own table
+    own_latest: bool = True  # each sample also keeps its own latest distributions, drafted from where its own
+    # context is at least as long as the shared table's (draws.OwnFirst); False: the shared running mean alone
+    own_capacity: int = 1 << 13  # slots of a sample's own table (LRU beyond; its prompt's last capacity/2 keys)
 
     def __post_init__(self):
         if not 1 <= self.min_n <= self.max_n:
@@ -220,8 +220,9 @@ class StandDrafter(Drafter):
                 # only weigh the prompt's entries N times against what the samples write later
                 self.prompts[key].add(hash(tuple(row.prompt)))
                 self.tables[key].insert(tails, prompt.ids, prompt.probs)
-            if own is not None:
-                own.insert(tails, prompt.ids, prompt.probs)
+            if own is not None:  # the prompt's end only: an insert must fit the small table at once
+                last = max(1, own.capacity // (2 * o.max_n))
+                own.insert(tails[-last:], prompt.ids[-last:], prompt.probs[-last:])
         self._track_memory()
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
