@@ -31,8 +31,8 @@ CASES = [
     ("stand+consensus", {"k": 2}),
     ("stand", {}),
     ("stand", {"stochastic": False}),
-    ("stand", {"refill": True}),
-    ("stand", {"own_latest": True}),  # a sample's own latest distributions before the shared table's  # the template's lost nodes drawn best-first (where they go depends on earlier draws)
+    ("stand", {"refill": True}),  # the template's lost nodes drawn best-first (where they go depends on earlier draws)
+    ("stand", {"own_latest": False}),  # the question's running-mean table alone (no table of the sample's own)
     ("stand-dynamic", {}),
     ("stand-dynamic", {"stochastic": False}),
     ("recycle", {}),
@@ -45,17 +45,17 @@ BACKENDS = ("hf", "lean", "int4", "llama.cpp")
 BATCH = {"hf": 250, "lean": 250, "int4": 250, "llama.cpp": 50}  # llama.cpp: 256 sequences a pass, so 5 leaves per row of 50
 # llama.cpp: tests/test_llamacpp.py::test_sampling_is_exact checks the methods it names at T=1 (where its expected
 # distribution, from sampler_probs, is a plain softmax); the other runs are checked here
-LLAMACPP_ELSEWHERE = {("none", ()), ("pld", ()), ("recycle", ()), ("stand", ()), ("stand", (False,)),
-                      ("stand-dynamic", ()), ("consensus", (2,)), ("ngrammys", ()), ("stand+consensus", (2,))}
+LLAMACPP_ELSEWHERE = {("none", ()), ("pld", ()), ("recycle", ()), ("stand", ()), ("stand", (("stochastic", False),)),
+                      ("stand-dynamic", ()), ("consensus", (("k", 2),)), ("ngrammys", ()), ("stand+consensus", (("k", 2),))}
 ENGINE_RUNS = [(b, *r) for b in BACKENDS for r in RUNS
-               if b != "llama.cpp" or r[2] is not PLAIN or (r[0], tuple(r[1].values())) not in LLAMACPP_ELSEWHERE]
+               if b != "llama.cpp" or r[2] is not PLAIN or (r[0], tuple(r[1].items())) not in LLAMACPP_ELSEWHERE]
 # every backend at T=1; the truncated sampler (which the top-p power check needs) on the Hugging Face forward
 WRONG_RUNS = [(b, *w, PLAIN) for w in WRONG for b in BACKENDS] + [("hf", *w, TRUNCATED) for w in WRONG]
 
 
 def run_id(run) -> str:
     method, extra, params = run
-    return "-".join([method, *map(str, extra.values()), params_id(params)])
+    return "-".join([method, *(f"{k}={v}" for k, v in extra.items()), params_id(params)])
 
 
 def exact_run(target, spec: SpecConfig, params: SamplingParams, batch: int = 250, grid=None, wrap=None) -> Run:

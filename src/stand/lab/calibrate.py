@@ -151,11 +151,10 @@ def replay_counts(target, prompts: list[list[int]], template: TreeTemplate, cfg:
     """Replays cfg.traces (n a problem, sharing a table as cfg.schedule says) with the large template: (each node's
     summed chance of acceptance, steps, drafting ms per node). Exact expectations on fixed texts: the counts carry
     neither the verifier's draws nor the text's (lab/replay.py), so two variants are counted on the same texts."""
-    from stand.lab.replay import Variant, load_traces, replay
+    from stand.lab.replay import Variant, load_traces, pair_traces, replay
     from stand.params import SamplingParams
 
-    traces = load_traces(cfg.traces, len(prompts) * cfg.n)
-    pairs = list(zip([p for p in prompts for _ in range(cfg.n)], traces))
+    pairs = pair_traces(prompts, load_traces(cfg.traces, len(prompts) * cfg.n), cfg.n)
     reach = np.zeros(len(template))
     params = SamplingParams(cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     tick = None if progress is None else (lambda k: progress(k * cfg.max_new_tokens))

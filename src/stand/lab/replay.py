@@ -146,6 +146,11 @@ def load_traces(path: str, count: int) -> list[list[int]]:
     return traces[:count]
 
 
+def pair_traces(prompts: list[list[int]], traces: list[list[int]], samples: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt, trace) pairs: `samples` consecutive traces a question, in the prompts' order."""
+    return list(zip([p for p in prompts for _ in range(samples)], traces))
+
+
 def replay(target, traces: list[tuple[list[int], list[int]]], variant: Variant, params: SamplingParams,
            progress=None, samples: int = 1, schedule: str = "alone", template: TreeTemplate | None = None,
            reach_by_tag: np.ndarray | None = None) -> dict:
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.traces:
             with open(args.traces, "w") as f:
                 json.dump(traces, f)
-    pairs = list(zip([p for p in prompts for _ in range(args.samples)], traces))
+    pairs = pair_traces(prompts, traces, args.samples)
     runs = [(Variant.parse(v), s) for v in filter(None, args.variants.split(",")) for s in schedules]  # '': sample only
     results = []
     with tqdm(total=len(pairs) * len(runs), desc="replay", unit="trace", file=sys.stderr) as bar:
