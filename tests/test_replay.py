@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from stand.core import verify as V
-from stand.lab.replay import Variant, expected_accepted, follow, node_reach, replay, sample_traces
+from stand.lab.replay import (Replay, Variant, expected_accepted, follow, node_reach, one_hot_argmax, replay,
+                              sample_traces)
 from stand.params import SamplingParams
 from test_verify import deterministic_tree, node_probs, stochastic_tree
 
@@ -38,6 +39,39 @@ def test_node_reach_is_each_nodes_acceptance_frequency():
     kids = tree.children()
     for node, below in enumerate(kids):  # a child is accepted only with its parent
         assert all(reach[c - 1] <= (reach[node - 1] if node else 1.0) + 1e-12 for c in below)
+
+
+@pytest.mark.parametrize("make", [stochastic_tree, deterministic_tree])
+def test_greedy_reach_is_the_greedy_verifiers_path(make):
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        tree = make(rng)
+        probs = node_probs(tree)
+        accepted = V.verify_greedy(tree, probs.argmax(-1).tolist()).accepted
+        reach = node_reach(tree, one_hot_argmax(probs))
+        assert np.flatnonzero(reach).tolist() == [a - 1 for a in accepted] and set(reach.tolist()) <= {0.0, 1.0}
+
+
+def test_greedy_replay_scores_what_a_greedy_run_accepts(tiny):
+    """At T=0 the drafts are deterministic and the trace is greedy decoding's, so a replay scores, step by step, the
+    tokens a real run with the same drafter commits (the last step aside: a real run cuts it at the length)."""
+    from stand.drafters.registry import make_drafter
+    from stand.core.sequence import Row
+    from stand.engine import Engine
+    from stand.params import SpecConfig
+
+    params = SamplingParams(0.0, max_new_tokens=40, ignore_eos=True, seed=0)
+    prompt = tiny.encode("the cat sat on the mat. the cat sat on the")
+    trace = sample_traces(tiny, [prompt], params)[0]
+    spec = SpecConfig(method="stand", nodes=8, cost_grid="off").validate()
+    real = Engine(tiny, make_drafter(spec, tiny.vocab_size, tiny)).run([Row(prompt, params)])[0]
+    assert real.tokens == trace  # greedy with drafts is greedy
+    row = Row(prompt, params)
+    engine = Replay(tiny, make_drafter(spec, tiny.vocab_size, tiny), {row.uid: trace})
+    engine.run([row])
+    scores = [a for a, _ in engine.scores[row.uid]]
+    assert len(scores) == real.stats.steps and max(real.stats.accept_lengths) > 1
+    assert scores[:-1] == pytest.approx(real.stats.accept_lengths[:-1])
 
 
 def test_follow_walks_the_tree_along_the_tokens():

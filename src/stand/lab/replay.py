@@ -8,7 +8,8 @@ variant then decodes them again with its drafter proposing a tree at every step,
 same pass as the engine runs, and the row committing the trace's own next tokens (the tree's nodes along the trace,
 then the trace's next token: an outcome the verifier could have drawn). What a step scores is 1 + the expected
 number of accepted nodes under recursive rejection sampling (core/verify.py), computed from the target's
-distributions at every node, so neither the text nor the verifier's draws add noise; the drafter's own random
+distributions at every node, so neither the text nor the verifier's draws add noise (at T=0: the nodes along the
+pass's argmax, as greedy verification accepts); the drafter's own random
 draws (Gumbel-Top-K) remain. The drafter learns from each step as it would in a run (observe, with the committed
 path as the verdict).
 
@@ -68,6 +69,12 @@ def node_reach(tree: DraftTree, probs: torch.Tensor) -> np.ndarray:
     return reach[1:]
 
 
+def one_hot_argmax(probs: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [..., V] all mass on each row's most likely token: what greedy verification accepts against, so
+    node_reach on it is 1 along the argmax path and 0 elsewhere."""
+    return torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)
+
+
 def expected_accepted(tree: DraftTree, probs: torch.Tensor) -> float:
     """Expected accepted draft nodes of `tree` under verify_sample: the sum of every node's chance to be accepted."""
     return float(node_reach(tree, probs).sum())
@@ -96,8 +103,8 @@ class Replay(Engine):
         self.reach_by_tag = reach_by_tag  # [T] where given, each tagged node's chance of acceptance is added to its tag
 
     def _verify(self, r: Row, tree: DraftTree, logits: torch.Tensor, learns: bool):
-        probs = sampler_probs(logits[: len(tree) + 1], r.params)  # [M+1, V]
-        reach = node_reach(tree, probs)  # [M]
+        probs = sampler_probs(logits[: len(tree) + 1], r.params)  # [M+1, V] what the drafter learns from
+        reach = node_reach(tree, one_hot_argmax(probs) if r.params.greedy else probs)  # [M]
         self.scores[r.uid].append((1.0 + float(reach.sum()), len(tree)))
         if self.reach_by_tag is not None and len(tree):
             tags = np.asarray(tree.tags, dtype=np.int64)
