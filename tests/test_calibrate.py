@@ -117,7 +117,8 @@ def test_calibration_by_replay_counts_expected_acceptance(tiny, tmp_path):
     grid = CostGrid({1: {1: 10.0, 8: 11.0, 64: 30.0}})
     cal = calibrate(tiny, prompts, cfg, grid=grid)
     template = large_template(120)
-    again = replay(tiny, list(zip(prompts, traces)), Variant("stand[recency=1]", 120), params, template=template)
+    counted = Variant("stand[recency=1;refill=false]", 120)  # counting drafts the template as it is
+    again = replay(tiny, list(zip(prompts, traces)), counted, params, template=template)
     assert cal.steps == again["steps"] and cal.hits.sum() > 0
     assert 1 + cal.hits.sum() / cal.steps == pytest.approx(again["expected_A"])  # the drafter's draws are seeded alike
     meta = save(cal, tiny, cfg, str(tmp_path / "tree.json"))

@@ -31,7 +31,7 @@ CASES = [
     ("stand+consensus", {"k": 2}),
     ("stand", {}),
     ("stand", {"stochastic": False}),
-    ("stand", {"refill": True}),  # the template's lost nodes drawn best-first (where they go depends on earlier draws)
+    ("stand", {"refill": False}),  # the template alone (the default also draws its lost nodes best-first)
     ("stand", {"own_latest": False}),  # the question's running-mean table alone (no table of the sample's own)
     ("stand-dynamic", {}),
     ("stand-dynamic", {"stochastic": False}),

@@ -112,6 +112,19 @@ def test_refill_spends_the_nodes_a_template_leaves_unfilled():
         assert len(set(siblings)) == len(siblings) and q is not None and full.tokens[i] in q.ids.tolist()
 
 
+def test_refill_is_the_default_but_a_counted_template_is_drafted_as_it_is():
+    """Calibration counts a template's own nodes: count_template turns refill off, so every node is the template's."""
+    t = NGramTable(max_n=1, topk=3, capacity=64)
+    t.insert([[1], [5], [6], [7]], [[5, 9, 6]] * 4, [[0.7, 0.2, 0.1]] * 4)
+    d = StandDrafter(SpecConfig(method="stand", options={"max_n": 1}), 100)
+    template = heuristic(12)
+    d.use_template(template)
+    assert len(d.draft(t, np.array([1]), GumbelNoise(np.random.default_rng(7)), False)) == 12  # refilled
+    d.count_template(template)
+    counted = d.draft(t, np.array([1]), GumbelNoise(np.random.default_rng(7)), False)
+    assert len(counted) < 12 and all(0 <= tag < len(template) for tag in counted.tags)
+
+
 def test_own_first_prefers_the_samples_latest_and_falls_back_to_the_shared_table():
     own, shared = NGramTable(3, 4, 64, recency=1.0), NGramTable(3, 4, 64)
     ctx = np.array([[-1, 5, 6]])

@@ -49,7 +49,7 @@ class StandOptions:
     min_n: int = 1  # shortest context suffix a lookup backs off to
     shared: bool = True  # the samples of a question share one table; False: a table per sample (an ablation)
     sharpen: float = 1.0  # draws from q ~ p^sharpen over the stored top-k (1: the stored distribution renormalised)
-    refill: bool = False  # nodes the template leaves unfilled (no table match) are drawn best-first where it is surest
+    refill: bool = True  # nodes the template leaves unfilled (no table match) are drawn best-first where it is surest
     own_latest: bool = True  # each sample also keeps its own latest distributions, drafted from where its own
     # context is at least as long as the shared table's (draws.OwnFirst); False: the shared running mean alone
     own_capacity: int = 1 << 13  # slots of a sample's own table (LRU beyond; its prompt's last capacity/2 keys)
@@ -129,6 +129,12 @@ class StandDrafter(Drafter):
         self.node_p = node_acceptance(template)  # [M] chance each node lies on the accepted path
         self._cuts: dict[int, list[list[int]]] = {}  # nodes -> children lists of the tree of that many nodes
         self.hits = np.zeros(len(template), dtype=np.int64)  # accepted-path count per template node (calibration)
+
+    def count_template(self, template: TreeTemplate) -> None:
+        """Drafts `template` as it is, to count its nodes (calibration): no refill, whose untagged nodes would take
+        acceptances from the template's own."""
+        self.use_template(template)
+        self.options.refill = False
 
     def _load_template(self) -> TreeTemplate:
         """--tree (a warning if it was calibrated for another vocabulary), else the shipped calibrated tree

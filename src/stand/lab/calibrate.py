@@ -130,7 +130,7 @@ def count_hits(target, prompts: list[list[int]], template: TreeTemplate, cfg: Ca
 
     base, options = cfg.spec_options()
     drafter = StandDrafter(SpecConfig(method=base, options=options).validate(), target.vocab_size)
-    drafter.use_template(template)
+    drafter.count_template(template)
     engine = Engine(target, drafter)
     steps, draft_s, drafted = 0, 0.0, 0
     on_commit = None if progress is None else (lambda row, new: progress(len(new)))
