@@ -11,12 +11,17 @@ from stand.params import SamplingParams
 from test_verify import deterministic_tree, node_probs, stochastic_tree
 
 
+def trees(make, seed: int, count: int):
+    """`count` trees from `make` with the target's distributions at their nodes."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        tree = make(rng)
+        yield tree, node_probs(tree)
+
+
 @pytest.mark.parametrize("make", [stochastic_tree, deterministic_tree])
 def test_expected_accepted_is_the_verifiers_mean(make):
-    rng = np.random.default_rng(7)
-    for _ in range(3):
-        tree = make(rng)
-        probs = node_probs(tree)
+    for tree, probs in trees(make, 7, 3):
         draws = [len(V.verify_sample(tree, probs, np.random.default_rng(s)).accepted) for s in range(6000)]
         mean, se = np.mean(draws), np.std(draws) / np.sqrt(len(draws))
         assert expected_accepted(tree, probs) == pytest.approx(mean, abs=4 * se + 1e-9)
@@ -43,10 +48,7 @@ def test_node_reach_is_each_nodes_acceptance_frequency():
 
 @pytest.mark.parametrize("make", [stochastic_tree, deterministic_tree])
 def test_greedy_reach_is_the_greedy_verifiers_path(make):
-    rng = np.random.default_rng(5)
-    for _ in range(5):
-        tree = make(rng)
-        probs = node_probs(tree)
+    for tree, probs in trees(make, 5, 5):
         accepted = V.verify_greedy(tree, probs.argmax(-1).tolist()).accepted
         reach = node_reach(tree, one_hot_argmax(probs))
         assert np.flatnonzero(reach).tolist() == [a - 1 for a in accepted] and set(reach.tolist()) <= {0.0, 1.0}
