@@ -180,8 +180,10 @@ def replay(target, traces: list[tuple[list[int], list[int]]], variant: Variant, 
         by_uid = {r.uid: trace for r, (_, trace) in zip(rows, pairs)}
         for run in ([[r] for r in rows] if schedule == "alone" else [rows]):
             drafter = make_drafter(spec, target.vocab_size, target)
-            if template is not None:
-                drafter.count_template(template) if reach_by_tag is not None else drafter.use_template(template)
+            if template is not None and reach_by_tag is not None:
+                drafter.count_template(template)  # counted as it is (no refill)
+            elif template is not None:
+                drafter.use_template(template)
             engine = Replay(target, drafter, {r.uid: by_uid[r.uid] for r in run}, reach_by_tag)
             engine.run(run, max_live=1 if schedule == "sequential" else None)
             drafted += sum(r.stats.drafted for r in run)
