@@ -203,3 +203,13 @@ def test_crafted_table_file_allocates_nothing_before_the_options_check(tmp_path)
     assert peak < 64 << 20
     with pytest.raises(StandError, match="capacity"):  # read without options: its size is bounded all the same
         NGramTable.load(crafted_table(tmp_path / "big.ngt", {"max_n": 64, "topk": 4096, "n": 0, "capacity": 1 << 20}))
+
+
+def test_a_batch_of_more_keys_than_slots_keeps_its_last_ones():
+    """Inserting more keys at once than the table holds keeps the batch's latest keys (as eviction would), not an
+    error: a long prompt into a small table."""
+    t = NGramTable(max_n=2, topk=2, capacity=8)
+    tails = tails_of(np.arange(1, 21), 2)  # [20, 2]: 39 keys
+    t.insert(tails, np.tile([[7, 8]], (20, 1)), np.tile([[0.6, 0.4]], (20, 1)))
+    assert len(t) == 8 and t.evictions == 0
+    assert t.longest((19, 20))[1] == 2 and t.longest((1, 2))[1] == 0

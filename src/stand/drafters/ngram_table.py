@@ -1,18 +1,17 @@
 """The logit n-gram table: for the last n tokens (n = 1..max_n), the target's top-k next tokens.
 
-A value is top-k token ids with probabilities and a count c. Inserting distribution d under a
-key seen c times gives `(c*old + d)/(c+1)` over the union of tokens (a missing token counts 0),
-cut back to the top k (STAND, arXiv 2506.04708).
+A value is top-k token ids with probabilities and a count c. Inserting distribution d under a key seen c times gives
+`(c*old + d)/(c+1)` over the union of tokens (missing tokens count 0), cut back to the top k (STAND, arXiv 2506.04708).
 
-Memory is bounded: fixed-size arrays of `capacity` slots, a dict from the key (a tuple of max_n
-ids, left-padded with -1) to its slot, and least-recently-used eviction in batches of capacity/8
-when the table is full; an evicted key leaves the dict, so it can never return stale data. Key
+Memory is bounded: fixed-size arrays of `capacity` slots, a dict from the key (a tuple of max_n ids, left-padded
+with -1) to its slot, and least-recently-used eviction in batches of capacity/8 when the table is full (a batch of
+more keys than slots keeps its last ones); an evicted key leaves the dict, so it can never return stale data. Key
 building and the merge are vectorised over all keys of a batch; the dict does the matching.
 
-Files (`save`/`load`): magic, format version, a JSON header, the used slots' arrays (raw
-little-endian, no pickle) and a SHA-256 of everything before it; written to a temporary file and
-renamed into place (concurrent writers: the last rename wins, no file is ever torn). Loading checks
-every size in the header against the file's length before allocating, and the ids and probabilities.
+Files (`save`/`load`): magic, format version, a JSON header, the used slots' arrays (raw little-endian, no pickle)
+and a SHA-256 of everything before it; written to a temporary file and renamed into place (concurrent writers: the
+last rename wins, no file is ever torn). Loading checks every size in the header against the file's length before
+allocating, and the ids and probabilities.
 """
 
 from __future__ import annotations
@@ -120,6 +119,7 @@ class NGramTable:
         Keys repeated within the batch are merged in batch order, as sequential inserts would be.
         """
         keys, rows = suffix_keys(np.asarray(tails, dtype=np.int64), self.max_n)
+        keys, rows = keys[-self.capacity:], rows[-self.capacity:]  # more than fit: the latest, as eviction keeps
         if len(keys) == 0:
             return
         self.tick += 1

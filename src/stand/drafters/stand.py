@@ -52,7 +52,7 @@ class StandOptions:
     refill: bool = True  # nodes the template leaves unfilled (no table match) are drawn best-first where it is surest
     own_latest: bool = True  # each sample also keeps its own latest distributions, drafted from where its own
     # context is at least as long as the shared table's (draws.OwnFirst); False: the shared running mean alone
-    own_capacity: int = 1 << 13  # slots of a sample's own table (LRU beyond; its prompt's last capacity/2 keys)
+    own_capacity: int = 1 << 13  # slots of a sample's own table (LRU beyond; a long prompt's last keys)
 
     def __post_init__(self):
         if not 1 <= self.min_n <= self.max_n:
@@ -226,9 +226,8 @@ class StandDrafter(Drafter):
                 # only weigh the prompt's entries N times against what the samples write later
                 self.prompts[key].add(hash(tuple(row.prompt)))
                 self.tables[key].insert(tails, prompt.ids, prompt.probs)
-            if own is not None:  # the prompt's end only: an insert must fit the small table at once
-                last = max(1, own.capacity // (2 * o.max_n))
-                own.insert(tails[-last:], prompt.ids[-last:], prompt.probs[-last:])
+            if own is not None:  # a long prompt's end only (the table keeps a batch's last keys that fit)
+                own.insert(tails, prompt.ids, prompt.probs)
         self._track_memory()
 
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
