@@ -89,6 +89,7 @@ def test_replay_commits_the_trace(tiny):
     for variant in ("stand:8", "recycle:8", "none:0"):
         r = replay(tiny, list(zip(prompts, traces)), Variant.parse(variant), params)  # asserts each trace is committed
         assert r["steps"] > 0 and r["expected_A"] >= 1.0 and len(r["per_trace"]) == 2
+        assert (r["empty_steps"] == 1.0) if variant == "none:0" else (0.0 <= r["empty_steps"] < 1.0)
         if variant == "none:0":
             assert r["expected_A"] == 1.0 and r["steps"] == sum(len(t) - len(p) for p, t in zip(prompts, traces))
 

@@ -195,6 +195,7 @@ def replay(target, traces: list[tuple[list[int], list[int]]], variant: Variant, 
     steps = [s for scores in per_trace for s in scores]
     return {"variant": f"{variant.method}:{variant.nodes}", "schedule": schedule, "steps": len(steps),
             "expected_A": float(np.mean([a for a, _ in steps])), "nodes_per_step": float(np.mean([n for _, n in steps])),
+            "empty_steps": float(np.mean([n == 0 for _, n in steps])),  # no table match at the root: nothing drafted
             "draft_ms_per_node": 1000.0 * draft_s / max(drafted, 1),
             "per_trace": [float(np.mean([a for a, _ in s])) if s else None for s in per_trace]}
 
@@ -249,13 +250,13 @@ def main(argv: list[str] | None = None) -> None:
             results.append(replay(target, pairs, v, params, bar.update, args.samples, schedule, template))
             r = results[-1]
             tqdm.write(f"{r['variant']:32s} {schedule:10s} expected A {r['expected_A']:.3f}  "
-                       f"nodes/step {r['nodes_per_step']:.1f}  steps {r['steps']}", file=sys.stderr)
+                       f"nodes/step {r['nodes_per_step']:.1f}  empty {r['empty_steps']:.1%}  steps {r['steps']}", file=sys.stderr)
     tokens = sum(len(t) - len(p) for p, t in pairs)
     print(f"{args.dataset} {args.first + 1}-{args.first + args.problems} x {args.samples} samples, {tokens} tokens "
           f"replayed, T={args.temperature}")
-    print("| variant | schedule | expected A | nodes/step | steps |\n|---|---|---|---|---|")
+    print("| variant | schedule | expected A | nodes/step | steps drafting nothing | steps |\n|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['variant']} | {r['schedule']} | {r['expected_A']:.3f} | {r['nodes_per_step']:.1f} | {r['steps']} |")
+        print(f"| {r['variant']} | {r['schedule']} | {r['expected_A']:.3f} | {r['nodes_per_step']:.1f} | {r['empty_steps']:.1%} | {r['steps']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "tokens": tokens, "results": results}, f, indent=1)
