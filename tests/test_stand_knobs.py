@@ -161,3 +161,23 @@ def test_own_table_is_the_default_and_takes_a_long_prompt_end_only(tiny):
     assert own is not None and 0 < len(own) <= 64 and own.evictions == 0
     assert own.longest(prompt[-5:-1])[1] == 4 and own.longest(prompt[:4])[1] < 4  # its end, not its start
     assert d.table_for(row).longest(prompt[:4])[1] == 4
+
+
+def test_reserve_grows_the_chain_past_the_templates_depth_where_the_table_is_sure():
+    """A loop (each token's successor near certain): the third of the budget kept out of the template is grown
+    best-first down the sure chain, deeper than the template reaches; without reserve the template's shape stays."""
+
+    def drafted(reserve: float) -> DraftTree:
+        d = StandDrafter(SpecConfig(method="stand", options={"max_n": 1, "reserve": reserve, "own_latest": False}), 100)
+        d.use_template(heuristic(24))
+        row = Row([1, 2, 3], SamplingParams(0.0, max_new_tokens=8))
+        d.start(row, None)
+        ids = [[(t + j) % 100 for j in range(1, 11)] for t in range(100)]  # [100, 10] t -> t+1 first
+        d.tables[d.rows[row.uid].table_key].insert([[t] for t in range(100)], ids, [[0.91] + [0.01] * 9] * 100)
+        return d.propose(row, 24)
+
+    plain, deep = drafted(0.0), drafted(1 / 3)
+    assert len(plain) == len(deep) == 24
+    assert plain.depths().max() == heuristic(24).depths().max() < deep.depths().max()
+    with pytest.raises(StandError, match="reserve"):
+        StandDrafter(SpecConfig(method="stand", options={"reserve": 1.0}), 100)

@@ -50,6 +50,8 @@ class StandOptions:
     shared: bool = True  # the samples of a question share one table; False: a table per sample (an ablation)
     sharpen: float = 1.0  # draws from q ~ p^sharpen over the stored top-k (1: the stored distribution renormalised)
     refill: bool = True  # nodes the template leaves unfilled (no table match) are drawn best-first where it is surest
+    reserve: float = 1 / 3  # with refill: this share of a tree's nodes is left out of the template and grown best-first
+    # (deeper than the template where the table is sure, as in a loop)
     own_latest: bool = True  # each sample also keeps its own latest distributions, drafted from where its own
     # context is at least as long as the shared table's (draws.OwnFirst); False: the shared running mean alone
     own_capacity: int = 1 << 13  # slots of a sample's own table (LRU beyond; a long prompt's last keys)
@@ -59,6 +61,8 @@ class StandOptions:
             raise StandError(f"need 1 <= min_n <= max_n, got min_n={self.min_n}, max_n={self.max_n}")
         if not 0.0 <= self.recency <= 1.0:
             raise StandError(f"recency must be in [0, 1], got {self.recency}")
+        if not 0.0 <= self.reserve < 1.0:
+            raise StandError(f"reserve must be in [0, 1), got {self.reserve}")
 
 
 @dataclass
@@ -233,8 +237,11 @@ class StandDrafter(Drafter):
     def propose(self, row, max_nodes: int | None = None, min_value: float = 0.0) -> DraftTree:
         deterministic = (not self.options.stochastic) or row.params.greedy
         kids = self.kids if max_nodes is None else self._cut(max_nodes)
+        cap = sum(map(len, kids))
+        if self.options.refill and self.options.reserve > 0:  # the template's part; the rest is grown best-first
+            kids = self._cut(max(cap - round(cap * self.options.reserve), 1))
         return self.draft(self.lookup_for(row), self._root_tail(row), self.rows[row.uid].noise, deterministic, kids,
-                          min_value)
+                          min_value, cap)
 
     def acceptance_curve(self) -> np.ndarray:
         """[M+1] expected tokens per step with the template's m most valuable nodes, m = 0..M."""
@@ -311,10 +318,12 @@ class StandDrafter(Drafter):
         return last_tail(row.tokens, self.options.max_n)
 
     def draft(self, table: NGramTable, root_tail: np.ndarray, noise: GumbelNoise, deterministic: bool,
-              kids: list[list[int]] | None = None, floor: float = 0.0) -> DraftTree:
+              kids: list[list[int]] | None = None, floor: float = 0.0, cap: int | None = None) -> DraftTree:
         """Fills the template (or its cut `kids`) breadth-first; a node without a table match loses its subtree. With
-        the option refill, the nodes so lost are drawn best-first (BestFirst) from where the fill stopped."""
+        the option refill, the tree is grown best-first (BestFirst) from where the fill stopped to cap nodes (default:
+        the template's), spending the nodes lost and those the template was cut short of."""
         kids = self.kids if kids is None else kids
+        cap = sum(map(len, kids)) if cap is None else cap
         made: list[list] = []  # [tail, draw there] of every tree node, in the tree's order
 
         def children(here: list, n: int) -> list[tuple[int, SparseDist | None, list]]:
@@ -325,7 +334,6 @@ class StandDrafter(Drafter):
 
         root = [tuple(root_tail.tolist()), None]
         tree = fill(kids, root, children)
-        cap = sum(map(len, kids))
         if not self.options.refill or len(tree) >= cap:
             return tree
         return self._refill(self._grower(table, noise, deterministic, tree), root, made).grow(cap, floor)
