@@ -249,14 +249,15 @@ def main(argv: list[str] | None = None) -> None:
         for v, schedule in runs:
             results.append(replay(target, pairs, v, params, bar.update, args.samples, schedule, template))
             r = results[-1]
-            tqdm.write(f"{r['variant']:32s} {schedule:10s} expected A {r['expected_A']:.3f}  "
-                       f"nodes/step {r['nodes_per_step']:.1f}  empty {r['empty_steps']:.1%}  steps {r['steps']}", file=sys.stderr)
+            tqdm.write(f"{r['variant']:32s} {schedule:10s} expected A {r['expected_A']:.3f}  nodes/step "
+                       f"{r['nodes_per_step']:.1f}  empty {r['empty_steps']:.1%}  steps {r['steps']}", file=sys.stderr)
     tokens = sum(len(t) - len(p) for p, t in pairs)
     print(f"{args.dataset} {args.first + 1}-{args.first + args.problems} x {args.samples} samples, {tokens} tokens "
           f"replayed, T={args.temperature}")
     print("| variant | schedule | expected A | nodes/step | steps drafting nothing | steps |\n|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['variant']} | {r['schedule']} | {r['expected_A']:.3f} | {r['nodes_per_step']:.1f} | {r['empty_steps']:.1%} | {r['steps']} |")
+        print(f"| {r['variant']} | {r['schedule']} | {r['expected_A']:.3f} | {r['nodes_per_step']:.1f} "
+              f"| {r['empty_steps']:.1%} | {r['steps']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "tokens": tokens, "results": results}, f, indent=1)
