@@ -200,6 +200,14 @@ def replay(target, traces: list[tuple[list[int], list[int]]], variant: Variant, 
             "per_trace": [float(np.mean([a for a, _ in s])) if s else None for s in per_trace]}
 
 
+def print_table(results: list[dict]) -> None:
+    """The replay's results as a markdown table."""
+    print("| variant | schedule | expected A | nodes/step | steps drafting nothing | steps |\n|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['variant']} | {r['schedule']} | {r['expected_A']:.3f} | {r['nodes_per_step']:.1f} "
+              f"| {r['empty_steps']:.1%} | {r['steps']} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
@@ -254,10 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens = sum(len(t) - len(p) for p, t in pairs)
     print(f"{args.dataset} {args.first + 1}-{args.first + args.problems} x {args.samples} samples, {tokens} tokens "
           f"replayed, T={args.temperature}")
-    print("| variant | schedule | expected A | nodes/step | steps drafting nothing | steps |\n|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['variant']} | {r['schedule']} | {r['expected_A']:.3f} | {r['nodes_per_step']:.1f} "
-              f"| {r['empty_steps']:.1%} | {r['steps']} |")
+    print_table(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "tokens": tokens, "results": results}, f, indent=1)
