@@ -39,7 +39,7 @@ def test_min_n_skips_shorter_contexts():
     noise = GumbelNoise(np.random.default_rng(0))
     assert draw(t, (9, 5), noise, True) is not None and draw(t, (9, 5), noise, True, min_n=2) is None
     with pytest.raises(StandError, match="min_n"):
-        StandDrafter(SpecConfig(method="stand", options={"min_n": 5}), 100)
+        StandDrafter(SpecConfig(method="stand", options={"min_n": 7}), 100)
 
 
 def test_sharpened_draws_record_the_q_they_draw_from():
@@ -159,8 +159,9 @@ def test_own_table_is_the_default_and_takes_a_long_prompt_end_only(tiny):
     d.start(row, PromptDists(ids, np.tile([[0.6, 0.4]], (299, 1)), np.ones(299)))
     own = d.rows[row.uid].own
     assert own is not None and 0 < len(own) <= 64 and own.evictions == 0
-    assert own.longest(prompt[-5:-1])[1] == 4 and own.longest(prompt[:4])[1] < 4  # its end, not its start
-    assert d.table_for(row).longest(prompt[:4])[1] == 4
+    n = d.options.max_n
+    assert own.longest(prompt[-n - 1:-1])[1] == n and own.longest(prompt[:n])[1] < n  # its end, not its start
+    assert d.table_for(row).longest(prompt[:n])[1] == n
 
 
 def test_reserve_grows_the_chain_past_the_templates_depth_where_the_table_is_sure():
@@ -181,3 +182,23 @@ def test_reserve_grows_the_chain_past_the_templates_depth_where_the_table_is_sur
     assert plain.depths().max() == heuristic(24).depths().max() < deep.depths().max()
     with pytest.raises(StandError, match="reserve"):
         StandDrafter(SpecConfig(method="stand", options={"reserve": 1.0}), 100)
+
+
+def test_default_keys_tell_apart_contexts_that_share_their_last_four_tokens(tiny):
+    """Two siblings wrote different successors after contexts that differ only in their fifth-last token: with the
+    default six-token keys a sample drafts the one its own context continues; four-token keys merge the two."""
+
+    def draws(options: dict) -> list[int]:
+        d = StandDrafter(SpecConfig(method="stand", options={"own_latest": False, **options}), tiny.vocab_size)
+        row = Row([1, 2, 3], SamplingParams(0.0, max_new_tokens=4), group=0)
+        d.start(row, None)
+        n = d.options.max_n
+        table = d.table_for(row)
+        for fifth, nxt in ((10, 20), (11, 21)):
+            table.insert([([-1] * n + [9, fifth, 5, 6, 7, 8])[-n:]], [[nxt]], [[1.0]])
+        tail = tuple(([-1] * n + [9, 10, 5, 6, 7, 8])[-n:])
+        return draw(d.lookup_for(row), tail, GumbelNoise(np.random.default_rng(0)), True).tokens.tolist()
+
+    assert StandDrafter(SpecConfig(method="stand"), tiny.vocab_size).options.max_n == 6
+    assert draws({}) == [20]
+    assert sorted(draws({"max_n": 4})) == [20, 21]

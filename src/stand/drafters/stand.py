@@ -39,7 +39,7 @@ SHARED = "shared"
 
 @dataclass
 class StandOptions:
-    max_n: int = 4  # longest context suffix the n-gram table keys
+    max_n: int = 6  # longest context suffix the n-gram tables key (6: siblings' contexts told apart; docs/results.md)
     topk: int = 10  # next tokens kept per table entry
     capacity: int = 1 << 18  # table slots (the least recently used are evicted beyond)
     stochastic: bool = True  # Gumbel-Top-K drafts; False: the top-ranked tokens with one-hot q
