@@ -189,7 +189,9 @@ def test_table_of_another_model_is_refused_not_overwritten(tiny, tmp_path):
     _sample_table().save(str(path), meta={"vocab_size": 50000})
     before = path.read_bytes()
     with pytest.raises(StandError, match="built for a vocabulary of 50000 tokens, this model has 259"):
-        make_drafter(SpecConfig(method="stand", table_path=str(path)), tiny.vocab_size)
+        make_drafter(SpecConfig(method="stand", table_path=str(path), options={"max_n": 4}), tiny.vocab_size)
+    with pytest.raises(StandError, match="max_n=4, topk=10; this run uses max_n=6"):  # the default, since 2026-12-06
+        make_drafter(SpecConfig(method="stand", table_path=str(path)), 50000)
     with pytest.raises(StandError, match="max_n=4, topk=10; this run uses max_n=2"):
         make_drafter(SpecConfig(method="stand", table_path=str(path), options={"max_n": 2}), 50000)
     assert path.read_bytes() == before
@@ -267,7 +269,7 @@ def test_a_damaged_table_is_not_loaded_by_the_drafter_but_replaced(tiny, tmp_pat
     header = {"max_n": 4, "topk": 10, "n": 1, "meta": {"vocab_size": tiny.vocab_size}}
     ids = [[7, 9999] + [-1] * 8]
     path = _crafted(tmp_path / "t.ngt", header, _body([[-1, -1, -1, 5]], ids, [[0.5, 0.1] + [0] * 8], [1]))
-    d = make_drafter(SpecConfig(method="stand", table_path=path), tiny.vocab_size)
+    d = make_drafter(SpecConfig(method="stand", table_path=path, options={"max_n": 4}), tiny.vocab_size)
     assert "outside the vocabulary" in d.table_error and len(d.tables["shared"]) == 0
 
 

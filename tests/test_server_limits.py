@@ -303,12 +303,12 @@ def test_rows_with_own_tables_count_them():
 
 
 def test_table_bytes_bounds_a_full_table():
-    drafter = make_drafter(SpecConfig(method="stand", options={"capacity": 64}), 259)
-    table = NGramTable(drafter.options.max_n, drafter.options.topk, 64)
-    assert drafter.options.max_n == 4
-    tails = np.array([[i, i, i, 100 + i] for i in range(16)])  # 16 contexts x 4 suffix keys fill its 64 slots
-    table.insert(tails, np.ones((16, 1), dtype=np.int64), np.ones((16, 1)))
-    assert len(table) == 64
+    drafter = make_drafter(SpecConfig(method="stand", options={"capacity": 96}), 259)
+    n = drafter.options.max_n
+    table = NGramTable(n, drafter.options.topk, 96)
+    tails = np.array([[i] * (n - 1) + [100 + i] for i in range(96 // n)])  # contexts x n suffix keys fill 96 slots
+    table.insert(tails, np.ones((len(tails), 1), dtype=np.int64), np.ones((len(tails), 1)))
+    assert n == 6 and len(table) == 96
     assert 0.9 * table_bytes(drafter) <= table.memory_bytes() <= table_bytes(drafter)
     assert table_bytes(make_drafter(SpecConfig(method="pld"), 259)) == 0
 

@@ -342,7 +342,7 @@ def test_memory_budget_bounds_what_torch_allocates_as_it_runs(tiny):
 
 @pytest.fixture(scope="module")
 def small_budget(model_dir):
-    """A server whose requests share 100 MiB: a request of one prompt (its 64 MiB n-gram table, 2 MiB a sample of its
+    """A server whose requests share 100 MiB: a request of one prompt (its 67 MiB n-gram table, 2.1 MiB a sample of its
     own, its KV, its passes) fits, two do not fit together, and one of three prompts (three tables) never fits."""
     config = ServerConfig(model=model_dir, method="stand", max_n=16, max_live_rows=32, memory_budget_mib=100,
                           max_tokens_limit=500, default_max_tokens=20)
@@ -355,7 +355,7 @@ def test_memory_budget_request_that_never_fits_gets_400_with_the_numbers(small_b
     base, app = small_budget
     r = post(base, "/v1/completions", {"prompt": ["x" * 8, "y" * 8, "z" * 8], "n": 2, "max_tokens": 20})
     error = openai_error(r, 400)
-    tables = "drafter tables 194 MiB"  # three prompts' tables of 61 MiB and six samples' own of 1.9 MiB
+    tables = "drafter tables 213 MiB"  # three prompts' tables of 67 MiB and six samples' own of 2.1 MiB
     assert error["param"] == "max_tokens" and "100 MiB" in error["message"] and tables in error["message"]
     assert post(base, "/v1/completions", {"prompt": "x" * 8, "n": 4, "max_tokens": 20}).status_code == 200
 

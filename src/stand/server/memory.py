@@ -58,7 +58,7 @@ class ModelShape:
 # SmolLM2-135M-Instruct on llama.cpp (30 layers x 3 KV heads x 64 dims x K,V x f16) with the stand drafter's
 # default tables (2^18 slots a question, 2^13 a row); tests/test_server_limits.py checks these against the loaded model.
 DEFAULT_SHAPE = ModelShape("SmolLM2-135M-Instruct (llama.cpp)", 23040, 49152, 8192, True, 16384 - KV_MARGIN,
-                           63_963_256, 10, row_table_bytes=1_966_192)
+                           70_254_712, 10, row_table_bytes=2_162_800)
 
 
 @dataclass(frozen=True)
