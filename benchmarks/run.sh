@@ -257,20 +257,20 @@ run_overlap() {  # how much the N samples of a question repeat each other, by wh
 run_replay() {  # drafters on the same sampled texts (python -m stand.lab.replay): held-out CHAMP, T=0.6, 768 tokens;
   # n=1 at 24 and 64 nodes a step, then N samples a question replayed alone and as one batch (--schedules sequential
   # replays them one after another) with STAND's table rules (the default: each sample's own latest beside the
-  # question's running mean, refill and reserve; then without reserve, without refill, the running mean alone, the
-  # latest alone), one after another, then T=0 at n=1
+  # question's running mean, six-token keys, refill and reserve; then four-token keys, without reserve, without
+  # refill, the running mean alone, the latest alone), one after another, then T=0 at n=1
   local first=${FIRST:-240} problems=${PROBLEMS:-16} problems8=${PROBLEMS8:-8} tokens=${TOKENS:-768} ns=${NS:-8}
   local common=(--dataset champ --first "$first" --max-new-tokens "$tokens" --dtype "$DTYPE")
-  local plain='stand[reserve=0]' fill='stand[refill=false]' mean='stand[own_latest=false;refill=false]'
+  local plain='stand[reserve=0]' keys4='stand[max_n=4]' fill='stand[refill=false]' mean='stand[own_latest=false;refill=false]'
   python3 -m stand.lab.replay "${common[@]}" --temperature 0.6 --problems "$problems" --traces "$RESULTS/traces_n1.json" \
-    --variants "stand:64,$plain:64,recycle:64,pld:64,stand:24,$plain:24,$fill:24,$mean:24,recycle:24,pld:24" \
+    --variants "stand:64,$plain:64,recycle:64,pld:64,stand:24,$keys4:24,$plain:24,$fill:24,$mean:24,recycle:24,pld:24" \
     --json "$RESULTS/n1.json" | tee -i "$RESULTS/n1.txt"
   python3 -m stand.lab.replay "${common[@]}" --temperature 0.6 --problems "$problems8" --samples "${ns##*,}" \
     --traces "$RESULTS/traces_n${ns##*,}.json" --schedules alone,batched \
-    --variants "stand:24,$plain:24,$fill:24,$mean:24,stand[own_latest=false;refill=false;recency=1]:24" \
+    --variants "stand:24,$keys4:24,$plain:24,$fill:24,$mean:24,stand[own_latest=false;refill=false;recency=1]:24" \
     --json "$RESULTS/shared.json" | tee -i "$RESULTS/shared.txt"
   python3 -m stand.lab.replay "${common[@]}" --temperature 0.6 --problems "$problems8" --samples "${ns##*,}" \
-    --traces "$RESULTS/traces_n${ns##*,}.json" --variants stand:24 --schedules sequential \
+    --traces "$RESULTS/traces_n${ns##*,}.json" --variants "stand:24,$keys4:24" --schedules sequential \
     --json "$RESULTS/shared_sequential.json" | tee -i "$RESULTS/shared_sequential.txt"
   python3 -m stand.lab.replay "${common[@]}" --temperature 0.6 --problems "$problems8" --samples "${ns##*,}" \
     --traces "$RESULTS/traces_n${ns##*,}.json" --variants recycle:24,suffix:24 --schedules batched \
