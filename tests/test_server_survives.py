@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from stand.cli import app as cli_app
 from stand.drafters.ngram_table import NGramTable
+from stand.drafters.stand import StandOptions
 from stand.errors import StandError
 from stand.server import ServerConfig
 from stand.server.memory import STEP_TOKENS, MemoryBudget, ModelShape, footprint, free_bytes, need_of
@@ -135,7 +136,8 @@ def test_configuration_foreign_table_exits_2(tmp_path):
 def test_configuration_table_for_another_model_exits_2(model_dir, tmp_path):
     """Found only once the model is loaded (the table's vocabulary is not the model's): the server stops, exit 2."""
     table = tmp_path / "table.bin"
-    NGramTable(4, 10, 64).save(str(table), meta={"vocab_size": 1000})
+    options = StandOptions()  # the run's own max_n and topk: only the vocabulary differs
+    NGramTable(options.max_n, options.topk, 64).save(str(table), meta={"vocab_size": 1000})
     r = CliRunner().invoke(cli_app, ["serve", "--model", model_dir, "--table", str(table), "--port", "0"])
     assert r.exit_code == 2 and "vocabulary of 1000 tokens" in r.output, r.output
 
