@@ -261,7 +261,8 @@ run_replay() {  # drafters on the same sampled texts (python -m stand.lab.replay
   # refill, the running mean alone, the latest alone), one after another, then T=0 at n=1
   local first=${FIRST:-240} problems=${PROBLEMS:-16} problems8=${PROBLEMS8:-8} tokens=${TOKENS:-768} ns=${NS:-8}
   local common=(--dataset champ --first "$first" --max-new-tokens "$tokens" --dtype "$DTYPE")
-  local plain='stand[reserve=0]' keys4='stand[max_n=4]' fill='stand[refill=false]' mean='stand[own_latest=false;refill=false]'
+  local plain='stand[reserve=0]' keys4='stand[max_n=4]' fill='stand[refill=false]'
+  local mean='stand[own_latest=false;refill=false]'
   python3 -m stand.lab.replay "${common[@]}" --temperature 0.6 --problems "$problems" --traces "$RESULTS/traces_n1.json" \
     --variants "stand:64,$plain:64,recycle:64,pld:64,stand:24,$keys4:24,$plain:24,$fill:24,$mean:24,recycle:24,pld:24" \
     --json "$RESULTS/n1.json" | tee -i "$RESULTS/n1.txt"

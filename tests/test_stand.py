@@ -7,7 +7,7 @@ from stand.drafters.registry import make_drafter
 from stand.drafters.stand import GumbelNoise, HeuristicStandDrafter, StandDrafter
 from stand.core.sequence import Row
 from stand.engine import Engine
-from stand.drafters.ngram_table import NGramTable
+from stand.drafters.ngram_table import NGramTable, last_tail
 from stand.params import SamplingParams, SpecConfig
 from stand.drafters.templates import TreeTemplate, heuristic
 
@@ -160,7 +160,7 @@ def test_saved_table_drafts_identically(tiny, tmp_path):
     path = str(tmp_path / "t.ngt")
     d.save_table(path)
     loaded, _ = NGramTable.load(path)
-    tail = np.array(row.tokens[-d.options.max_n:])
+    tail = last_tail(row.tokens, d.options.max_n)
     a = d.draft(d.tables["shared"], tail, GumbelNoise(np.random.default_rng(5)), False)
     b = d.draft(loaded, tail, GumbelNoise(np.random.default_rng(5)), False)
     assert len(a) > 0 and a.tokens == b.tokens and a.parents == b.parents

@@ -9,7 +9,7 @@ from stand.core.drafter import PromptDists
 from stand.core.sequence import Row
 from stand.core.tree import DraftTree
 from stand.core.verify import Verdict
-from stand.drafters.ngram_table import NGramTable, merge_topk
+from stand.drafters.ngram_table import NGramTable, last_tail, merge_topk
 from stand.drafters.draws import GumbelNoise, OwnFirst, draw
 from stand.drafters.stand import StandDrafter
 from stand.drafters.templates import DEEP_PRIOR, grown_tree, heuristic
@@ -195,8 +195,8 @@ def test_default_keys_tell_apart_contexts_that_share_their_last_four_tokens(tiny
         n = d.options.max_n
         table = d.table_for(row)
         for fifth, nxt in ((10, 20), (11, 21)):
-            table.insert([([-1] * n + [9, fifth, 5, 6, 7, 8])[-n:]], [[nxt]], [[1.0]])
-        tail = tuple(([-1] * n + [9, 10, 5, 6, 7, 8])[-n:])
+            table.insert([last_tail([9, fifth, 5, 6, 7, 8], n)], [[nxt]], [[1.0]])
+        tail = tuple(last_tail([9, 10, 5, 6, 7, 8], n).tolist())
         return draw(d.lookup_for(row), tail, GumbelNoise(np.random.default_rng(0)), True).tokens.tolist()
 
     assert StandDrafter(SpecConfig(method="stand"), tiny.vocab_size).options.max_n == 6
