@@ -191,6 +191,10 @@ run_int4_pass() {  # the int4 pass op by op, greedy agreement with plain greedy,
   python3 benchmarks/rss.py --tokens "$tokens" | tee -i "$RESULTS/rss.txt"
 }
 
+run_int4_compile() {  # torch.compile of the int4 layers against eager: ms per pass and cold compile seconds
+  python3 benchmarks/int4_compile.py --json "$RESULTS/passes.json" | tee -i "$RESULTS/passes.txt"
+}
+
 run_load_2000() {  # the server under concurrent clients with long prompts: tokens/s and peak memory, none and stand
   python3 benchmarks/load.py --methods none,stand --clients 4 --n 4 --requests 1 --max-tokens 64 \
     --prompt-tokens 2000 --json "$RESULTS/load.json"
