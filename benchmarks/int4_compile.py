@@ -2,12 +2,12 @@
 
 The default model's int4 weights (the GGUF file's own blocks, as `--dtype int4` loads them) run through a copy of the
 int4 layer written for inductor (rotary embedding in real arithmetic: inductor has no code for complex products; the
-cache as one tensor per layer, written at slot S), eager and compiled: the 30 layers as one graph (weights as graph
-constants), or groups of G layers as one graph that every group reuses (weights as its inputs). The head and the
-embedding run eager in every variant, as in the product. Prints and writes (--json) ms per pass at C cached tokens
-for 1, 4 and 8 new tokens (median of --reps after a warm-up), and the seconds each variant spent on its first call of
-each kind of pass (compiling). Each variant runs in a process of its own with an empty inductor cache, so compile
-times are cold ones:
+cache as one tensor per layer, written at slot S; attention by the product's own `grouped_attention`), eager and
+compiled: the 30 layers as one graph (weights as graph constants), or groups of G layers as one graph that every
+group reuses (weights as its inputs). The head and the embedding run eager in every variant, as in the product.
+Prints and writes (--json) ms per pass at C cached tokens for 1, 4 and 8 new tokens (median of --reps after a
+warm-up), and the seconds each variant spent on its first call of each kind of pass (compiling). Each variant runs in
+a process of its own with an empty inductor cache, so compile times are cold ones:
 
     python benchmarks/int4_compile.py --json benchmarks/results/int4_compile/passes.json
 """
@@ -32,8 +32,10 @@ def layer_fn(cfg, x, w, cos, sin, keys, values, S: int, mask):
     import torch
     import torch.nn.functional as F
 
+    from stand.backends.lean import grouped_attention
+
     H, Hkv, D = cfg.heads, cfg.kv_heads, cfg.head_dim
-    g, T = H // Hkv, x.shape[0]
+    T = x.shape[0]
     ln1, ln2, qkv_w, qkv_sz, o_w, o_sz, gu_w, gu_sz, d_w, d_sz = w
     mm = lambda a, p, sz, n: torch.ops.aten._weight_int4pack_mm_for_cpu(a.to(torch.bfloat16), p, 32, sz)[:, :n]
     qkv = mm(F.rms_norm(x, (cfg.hidden,), ln1, cfg.eps), qkv_w, qkv_sz, (H + 2 * Hkv) * D).float()
@@ -42,12 +44,9 @@ def layer_fn(cfg, x, w, cos, sin, keys, values, S: int, mask):
     qk = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).view(T, H + Hkv, D)
     keys[:, S:S + T] = qk[:, H:].transpose(0, 1)
     values[:, S:S + T] = qkv[:, (H + Hkv) * D:].view(T, Hkv, D).transpose(0, 1)
-    q = qk[:, :H].view(T, Hkv, g, D).permute(1, 2, 0, 3).reshape(Hkv, g * T, D)
-    s = (q * D ** -0.5) @ keys[:, : S + T].transpose(-1, -2)  # [Hkv, g T, S + T]
-    if mask is not None:
-        s = s.view(Hkv, g, T, -1).masked_fill(~mask, float("-inf")).view(Hkv, g * T, -1)
-    out = (s.softmax(-1) @ values[:, : S + T]).view(Hkv, g, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
-    x = x + mm(out, o_w, o_sz, cfg.hidden).float()
+    out = grouped_attention(qk[None, :, :H], keys[None, :, : S + T], values[None, :, : S + T],
+                            None if mask is None else mask[None, None], D ** -0.5)  # [1, T, H D], as int4_model.py
+    x = x + mm(out[0], o_w, o_sz, cfg.hidden).float()
     gate, up = mm(F.rms_norm(x, (cfg.hidden,), ln2, cfg.eps), gu_w, gu_sz, 2 * cfg.intermediate).chunk(2, dim=-1)
     return x + mm(F.silu(gate) * up, d_w, d_sz, cfg.hidden).float()
 
